@@ -1,0 +1,169 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace lorm_ext {
+namespace {
+
+bool is_accumulator_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble;
+}
+
+bool is_input_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// An accumulator is written in place tile by tile, so it must own its memory contiguously.
+void check_accumulator(const at::Tensor& t, const char* op, const char* name, size_t i) {
+  TORCH_CHECK(
+      is_accumulator_dtype(t.scalar_type()),
+      op, ": ", name, "[", i, "] must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+}
+
+void check_input(const at::Tensor& t, const char* op, const char* name, size_t i) {
+  TORCH_CHECK(
+      is_input_dtype(t.scalar_type()),
+      op, ": ", name, "[", i, "] must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, size_t i) {
+  TORCH_CHECK(
+      a.device() == b.device(),
+      op, ": entry ", i, " mixes devices ", a.device(), " and ", b.device());
+}
+
+void check_gram_shape(const at::Tensor& gram, const char* op, const char* name, size_t i) {
+  TORCH_CHECK(
+      gram.dim() == 1 || (gram.dim() == 2 && gram.size(0) == gram.size(1)),
+      op, ": ", name, "[", i, "] must be a square (n, n) Gram or a diagonal (n,), got shape ", gram.sizes());
+}
+
+void check_lengths(size_t expected, size_t got, const char* op, const char* name) {
+  TORCH_CHECK(expected == got, op, ": ", name, " has ", got, " entries, expected ", expected);
+}
+
+}  // namespace
+
+bool is_diagonal_gram(const at::Tensor& gram) {
+  return gram.dim() == 1;
+}
+
+void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
+  constexpr const char* op = "lorm_ext::gram_accumulate_";
+  check_lengths(grams.size(), inputs.size(), op, "inputs");
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const auto& g = grams[i];
+    const auto& x = inputs[i];
+    check_accumulator(g, op, "grams", i);
+    check_gram_shape(g, op, "grams", i);
+    check_input(x, op, "inputs", i);
+    check_same_device(g, x, op, i);
+    TORCH_CHECK(x.dim() >= 1, op, ": inputs[", i, "] must have at least one dimension");
+    TORCH_CHECK(
+        x.size(-1) == g.size(0),
+        op, ": inputs[", i, "] has ", x.size(-1), " features but grams[", i, "] is for ", g.size(0));
+  }
+}
+
+void check_gram_weighted_accumulate_args(
+    at::TensorList gram_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList factors,
+    at::TensorList lefts) {
+  constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
+  const size_t n_layers = gram_sums.size();
+  check_lengths(n_layers, weighted_sums.size(), op, "weighted_sums");
+  check_lengths(n_layers, grams.size(), op, "grams");
+  check_lengths(n_layers, factors.size(), op, "factors");
+  TORCH_CHECK(
+      lefts.empty() || lefts.size() == n_layers,
+      op, ": lefts must be empty or have ", n_layers, " entries, got ", lefts.size());
+  for (size_t i = 0; i < n_layers; ++i) {
+    const auto& gs = gram_sums[i];
+    const auto& ws = weighted_sums[i];
+    const auto& g = grams[i];
+    const auto& f = factors[i];
+    check_accumulator(gs, op, "gram_sums", i);
+    check_accumulator(ws, op, "weighted_sums", i);
+    check_gram_shape(gs, op, "gram_sums", i);
+    TORCH_CHECK(
+        ws.scalar_type() == gs.scalar_type(),
+        op, ": weighted_sums[", i, "] is ", ws.scalar_type(), " but gram_sums[", i, "] is ", gs.scalar_type());
+    check_input(g, op, "grams", i);
+    check_input(f, op, "factors", i);
+    for (const auto* t : {&ws, &g, &f}) {
+      check_same_device(gs, *t, op, i);
+    }
+    TORCH_CHECK(
+        g.sizes() == gs.sizes(),
+        op, ": grams[", i, "] has shape ", g.sizes(), " but gram_sums[", i, "] has ", gs.sizes());
+    const int64_t n = gs.size(0);
+    TORCH_CHECK(
+        f.dim() == 2 && f.size(1) == n,
+        op, ": factors[", i, "] must be (p, ", n, "), got ", f.sizes());
+    int64_t rows = f.size(0);
+    if (!lefts.empty()) {
+      const auto& l = lefts[i];
+      check_input(l, op, "lefts", i);
+      check_same_device(gs, l, op, i);
+      TORCH_CHECK(
+          l.dim() == 2 && l.size(1) == f.size(0),
+          op, ": lefts[", i, "] must be (m, ", f.size(0), ") to multiply factors[", i, "], got ", l.sizes());
+      rows = l.size(0);
+    }
+    TORCH_CHECK(
+        ws.dim() == 2 && ws.size(0) == rows && ws.size(1) == n,
+        op, ": weighted_sums[", i, "] must be (", rows, ", ", n, "), got ", ws.sizes());
+  }
+}
+
+void check_projected_accumulate_args(
+    at::TensorList projection_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList shared_factors,
+    at::TensorList factors) {
+  constexpr const char* op = "lorm_ext::projected_accumulate_";
+  const size_t n_layers = projection_sums.size();
+  check_lengths(n_layers, weighted_sums.size(), op, "weighted_sums");
+  check_lengths(n_layers, grams.size(), op, "grams");
+  check_lengths(n_layers, shared_factors.size(), op, "shared_factors");
+  check_lengths(n_layers, factors.size(), op, "factors");
+  for (size_t i = 0; i < n_layers; ++i) {
+    const auto& ps = projection_sums[i];
+    const auto& ws = weighted_sums[i];
+    const auto& g = grams[i];
+    const auto& a = shared_factors[i];
+    const auto& b = factors[i];
+    check_accumulator(ps, op, "projection_sums", i);
+    check_accumulator(ws, op, "weighted_sums", i);
+    TORCH_CHECK(
+        ws.scalar_type() == ps.scalar_type(),
+        op, ": weighted_sums[", i, "] is ", ws.scalar_type(), " but projection_sums[", i, "] is ", ps.scalar_type());
+    check_input(g, op, "grams", i);
+    check_gram_shape(g, op, "grams", i);
+    check_input(a, op, "shared_factors", i);
+    check_input(b, op, "factors", i);
+    for (const auto* t : {&ws, &g, &a, &b}) {
+      check_same_device(ps, *t, op, i);
+    }
+    const int64_t n = g.size(0);
+    TORCH_CHECK(
+        a.dim() == 2 && a.size(1) == n,
+        op, ": shared_factors[", i, "] must be (r, ", n, ") for a Gram of width ", n, ", got ", a.sizes());
+    const int64_t r = a.size(0);
+    TORCH_CHECK(
+        b.dim() == 2 && b.size(1) == r,
+        op, ": factors[", i, "] must be (m, ", r, ") to match shared_factors[", i, "], got ", b.sizes());
+    TORCH_CHECK(
+        ps.dim() == 2 && ps.size(0) == r && ps.size(1) == r,
+        op, ": projection_sums[", i, "] must be (", r, ", ", r, "), got ", ps.sizes());
+    TORCH_CHECK(
+        ws.dim() == 2 && ws.size(0) == b.size(0) && ws.size(1) == r,
+        op, ": weighted_sums[", i, "] must be (", b.size(0), ", ", r, "), got ", ws.sizes());
+  }
+}
+
+}  // namespace lorm_ext

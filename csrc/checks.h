@@ -1,0 +1,32 @@
+// Argument checks shared by the CPU and CUDA implementations of every op.
+// The Python layer validates first and names the model layer; these checks are the safety net for
+// C++ callers and name the op and the position of the offending entry in its lists.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace lorm_ext {
+
+// A Gram is float32/float64, contiguous, and either (n, n) or (n,) (diagonal-only).
+bool is_diagonal_gram(const at::Tensor& gram);
+
+// gram_accumulate_: grams[i] (n, n) or (n,); inputs[i] (..., n) floating point; same device.
+void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs);
+
+// gram_weighted_accumulate_: gram_sums[i] += grams[i]; weighted_sums[i] += [lefts[i] @] factors[i] @ grams[i].
+void check_gram_weighted_accumulate_args(
+    at::TensorList gram_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList factors,
+    at::TensorList lefts);
+
+// projected_accumulate_: P = A G Aᵀ; projection_sums[i] += P; weighted_sums[i] += factors[i] @ P.
+void check_projected_accumulate_args(
+    at::TensorList projection_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList shared_factors,
+    at::TensorList factors);
+
+}  // namespace lorm_ext

@@ -1,0 +1,41 @@
+// How the CPU kernels cut an n-wide matrix into tiles for at::parallel_for.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace lorm_ext {
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// The widest tile (GEMM-efficient) that still gives every thread a few tasks to balance the load.
+inline int64_t tile_width(int64_t n) {
+  const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
+  for (int64_t tile : {256, 128}) {
+    const int64_t t = ceil_div(n, tile);
+    if (t * (t + 1) / 2 >= wanted_tasks) {
+      return tile;
+    }
+  }
+  return 64;
+}
+
+// (i, j) tile indices with i <= j: the blocks of the upper triangle.
+inline std::vector<std::pair<int64_t, int64_t>> upper_triangle_tiles(int64_t n, int64_t tile) {
+  const int64_t t = ceil_div(n, tile);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  pairs.reserve(t * (t + 1) / 2);
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t j = i; j < t; ++j) {
+      pairs.emplace_back(i, j);
+    }
+  }
+  return pairs;
+}
+
+}  // namespace lorm_ext

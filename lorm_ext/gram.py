@@ -1,0 +1,100 @@
+"""Gram collection with forward hooks: G += XᵀX of the inputs of chosen linear layers, through the fused op."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+# The layers LoRM adapts in a timm ViT, and its classification head.
+DEFAULT_LAYER_PATTERN = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$|(^|\.)head$"
+
+
+def shrink_gram(gram: Tensor, alpha: float) -> Tensor:
+    """α G + (1 − α) diag(G) (reference.shrink_gram_ref). A diagonal (1-D) Gram is returned as is."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"shrinkage alpha must be in [0, 1], got {alpha}")
+    if gram.dim() == 1 or alpha == 1.0:
+        return gram
+    out = gram * alpha
+    out.diagonal().add_(gram.diagonal(), alpha=1.0 - alpha)
+    return out
+
+
+def linear_layers(model: nn.Module, pattern: str = DEFAULT_LAYER_PATTERN) -> dict[str, nn.Module]:
+    """Modules whose qualified name matches ``pattern`` (re.search) and that have ``in_features``:
+    nn.Linear, or a wrapper around one such as a LoRA layer."""
+    regex = re.compile(pattern)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if regex.search(name) and isinstance(getattr(module, "in_features", None), int)
+    }
+
+
+class GramCollector:
+    """Accumulates the Gram of each chosen layer's input while the model runs inside ``with collector:``.
+
+    Layer inputs (..., in) are flattened to (tokens, in) and added with ``ops.gram_accumulate_`` into
+    ``grams[name]``, created on the input's device in ``dtype`` (float32 as the authors; float64 on request).
+    ``diagonal`` (a bool, or a predicate on the layer name) keeps only the diagonal: the fast path when the
+    shrinkage α is 0. Hooks exist only inside the ``with`` block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: str = DEFAULT_LAYER_PATTERN,
+        *,
+        diagonal: bool | Callable[[str], bool] = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Grams accumulate in float32 or float64, got {dtype}")
+        self.layers = linear_layers(model, pattern)
+        if not self.layers:
+            raise ValueError(f"no linear layer of the model matches the pattern {pattern!r}")
+        is_diagonal = diagonal if callable(diagonal) else (lambda name: bool(diagonal))
+        self.diagonal = {name: is_diagonal(name) for name in self.layers}
+        self.dtype = dtype
+        self.grams: dict[str, Tensor] = {}
+        self.num_tokens: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            x = args[0]
+            width = x.shape[-1]
+            if name not in self.grams:
+                shape = (width,) if self.diagonal[name] else (width, width)
+                self.grams[name] = torch.zeros(shape, dtype=self.dtype, device=x.device)
+                self.num_tokens[name] = 0
+            ops.gram_accumulate_([self.grams[name]], [x])
+            self.num_tokens[name] += x.numel() // width
+
+        return hook
+
+    def __enter__(self) -> GramCollector:
+        if self._handles:
+            raise RuntimeError("GramCollector is already collecting")
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        """Forget the Grams collected so far."""
+        self.grams.clear()
+        self.num_tokens.clear()
+
+    def shrunk(self, alpha: float | Mapping[str, float] | Callable[[str], float]) -> dict[str, Tensor]:
+        """The Grams after shrinkage α G + (1 − α) diag(G), α per layer (a number, a dict or a function)."""
+        alpha_of = alpha if callable(alpha) else (alpha.__getitem__ if isinstance(alpha, Mapping) else lambda _: alpha)
+        return {name: shrink_gram(gram, alpha_of(name)) for name, gram in self.grams.items()}

@@ -1,0 +1,454 @@
+"""Streaming LoRM mergers: clients arrive one at a time as dicts keyed by layer name, each client's tensors are
+folded into running sums by the fused ops, and one batched solve per layer shape finishes the merge.
+Memory does not grow with the number of clients. ``lorm_ext.reference`` states what every merge computes.
+
+- ``RegMeanMerger``: W = (Σ_k [L_k] F_k G_k)(Σ_k G_k)⁺. RegMean (F_k = W_k), the A-step with B shared
+  (F_k = A_k), the cross-task merge (L_t = B_t, F_t = A_t).
+- ``AStepMerger``: the A-step, also with per-client B_k: A = (BᵀB)⁺ Bᵀ (Σ_k B_k A_k G_k) G⁺.
+- ``BStepMerger``: the B-step with A shared: B = (Σ_k B_k P_k)(Σ_k P_k)⁺, P_k = A G_k Aᵀ; clients may send
+  (B_k P_k, P_k) instead of (B_k, G_k) (``project_client``).
+- ``AdapterMerger``: adapters of any ranks into one rank-r adapter, by alternating steps or in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import DEFAULT_RCOND
+from .validation import LayerError, check_gram, check_layer_names, check_matrix
+
+
+@dataclass
+class _Group:
+    """Same-shape layers stacked so that one batched solve finishes them all."""
+
+    names: list[str] = field(default_factory=list)
+    numerators: Tensor | None = None  # (L, m, n)
+    denominators: Tensor | None = None  # (L, n, n), or (L, n) for diagonal Grams
+
+
+class _SolveSums:
+    """Per layer a numerator R (m × n) and a PSD denominator D (n × n, or its diagonal); solve() gives R D⁺."""
+
+    def __init__(self, dtype: torch.dtype, rcond: float):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulators must be float32 or float64, got {dtype}")
+        self.dtype, self.rcond = dtype, rcond
+        self.groups: dict[tuple, _Group] = {}
+        self.slots: dict[str, tuple[tuple, int]] = {}
+
+    def allocate(self, shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], device) -> None:
+        """Zero sums for {layer: (numerator shape, denominator shape)}."""
+        for name, (num_shape, den_shape) in shapes.items():
+            group = self.groups.setdefault((num_shape, den_shape), _Group())
+            self.slots[name] = ((num_shape, den_shape), len(group.names))
+            group.names.append(name)
+        for (num_shape, den_shape), group in self.groups.items():
+            group.numerators = torch.zeros((len(group.names), *num_shape), dtype=self.dtype, device=device)
+            group.denominators = torch.zeros((len(group.names), *den_shape), dtype=self.dtype, device=device)
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.slots)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.groups.values())).numerators.device
+
+    def shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.slots[name][0]
+
+    def views(self, names) -> tuple[list[Tensor], list[Tensor]]:
+        """(denominators, numerators) of the named layers: views into the stacked storage."""
+        dens, nums = [], []
+        for name in names:
+            key, i = self.slots[name]
+            dens.append(self.groups[key].denominators[i])
+            nums.append(self.groups[key].numerators[i])
+        return dens, nums
+
+    def solve(self) -> dict[str, Tensor]:
+        out = {}
+        for group in self.groups.values():
+            solved = ops.psd_right_solve(group.numerators, group.denominators, self.rcond)
+            out.update(zip(group.names, solved.unbind(0)))
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for name in self.slots:
+            (den,), (num,) = self.views([name])
+            out[f"{name}.denominator"], out[f"{name}.numerator"] = den, num
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor], device=None) -> None:
+        names = [k.removesuffix(".numerator") for k in state if k.endswith(".numerator")]
+        if self.allocated:
+            check_layer_names(self.slots, dict.fromkeys(names), "load_state_dict")
+        else:
+            self.allocate(
+                {n: (tuple(state[f"{n}.numerator"].shape), tuple(state[f"{n}.denominator"].shape)) for n in names},
+                device if device is not None else state[f"{names[0]}.numerator"].device,
+            )
+        dens, nums = self.views(names)
+        for name, den, num in zip(names, dens, nums):
+            den.copy_(state[f"{name}.denominator"])
+            num.copy_(state[f"{name}.numerator"])
+
+
+def _first_device(tensors: Mapping[str, Tensor], device):
+    return torch.device(device) if device is not None else next(iter(tensors.values())).device
+
+
+def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
+    if not isinstance(tensors, Mapping) or len(tensors) == 0:
+        raise ValueError(f"{what}: expected a non-empty dict of tensors keyed by layer name")
+    return list(tensors)
+
+
+class RegMeanMerger:
+    """Streams clients into Σ_k G_k and Σ_k [L_k] F_k G_k per layer; ``merge()`` = (Σ [L_k] F_k G_k)(Σ G_k)⁺.
+
+    ``add_client(factors, grams, lefts=None)``: F_k (p × n) and G_k (n × n, or a length-n diagonal) per layer,
+    optionally L_k (m × p). The first client fixes the layers, shapes and whether lefts are sent; every later
+    client must match. Each client is fully validated before any sum changes (``validate=False`` skips the
+    value checks — finiteness, symmetry — and keeps the shape checks). Sums and solves are in ``dtype``.
+    """
+
+    def __init__(self, *, dtype=torch.float64, rcond: float = DEFAULT_RCOND, device=None, validate: bool = True):
+        self._sums = _SolveSums(dtype, rcond)
+        self._device, self.validate = device, validate
+        self._uses_lefts: bool | None = None
+        self.num_clients = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._sums.slots)
+
+    def _check_client(self, factors, grams, lefts) -> list[str]:
+        names = _layer_names("factors", factors)
+        check_layer_names(names, grams, "grams")
+        if lefts is not None:
+            check_layer_names(names, lefts, "lefts")
+        if self._sums.allocated:
+            check_layer_names(self._sums.slots, factors, "factors")
+            if (lefts is not None) != self._uses_lefts:
+                said = "sent them" if self._uses_lefts else "did not"
+                raise ValueError(f"lefts must be sent by every client or by none: earlier clients {said}")
+        for name in names:
+            (rows, width), den_shape = self._sums.shapes(name) if self._sums.allocated else ((None, None), None)
+            diagonal = None if den_shape is None else len(den_shape) == 1
+            check_gram(name, grams[name], width, diagonal, values=self.validate)
+            width = grams[name].shape[0]
+            if lefts is None:
+                check_matrix(name, "factor", factors[name], (rows, width), values=self.validate)
+            else:
+                check_matrix(name, "factor", factors[name], (None, width), values=self.validate)
+                check_matrix(name, "left", lefts[name], (rows, factors[name].shape[0]), values=self.validate)
+        return names
+
+    def add_client(
+        self,
+        factors: Mapping[str, Tensor],
+        grams: Mapping[str, Tensor],
+        lefts: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        names = self._check_client(factors, grams, lefts)
+        if not self._sums.allocated:
+            rows = {n: (lefts[n] if lefts is not None else factors[n]).shape[0] for n in names}
+            shapes = {n: ((rows[n], grams[n].shape[0]), tuple(grams[n].shape)) for n in names}
+            self._sums.allocate(shapes, _first_device(grams, self._device))
+            self._uses_lefts = lefts is not None
+        device = self._sums.device
+        dens, nums = self._sums.views(names)
+        ops.gram_weighted_accumulate_(
+            dens,
+            nums,
+            [grams[n].to(device) for n in names],
+            [factors[n].to(device) for n in names],
+            [lefts[n].to(device) for n in names] if lefts is not None else None,
+        )
+        self.num_clients += 1
+
+    def merge(self) -> dict[str, Tensor]:
+        if self.num_clients == 0:
+            raise ValueError(f"{type(self).__name__}: no clients were added, nothing to merge")
+        return self._sums.solve()
+
+    def state_dict(self) -> dict:
+        return {"sums": self._sums.state_dict(), "num_clients": self.num_clients, "uses_lefts": self._uses_lefts}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._sums.load_state_dict(state["sums"], self._device)
+        self.num_clients, self._uses_lefts = int(state["num_clients"]), state["uses_lefts"]
+
+
+def _solve_left(gram: Tensor, rhs: Tensor, rcond: float) -> Tensor:
+    """gram⁺ rhs for symmetric PSD gram (batched): the transpose of rhsᵀ gram⁺."""
+    return ops.psd_right_solve(rhs.mT, gram, rcond).mT
+
+
+class AStepMerger(RegMeanMerger):
+    """LoRM A-step. Without ``shared_b`` (B shared by all clients): A = (Σ_k A_k G_k) G⁺.
+
+    With the server's ``shared_b`` every client also sends its own B_k (``factors_b``), and
+    A = (BᵀB)⁺ Bᵀ (Σ_k B_k A_k G_k) G⁺, the minimiser over A of Σ_k ‖X_k (B A − B_k A_k)ᵀ‖².
+    """
+
+    def __init__(self, shared_b: Mapping[str, Tensor] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if shared_b is not None:
+            for name, b in shared_b.items():
+                check_matrix(name, "shared_b", b, (None, None))
+        self.shared_b = shared_b
+
+    def add_client(self, factors, grams, factors_b: Mapping[str, Tensor] | None = None) -> None:
+        if (factors_b is None) != (self.shared_b is None):
+            raise ValueError(
+                "per-client B factors go with the general A-step: give AStepMerger(shared_b=...) and pass "
+                "factors_b with every client, or neither"
+            )
+        if factors_b is not None:
+            check_layer_names(self.shared_b, factors_b, "factors_b")
+            for name, b in factors_b.items():
+                check_matrix(name, "factors_b", b, tuple(self.shared_b[name].shape), values=False)
+        super().add_client(factors, grams, lefts=factors_b)
+
+    def merge(self) -> dict[str, Tensor]:
+        merged = super().merge()
+        if self.shared_b is None:
+            return merged
+        out = {}
+        for name, m in merged.items():
+            b = self.shared_b[name].to(m)
+            out[name] = _solve_left(b.T @ b, b.T @ m, self._sums.rcond)
+        return out
+
+
+def project_client(
+    shared_a: Mapping[str, Tensor], factors_b: Mapping[str, Tensor], grams: Mapping[str, Tensor], dtype=torch.float64
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A client's B-step message pre-reduced: (B_k P_k, P_k) per layer with P_k = A G_k Aᵀ.
+
+    out × r and r × r instead of out × r and in × in; the server only ever needs their sums
+    (``BStepMerger.add_projections``), so this also suits secure aggregation.
+    """
+    names = _layer_names("factors_b", factors_b)
+    proj = {n: torch.zeros(shared_a[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
+    weighted = {n: torch.zeros(factors_b[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
+    ops.projected_accumulate_(
+        [proj[n] for n in names],
+        [weighted[n] for n in names],
+        [grams[n] for n in names],
+        [shared_a[n].to(grams[n].device) for n in names],
+        [factors_b[n].to(grams[n].device) for n in names],
+    )
+    return weighted, proj
+
+
+class BStepMerger:
+    """LoRM B-step with A shared: streams Σ_k P_k and Σ_k B_k P_k (P_k = A G_k Aᵀ, r × r);
+    ``merge()`` = (Σ_k B_k P_k)(Σ_k P_k)⁺. Never forms an out × in product.
+
+    ``add_client(factors_b, grams)`` takes B_k and the raw Gram; ``add_projections(weighted, projections)``
+    takes a pre-reduced client (``project_client``). Both may be mixed within a round.
+    """
+
+    def __init__(
+        self,
+        shared_a: Mapping[str, Tensor],
+        *,
+        dtype=torch.float64,
+        rcond: float = DEFAULT_RCOND,
+        device=None,
+        validate: bool = True,
+    ):
+        names = _layer_names("shared_a", shared_a)
+        for name in names:
+            check_matrix(name, "shared_a", shared_a[name], (None, None))
+        self.shared_a = dict(shared_a)
+        self._sums = _SolveSums(dtype, rcond)
+        self._device, self.validate = _first_device(shared_a, device), validate
+        self.num_clients = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.shared_a)
+
+    def _prepare(self, factors_b: Mapping[str, Tensor]) -> list[str]:
+        """Checks the B-shaped inputs; the first valid client allocates the sums."""
+        check_layer_names(self.shared_a, factors_b, "factors_b")
+        names = list(self.shared_a)
+        for name in names:
+            rows = self._sums.shapes(name)[0][0] if self._sums.allocated else None
+            check_matrix(name, "factor", factors_b[name], (rows, self.shared_a[name].shape[0]), values=self.validate)
+        if not self._sums.allocated:
+            self._sums.allocate(
+                {n: ((factors_b[n].shape[0], self.shared_a[n].shape[0]), (self.shared_a[n].shape[0],) * 2) for n in names},
+                self._device,
+            )
+        return names
+
+    def add_client(self, factors_b: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> None:
+        check_layer_names(self.shared_a, grams, "grams")
+        for name, a in self.shared_a.items():
+            check_gram(name, grams[name], a.shape[1], values=self.validate)
+        names = self._prepare(factors_b)
+        device = self._sums.device
+        dens, nums = self._sums.views(names)
+        ops.projected_accumulate_(
+            dens,
+            nums,
+            [grams[n].to(device) for n in names],
+            [self.shared_a[n].to(device) for n in names],
+            [factors_b[n].to(device) for n in names],
+        )
+        self.num_clients += 1
+
+    def add_projections(self, weighted: Mapping[str, Tensor], projections: Mapping[str, Tensor]) -> None:
+        """Add a pre-reduced client: B_k P_k (out × r) and P_k (r × r) per layer."""
+        check_layer_names(self.shared_a, projections, "projections")
+        for name, a in self.shared_a.items():
+            check_gram(name, projections[name], a.shape[0], diagonal=False, values=self.validate)
+        names = self._prepare(weighted)
+        device = self._sums.device
+        dens, nums = self._sums.views(names)
+        torch._foreach_add_(dens, [projections[n].to(device, self._sums.dtype) for n in names])
+        torch._foreach_add_(nums, [weighted[n].to(device, self._sums.dtype) for n in names])
+        self.num_clients += 1
+
+    def merge(self) -> dict[str, Tensor]:
+        if self.num_clients == 0:
+            raise ValueError("BStepMerger: no clients were added, nothing to merge")
+        return self._sums.solve()
+
+
+def _times_gram(m: Tensor, gram: Tensor) -> Tensor:
+    """m G, batched, for full (L, n, n) or diagonal (L, n) Grams."""
+    return m * gram.unsqueeze(-2) if gram.dim() == m.dim() - 1 else m @ gram
+
+
+def excess_objective(numerator: Tensor, gram: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    """Σ_k ‖X_k (B A − B_k A_k)ᵀ‖² minus its constant c = Σ_k ‖X_k (B_k A_k)ᵀ‖², batched over layers:
+    ⟨BᵀB, A G Aᵀ⟩ − 2⟨B, N Aᵀ⟩ with N = Σ_k B_k A_k G_k. Never forms an out × in product."""
+    projected = _times_gram(A, gram) @ A.mT
+    return ((B.mT @ B) * projected).sum((-2, -1)) - 2 * (B * (numerator @ A.mT)).sum((-2, -1))
+
+
+def low_rank_exact(numerator: Tensor, gram: Tensor, rank: int, rcond: float = DEFAULT_RCOND) -> tuple[Tensor, Tensor]:
+    """The rank-``rank`` minimiser in closed form, batched over layers (reference.rank_r_optimum_ref):
+    B A = [M L]_r L⁺ with G = L Lᵀ; returns B = U_r S_r and A = V_rᵀ L⁺ (so A G Aᵀ = I)."""
+    diagonal = gram.dim() == numerator.dim() - 1
+    eigenvalues, eigenvectors = (gram, None) if diagonal else torch.linalg.eigh(gram)
+    keep = eigenvalues > rcond * eigenvalues.abs().amax(-1, keepdim=True)
+    root_inv = torch.where(keep, eigenvalues.clamp_min(0).rsqrt(), torch.zeros_like(eigenvalues)).unsqueeze(-2)
+    ml = numerator * root_inv if diagonal else (numerator @ eigenvectors) * root_inv
+    U, S, Vh = torch.linalg.svd(ml, full_matrices=False)
+    A = Vh[..., :rank, :] * root_inv
+    return U[..., :rank] * S[..., None, :rank], A if diagonal else A @ eigenvectors.mT
+
+
+def low_rank_alternating(
+    numerator: Tensor,
+    gram: Tensor,
+    rank: int,
+    *,
+    init_a: Tensor | None = None,
+    max_iters: int = 500,
+    tol: float = 1e-12,
+    rcond: float = DEFAULT_RCOND,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Alternating exact B- and A-steps toward the rank-``rank`` optimum, batched over layers
+    (reference.merge_adapters_ref). A layer stops when an A-step lowers its objective by at most
+    tol·|objective − c|; returns B, A and the excess objective (see ``excess_objective``) after each step."""
+    regmean = ops.psd_right_solve(numerator, gram, rcond)
+    A = torch.linalg.svd(numerator, full_matrices=False)[2][..., :rank, :] if init_a is None else init_a.to(numerator)
+    B = torch.zeros(*numerator.shape[:-1], rank, dtype=numerator.dtype, device=numerator.device)
+    active = torch.ones(numerator.shape[:-2], dtype=torch.bool, device=numerator.device)
+    history: list[Tensor] = []
+    for _ in range(max_iters):
+        B_next = ops.psd_right_solve(numerator @ A.mT, _times_gram(A, gram) @ A.mT, rcond)
+        A_next = _solve_left(B_next.mT @ B_next, B_next.mT @ regmean, rcond)
+        step = active[..., None, None]
+        B, A = torch.where(step, B_next, B), torch.where(step, A_next, A)
+        history.append(excess_objective(numerator, gram, B, A))
+        if len(history) > 1:
+            active &= (history[-2] - history[-1]) > tol * history[-1].abs()
+        if not bool(active.any()):
+            break
+    return B, A, history
+
+
+class AdapterMerger:
+    """Merges LoRA adapters of any ranks — client k sends B_k (out × r_k), A_k (r_k × in) and G_k — into one
+    rank-``rank`` adapter per layer, minimising Σ_k ‖X_k (B A − B_k A_k)ᵀ‖²_F.
+
+    Streams G = Σ G_k and N = Σ B_k A_k G_k (one read of each Gram) and, with ``track_objective``, the
+    constant c = Σ_k ‖X_k (B_k A_k)ᵀ‖² (one more read), so that ``objective`` scores any candidate exactly.
+    ``merge("alternating")`` alternates exact steps; ``merge("exact")`` is the closed-form optimum.
+    """
+
+    METHODS = ("alternating", "exact")
+
+    def __init__(self, rank: int, *, track_objective: bool = True, **kwargs):
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+        self._sums = RegMeanMerger(**kwargs)
+        self.track_objective = track_objective
+        self._constants: dict[str, Tensor] = {}
+
+    @property
+    def num_clients(self) -> int:
+        return self._sums.num_clients
+
+    def add_client(
+        self, factors_b: Mapping[str, Tensor], factors_a: Mapping[str, Tensor], grams: Mapping[str, Tensor]
+    ) -> None:
+        for name, b in factors_b.items():
+            width = grams[name].shape[0] if name in grams and isinstance(grams[name], Tensor) else None
+            if min(b.shape[0], width or b.shape[0]) < self.rank:
+                raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({b.shape[0]} × {width})")
+        self._sums.add_client(factors_a, grams, lefts=factors_b)
+        if self.track_objective:
+            weighted, _ = project_client(factors_a, factors_b, grams, dtype=self._sums._sums.dtype)
+            for name in factors_b:
+                c = (factors_b[name].to(weighted[name]) * weighted[name]).sum().to(self._sums._sums.device)
+                self._constants[name] = self._constants.get(name, 0) + c
+
+    def _groups(self):
+        if self.num_clients == 0:
+            raise ValueError("AdapterMerger: no clients were added, nothing to merge")
+        return self._sums._sums.groups.values()
+
+    def merge(self, method: str = "alternating", **options) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer: (B, A)}; options go to ``low_rank_alternating`` (max_iters, tol, init_a)."""
+        if method not in self.METHODS:
+            raise ValueError(f"unknown merge method {method!r}; choose one of {self.METHODS}")
+        rcond = self._sums._sums.rcond
+        out = {}
+        for group in self._groups():
+            if method == "exact":
+                B, A = low_rank_exact(group.numerators, group.denominators, self.rank, rcond)
+            else:
+                B, A, _ = low_rank_alternating(group.numerators, group.denominators, self.rank, rcond=rcond, **options)
+            out.update({name: (B[i], A[i]) for i, name in enumerate(group.names)})
+        return out
+
+    def objective(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """Σ_k ‖X_k (B A − B_k A_k)ᵀ‖² per layer for candidate factors {layer: (B, A)}, from the sums alone."""
+        if not self.track_objective:
+            raise ValueError("objective needs AdapterMerger(track_objective=True)")
+        check_layer_names(self._sums.layers, factors, "factors")
+        out = {}
+        for group in self._groups():
+            for i, name in enumerate(group.names):
+                B, A = (t.to(group.numerators) for t in factors[name])
+                excess = excess_objective(group.numerators[i], group.denominators[i], B, A)
+                out[name] = float(excess + self._constants[name])
+        return out

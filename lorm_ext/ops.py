@@ -1,0 +1,98 @@
+"""Typed wrappers of the native ops ``torch.ops.lorm_ext.*`` and their fake (meta) kernels for torch.compile.
+
+The ops check shapes, dtypes and devices themselves and name the offending list entry; the mergers and the
+Gram collector check first and name the model layer. ``lorm_ext.reference`` is the specification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+from .reference import DEFAULT_RCOND
+
+_ops = torch.ops.lorm_ext
+
+
+def compiled_with_cuda() -> bool:
+    """Whether the CUDA implementations were compiled into this build of lorm_ext._C."""
+    return _C.compiled_with_cuda()
+
+
+def gram_accumulate_(grams: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
+    """grams[i] += inputs[i]ᵀ inputs[i] in place, for many layers in one call.
+
+    inputs[i] is (..., n) in float16/bfloat16/float32/float64, flattened to (tokens, n) and upcast on the fly
+    to the Gram's dtype (float32 or float64). A 1-D Gram of length n accumulates only the diagonal.
+    """
+    _ops.gram_accumulate_(list(grams), [x.detach() for x in inputs])
+
+
+def gram_weighted_accumulate_(
+    gram_sums: Sequence[Tensor],
+    weighted_sums: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    lefts: Sequence[Tensor] | None = None,
+) -> None:
+    """gram_sums[i] += grams[i] and weighted_sums[i] += [lefts[i] @] factors[i] @ grams[i], in place.
+
+    Reads each client Gram once. Sums are float32 or float64; the rest is upcast to the sums' dtype.
+    """
+    _ops.gram_weighted_accumulate_(
+        list(gram_sums),
+        list(weighted_sums),
+        [g.detach() for g in grams],
+        [f.detach() for f in factors],
+        [m.detach() for m in lefts] if lefts is not None else [],
+    )
+
+
+def projected_accumulate_(
+    projection_sums: Sequence[Tensor],
+    weighted_sums: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    shared_factors: Sequence[Tensor],
+    factors: Sequence[Tensor],
+) -> None:
+    """P = A G Aᵀ per layer (A = shared_factors[i]); projection_sums[i] += P, weighted_sums[i] += factors[i] @ P."""
+    _ops.projected_accumulate_(
+        list(projection_sums),
+        list(weighted_sums),
+        [g.detach() for g in grams],
+        [a.detach() for a in shared_factors],
+        [b.detach() for b in factors],
+    )
+
+
+def psd_right_solve(rhs: Tensor, gram: Tensor, rcond: float = DEFAULT_RCOND) -> Tensor:
+    """rhs @ pinv(gram) for symmetric PSD Grams, batched: rhs (..., m, n) with gram (..., n, n) or diagonal (..., n).
+
+    Computed in the Gram's dtype. Same result as ``rhs @ torch.pinverse(gram, rcond)`` (see
+    reference.py): a Cholesky solve where the Gram is numerically positive definite, an eigendecomposition
+    pseudo-inverse for the batch entries where it is not.
+    """
+    return _ops.psd_right_solve(rhs, gram, rcond)
+
+
+@torch.library.register_fake("lorm_ext::gram_accumulate_")
+def _gram_accumulate_fake(grams, inputs):
+    return None
+
+
+@torch.library.register_fake("lorm_ext::gram_weighted_accumulate_")
+def _gram_weighted_accumulate_fake(gram_sums, weighted_sums, grams, factors, lefts):
+    return None
+
+
+@torch.library.register_fake("lorm_ext::projected_accumulate_")
+def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_factors, factors):
+    return None
+
+
+@torch.library.register_fake("lorm_ext::psd_right_solve")
+def _psd_right_solve_fake(rhs, gram, rcond):
+    return rhs.new_empty(rhs.shape, dtype=gram.dtype)

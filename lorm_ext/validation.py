@@ -1,0 +1,73 @@
+"""Input checks that name the model layer and the problem. Mergers and collectors run them on a whole client
+before touching any accumulator, so a rejected client leaves the state unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+class LayerError(ValueError):
+    """A problem with the tensor sent for one model layer."""
+
+    def __init__(self, layer: str, problem: str):
+        super().__init__(f"layer {layer!r}: {problem}")
+        self.layer = layer
+        self.problem = problem
+
+
+def check_layer_names(expected: Iterable[str], got: Mapping[str, object], what: str) -> None:
+    """The same layer names as the earlier clients (or as the shared factors), or an error listing the difference."""
+    expected, names = set(expected), set(got)
+    if names == expected:
+        return
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+    raise ValueError(f"{what}: layer names differ from the expected ones: " + "; ".join(parts))
+
+
+def check_matrix(
+    layer: str, what: str, t: Tensor, shape: tuple[int | None, ...] | None = None, *, values: bool = True
+) -> None:
+    """A floating-point tensor of the given shape (None matches any size); finite unless values=False."""
+    if not isinstance(t, Tensor):
+        raise LayerError(layer, f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise LayerError(layer, f"{what} must be floating point, got {t.dtype}")
+    if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
+        wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise LayerError(layer, f"{what} has shape {tuple(t.shape)}, expected {wanted}")
+    if values and not bool(torch.isfinite(t).all()):
+        raise LayerError(layer, f"{what} contains NaN or Inf")
+
+
+def symmetry_tolerance(dtype: torch.dtype) -> float:
+    """Rounding lets GEMM-made Grams differ from their transpose; sqrt(eps) of the dtype, relative to max diag(G)."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def check_gram(
+    layer: str, gram: Tensor, width: int | None = None, diagonal: bool | None = None, *, values: bool = True
+) -> None:
+    """A Gram: (n, n) or (n,) diagonal; unless values=False also finite, symmetric, non-negative diagonal."""
+    if not isinstance(gram, Tensor):
+        raise LayerError(layer, f"gram must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.dim() not in (1, 2) or (gram.dim() == 2 and gram.shape[0] != gram.shape[1]):
+        raise LayerError(layer, f"gram must be square (n, n) or a diagonal (n,), got shape {tuple(gram.shape)}")
+    if diagonal is not None and (gram.dim() == 1) != diagonal:
+        kinds = ("full", "diagonal") if diagonal else ("diagonal", "full")
+        raise LayerError(layer, f"gram is {kinds[0]} but this layer's Grams are {kinds[1]}")
+    check_matrix(layer, "gram", gram, values=values)
+    if width is not None and gram.shape[0] != width:
+        raise LayerError(layer, f"gram is for {gram.shape[0]} features, expected {width}")
+    if not values:
+        return
+    diag = gram if gram.dim() == 1 else torch.diagonal(gram)
+    if bool((diag < 0).any()):
+        raise LayerError(layer, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+    if gram.dim() == 2 and gram.numel() > 0:
+        asymmetry = (gram - gram.T).abs().max()
+        if asymmetry > symmetry_tolerance(gram.dtype) * diag.max():
+            raise LayerError(layer, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry.item():.3g})")

@@ -1,0 +1,60 @@
+"""Builds lorm_ext._C: the C++ ops always, the CUDA ops whenever the installed torch is a CUDA build.
+
+LORM_EXT_CUDA=auto (default) builds CUDA when torch has CUDA and nvcc is found, =1 requires it, =0 skips it.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0": A100 and H100/H200).
+"""
+import glob
+import os
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
+
+
+def want_cuda() -> bool:
+    mode = os.environ.get("LORM_EXT_CUDA", "auto").lower()
+    if mode not in {"auto", "0", "1"}:
+        raise SystemExit(f"LORM_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not available:
+        raise SystemExit(
+            "LORM_EXT_CUDA=1 but the CUDA build is unavailable: torch.version.cuda="
+            f"{torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r} (set CUDA_HOME to the toolkit with nvcc)"
+        )
+    return mode != "0" and available
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """cuBLAS/cuSOLVER headers that pip's CUDA torch ships under site-packages/nvidia/*/include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    roots = [Path(p) for p in nvidia.__path__]
+    return sorted(str(p) for root in roots for p in root.glob("*/include") if p.is_dir())
+
+
+def extension():
+    with_cuda = want_cuda()
+    cxx_flags = ["-O3", "-g0"]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return cpp_extension.CUDAExtension(
+            "lorm_ext._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=nvidia_wheel_includes(),
+            define_macros=[("LORM_EXT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        )
+    return cpp_extension.CppExtension("lorm_ext._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
