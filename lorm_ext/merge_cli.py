@@ -1,0 +1,143 @@
+"""``lorm-merge``: merge PEFT LoRA adapters with LoRM, and collect the Grams it needs.
+
+    lorm-merge grams --adapter DIR --model FILE.py:build_model --batches FILE.py:batches -o grams.safetensors
+    lorm-merge peft DIR1 DIR2 ... --grams G1 G2 ... --rank 8 [--method exact] [-o MERGED_DIR]
+
+The same runs as ``python -m lorm_ext.merge_cli ...``. See docs/peft.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .adapters import MERGE_METHODS, MergeResult, collect_grams, merge_lora_adapters, read_lora_adapter, save_grams
+
+
+def load_callable(spec: str) -> Callable:
+    """``package.module:function`` or ``path/to/file.py:function``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise ValueError(f"{target}: no such file (from {spec!r})")
+        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{target} has no function {name!r}")
+    return function
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def run_grams(args: argparse.Namespace) -> None:
+    from peft import PeftModel  # only this subcommand needs PEFT installed
+
+    device = torch.device(args.device)
+    modules = read_lora_adapter(args.adapter).factors  # validates the adapter before the model is built
+    model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
+    batches = (_to_device(b, device) for b in load_callable(args.batches)())
+    grams = collect_grams(
+        model.get_base_model(), modules, batches, diagonal=args.diagonal, dtype=getattr(torch, args.dtype)
+    )
+    save_grams(args.output, grams)
+    kind = "diagonal" if args.diagonal else "full"
+    print(f"wrote {kind} {args.dtype} Grams of {len(grams)} modules to {args.output}")
+
+
+def format_objectives(result: MergeResult, written: str | None) -> str:
+    """Per module, Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² of every method; 'zero' is ΔW = 0, '*' marks the written one."""
+    methods = list(result.objectives)
+    modules = sorted(result.objectives["zero"])
+    width = max(12, *(len(m) for m in modules))
+    header = [f"{m}*" if m == written else m for m in methods]
+    lines = [
+        "objective Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖²_F per module (lower is better; zero = no update"
+        + ("; * = written)" if written else ")"),
+        f"{'module':<{width}}" + "".join(f"{h:>14}" for h in header),
+    ]
+    for module in modules + ["total"]:
+        cells = []
+        for method in methods:
+            values = result.objectives[method]
+            cells.append(sum(values.values()) if module == "total" else values[module])
+        lines.append(f"{module:<{width}}" + "".join(f"{v:>14.6e}" for v in cells))
+    return "\n".join(lines)
+
+
+def run_peft(args: argparse.Namespace) -> None:
+    result = merge_lora_adapters(
+        args.adapters,
+        args.grams,
+        args.rank,
+        method=args.method,
+        output_dir=args.output,
+        max_iters=args.max_iters,
+        tol=args.tol,
+    )
+    print(format_objectives(result, args.method if args.output else None))
+    if args.output:
+        print(f"wrote the {args.method} merge (rank {args.rank}) to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorm-merge", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    peft = commands.add_parser("peft", help="merge PEFT LoRA adapters into one (LoRM closed form) and score methods")
+    peft.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + adapter_model.safetensors)")
+    peft.add_argument("--grams", nargs="+", required=True, help="one Gram file per adapter, in the same order")
+    peft.add_argument("--rank", type=int, required=True, help="rank of the merged adapter")
+    peft.add_argument("--method", choices=MERGE_METHODS, default="exact",
+                      help="what to write: exact rank-r optimum (default), alternating LoRM steps, "
+                      "average of the factors, or PEFT's svd merge")
+    peft.add_argument("-o", "--output", help="folder for the merged adapter; without it only the table is printed")
+    peft.add_argument("--max-iters", type=int, default=500, help="alternating: most B/A step pairs")
+    peft.add_argument("--tol", type=float, default=1e-12, help="alternating: stop at this relative decrease")
+    peft.set_defaults(run=run_peft)
+
+    grams = commands.add_parser("grams", help="collect one adapter's Grams over its data (needs peft)")
+    grams.add_argument("--adapter", required=True, help="PEFT adapter folder: which modules, and the model to run")
+    grams.add_argument("--model", required=True, help="MODULE:FUNCTION or FILE.py:FUNCTION returning the base model")
+    grams.add_argument("--batches", required=True,
+                       help="MODULE:FUNCTION or FILE.py:FUNCTION returning an iterable of model inputs "
+                       "(a tensor, a dict of keyword inputs, or a tuple of positional inputs)")
+    grams.add_argument("-o", "--output", required=True, help="safetensors file to write, keyed by module name")
+    grams.add_argument("--diagonal", action="store_true", help="keep only diag(XᵀX) (Gram shrinkage α = 0)")
+    grams.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
+    grams.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda")
+    grams.set_defaults(run=run_grams)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as err:  # AdapterFileError, LayerError and bad arguments: a message, not a traceback
+        print(f"lorm-merge {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""PEFT adapters in and out, checked against a real ``peft`` install and lorm_ext.reference.
+
+A tiny residual MLP (no downloads) gets three LoRA adapters from PEFT with random factors and different
+data; the merged adapter is loaded back with PEFT and its outputs compared with the reference merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+peft = pytest.importorskip("peft", reason="the PEFT tests need `pip install peft` (see docs/peft.md)")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from lorm_ext import adapters, merge_cli, reference  # noqa: E402
+from lorm_ext.adapters import AdapterFileError, collect_grams, merge_lora_adapters, read_lora_adapter  # noqa: E402
+
+WIDTH, IN_FEATURES, CLASSES = 8, 6, 3
+TARGETS = ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
+RANK, MERGED_RANK = 4, 3
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(IN_FEATURES, WIDTH)
+        self.blocks = nn.ModuleList([Block(WIDTH) for _ in range(2)])
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build_model() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def calibration_batches(seed: int = 0) -> list[torch.Tensor]:
+    """Client data: (batch, tokens, features) with a client-specific scale and shift."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return [torch.randn(2, 5, IN_FEATURES, generator=g) * (1 + seed) + seed for _ in range(4)]
+
+
+def lora_model(seed: int, **config) -> PeftModel:
+    base = build_model()
+    torch.manual_seed(seed)  # the LoRA factors differ per client; init_lora_weights=False makes B non-zero
+    options = dict(r=RANK, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False) | config
+    return get_peft_model(base, LoraConfig(**options)).eval()
+
+
+def peft_update(model: PeftModel, module: str, adapter: str = "default") -> torch.Tensor:
+    """ΔW = s·B A of one module from PEFT's own layer (its factors and its scaling), in float64."""
+    layer = model.get_base_model().get_submodule(module)
+    b, a = layer.lora_B[adapter].weight.double(), layer.lora_A[adapter].weight.double()
+    return layer.scaling[adapter] * b @ a
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory):
+    """Three saved adapters with their full Gram files, and what PEFT says their updates are."""
+    root = tmp_path_factory.mktemp("clients")
+    dirs, gram_files, deltas, grams = [], [], [], []
+    for seed in range(3):
+        model = lora_model(seed, lora_alpha=4 + 4 * seed)
+        model.save_pretrained(root / f"adapter{seed}")
+        client_grams = collect_grams(model.get_base_model(), TARGETS, calibration_batches(seed), dtype=torch.float64)
+        adapters.save_grams(root / f"grams{seed}.safetensors", client_grams)
+        dirs.append(root / f"adapter{seed}")
+        gram_files.append(root / f"grams{seed}.safetensors")
+        deltas.append({m: peft_update(model, m) for m in TARGETS})
+        grams.append(client_grams)
+    return dirs, gram_files, deltas, grams
+
+
+def reference_optimum(deltas, grams, rank) -> dict[str, torch.Tensor]:
+    """Rank-r optimum of the reference, ΔW_k passed as B_k = ΔW_k, A_k = I."""
+    out = {}
+    for m in TARGETS:
+        eye = torch.eye(grams[0][m].shape[0], dtype=torch.float64)
+        B, A = reference.rank_r_optimum_ref([d[m] for d in deltas], [eye] * len(deltas), [g[m] for g in grams], rank)
+        out[m] = B @ A
+    return out
+
+
+def test_reading_folds_scaling_like_peft(tmp_path):
+    model = lora_model(5, use_rslora=True, rank_pattern={"blocks.1.fc1": 2}, alpha_pattern={"fc2": 5})
+    model.save_pretrained(tmp_path)
+    adapter = read_lora_adapter(tmp_path)
+    assert sorted(adapter.factors) == TARGETS
+    assert adapter.layout["blocks.1.fc1"] == (2 * WIDTH, 2, WIDTH)
+    for m in TARGETS:
+        B, A = adapter.factors[m]
+        peft_delta = model.get_base_model().get_submodule(m).get_delta_weight("default")  # float32
+        torch.testing.assert_close(B @ A, peft_delta.double(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(B @ A, peft_update(model, m), rtol=1e-12, atol=1e-14)
+
+
+def test_exact_merge_loads_in_peft_and_matches_reference(clients, tmp_path):
+    dirs, gram_files, deltas, grams = clients
+    result = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="exact", output_dir=tmp_path / "merged")
+    expected = reference_optimum(deltas, grams, MERGED_RANK)
+
+    merged = PeftModel.from_pretrained(build_model(), tmp_path / "merged").eval()
+    assert merged.peft_config["default"].r == MERGED_RANK
+    assert sorted(n for n, _ in merged.named_modules() if n.endswith("lora_A.default")) == sorted(
+        f"base_model.model.{m}.lora_A.default" for m in TARGETS
+    )
+    by_hand = build_model()
+    for m in TARGETS:
+        torch.testing.assert_close(peft_update(merged, m), expected[m], rtol=1e-5, atol=1e-6)
+        by_hand.get_submodule(m).weight.data += expected[m].float()
+        B, A = result.factors[m]
+        torch.testing.assert_close(B @ A, expected[m], rtol=1e-9, atol=1e-10)
+    x = calibration_batches(7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), by_hand(x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_method_scored_like_reference(clients):
+    dirs, gram_files, deltas, grams = clients
+    result = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating")
+    assert set(result.objectives) == {"exact", "alternating", "average", "svd", "zero"}
+    reads = [read_lora_adapter(d) for d in dirs]
+    mean_factors = {
+        m: (sum(r.factors[m][0] for r in reads) / 3, sum(r.factors[m][1] for r in reads) / 3) for m in TARGETS
+    }
+    exact = reference_optimum(deltas, grams, MERGED_RANK)
+    for m in TARGETS:
+        ds, gs = [d[m] for d in deltas], [g[m] for g in grams]
+        svd = torch.linalg.svd(sum(ds) / 3)
+        candidates = {
+            "exact": exact[m],
+            "alternating": result.factors[m][0] @ result.factors[m][1],
+            "average": mean_factors[m][0] @ mean_factors[m][1],
+            "svd": (svd.U[:, :MERGED_RANK] * svd.S[:MERGED_RANK]) @ svd.Vh[:MERGED_RANK],
+            "zero": torch.zeros_like(ds[0]),
+        }
+        for method, delta in candidates.items():
+            want = reference.objective_ref(delta, ds, gs).item()
+            assert result.objectives[method][m] == pytest.approx(want, rel=1e-8), (method, m)
+        best = result.objectives["exact"][m]
+        assert best <= min(v[m] for v in result.objectives.values()) * (1 + 1e-9)
+        assert result.objectives["alternating"][m] == pytest.approx(best, rel=1e-6)
+        assert best < 0.9 * min(result.objectives["average"][m], result.objectives["svd"][m])
+
+
+def test_svd_baseline_is_peft_add_weighted_adapter(clients, tmp_path):
+    dirs, gram_files, _, _ = clients
+    result = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="svd")
+    model = PeftModel.from_pretrained(build_model(), dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], 1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    model.add_weighted_adapter(["a0", "a1", "a2"], [1 / 3] * 3, "svd", combination_type="svd", svd_rank=MERGED_RANK)
+    for m in TARGETS:
+        B, A = result.factors[m]
+        torch.testing.assert_close(B @ A, peft_update(model, m, "svd"), rtol=1e-5, atol=1e-6)
+
+
+def test_average_writes_mean_factors_at_the_input_rank(clients, tmp_path):
+    dirs, gram_files, _, _ = clients
+    with pytest.raises(ValueError, match=r"keeps the adapters' rank \[4\]"):
+        merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="average")
+    merge_lora_adapters(dirs, gram_files, RANK, method="average", output_dir=tmp_path)
+    written = load_file(tmp_path / adapters.WEIGHTS_NAME)
+    for m in TARGETS:
+        reads = [read_lora_adapter(d).factors[m] for d in dirs]
+        torch.testing.assert_close(written[f"base_model.model.{m}.lora_B.weight"].double(),
+                                   sum(b for b, _ in reads) / 3, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(written[f"base_model.model.{m}.lora_A.weight"].double(),
+                                   sum(a for _, a in reads) / 3, rtol=1e-6, atol=1e-7)
+
+
+def test_diagonal_grams_and_mixed_ranks(clients, tmp_path):
+    """Diagonal Grams, and adapters of different ranks (rank_pattern): LoRM merges them, averaging cannot."""
+    dirs, _, deltas, _ = clients
+    other = lora_model(9, r=6, rank_pattern={"blocks.0.fc1": 2})
+    other.save_pretrained(tmp_path / "other")
+    inputs = [dirs[0], tmp_path / "other"]
+    diag_grams, diag_files = [], []
+    for i, (model_batches, path) in enumerate([(0, tmp_path / "g0.safetensors"), (9, tmp_path / "g1.safetensors")]):
+        g = {m: torch.rand(WIDTH if m.endswith("fc1") else 2 * WIDTH, dtype=torch.float64) + 0.1 * i for m in TARGETS}
+        adapters.save_grams(path, g)
+        diag_grams.append(g)
+        diag_files.append(path)
+    result = merge_lora_adapters(inputs, diag_files, 2, method="exact")
+    assert "average" not in result.objectives
+    with pytest.raises(ValueError, match="equal ranks"):
+        merge_lora_adapters(inputs, diag_files, 2, method="average")
+    updates = [deltas[0], {m: peft_update(other, m) for m in TARGETS}]
+    expected = reference_optimum(updates, diag_grams, 2)
+    for m in TARGETS:
+        B, A = result.factors[m]
+        torch.testing.assert_close(B @ A, expected[m], rtol=1e-8, atol=1e-9)
+
+
+def test_cli_collects_grams_and_merges(clients, tmp_path, capsys):
+    dirs, gram_files, _, grams = clients
+    this_file = os.path.abspath(__file__)
+    status = merge_cli.main([
+        "grams", "--adapter", str(dirs[0]), "--model", f"{this_file}:build_model",
+        "--batches", f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors"),
+    ])
+    assert status == 0
+    collected = load_file(tmp_path / "g.safetensors")
+    for m in TARGETS:
+        torch.testing.assert_close(collected[m], grams[0][m], rtol=1e-12, atol=1e-12)
+
+    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", str(MERGED_RANK),
+                             "--method", "alternating", "-o", str(tmp_path / "merged")])
+    out = capsys.readouterr().out
+    assert status == 0
+    header = next(line for line in out.splitlines() if line.startswith("module"))
+    assert header.split() == ["module", "exact", "alternating*", "average", "svd", "zero"]
+    expected = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating")
+    for m in TARGETS + ["total"]:
+        row = next(line for line in out.splitlines() if line.split()[0] == m).split()
+        values = expected.objectives["exact"]
+        want = sum(values.values()) if m == "total" else values[m]
+        assert float(row[1]) == pytest.approx(want, rel=1e-6)
+    written = read_lora_adapter(tmp_path / "merged")
+    for m in TARGETS:
+        B, A = expected.factors[m]
+        torch.testing.assert_close(written.factors[m][0] @ written.factors[m][1], B @ A, rtol=1e-5, atol=1e-6)
+
+
+def _copy_adapter(src: Path, dst: Path, config_changes=None, tensor_changes=None) -> Path:
+    dst.mkdir()
+    config = json.loads((src / adapters.CONFIG_NAME).read_text()) | (config_changes or {})
+    (dst / adapters.CONFIG_NAME).write_text(json.dumps(config))
+    tensors = load_file(src / adapters.WEIGHTS_NAME)
+    for key, value in (tensor_changes or {}).items():
+        if value is None:
+            del tensors[key]
+        else:
+            tensors[key] = value
+    save_file(tensors, dst / adapters.WEIGHTS_NAME)
+    return dst
+
+
+KEY = "base_model.model.blocks.1.fc2.lora_{}.weight"
+
+
+@pytest.mark.parametrize(
+    ("config_changes", "tensor_changes", "message"),
+    [
+        ({"use_dora": True}, None, "use_dora=True is not supported"),
+        ({"modules_to_save": ["head"]}, None, r"modules_to_save=\['head'\] is not supported"),
+        ({"bias": "lora_only"}, None, "bias='lora_only' is not supported"),
+        ({"lora_shiny_new_option": 1}, None, r"unknown config field\(s\) \['lora_shiny_new_option'\]"),
+        ({"init_lora_weights": "pissa"}, None, "changes the base model's weights"),
+        ({"peft_type": "IA3"}, None, "only LORA adapters"),
+        ({"r": 5}, None, "module 'blocks.0.fc1': rank mismatch: the config gives r=5"),
+        (None, {KEY.format("B"): None}, "module 'blocks.1.fc2': lora_B.weight is missing"),
+        (None, {KEY.format("A"): torch.full((RANK, 2 * WIDTH), float("nan"))}, "'blocks.1.fc2': .*NaN"),
+        (None, {"base_model.model.head.modules_to_save.weight": torch.zeros(3, 8)}, "unexpected key"),
+    ],
+)
+def test_bad_adapter_named_by_file_and_module(clients, tmp_path, config_changes, tensor_changes, message):
+    dirs, gram_files, _, _ = clients
+    bad = _copy_adapter(dirs[1], tmp_path / "bad", config_changes, tensor_changes)
+    with pytest.raises(AdapterFileError, match=message) as err:
+        merge_lora_adapters([dirs[0], bad], gram_files[:2], MERGED_RANK)
+    assert str(bad) in str(err.value)
+
+
+def test_mismatches_between_adapters_and_grams(clients, tmp_path):
+    dirs, gram_files, _, grams = clients
+    # a module missing from one adapter
+    fewer = _copy_adapter(dirs[1], tmp_path / "fewer", None, {KEY.format("A"): None, KEY.format("B"): None})
+    with pytest.raises(AdapterFileError, match=r"fewer.*lacks module\(s\) \['blocks.1.fc2'\]"):
+        merge_lora_adapters([dirs[0], fewer], gram_files[:2], MERGED_RANK)
+    # a layer of another width (an adapter for another model)
+    wide = _copy_adapter(dirs[1], tmp_path / "wide", None, {KEY.format("A"): torch.randn(RANK, 2 * WIDTH + 1)})
+    with pytest.raises(AdapterFileError, match=r"wide.*module 'blocks.1.fc2': shape mismatch: ΔW is 8 × 17"):
+        merge_lora_adapters([dirs[0], wide], gram_files[:2], MERGED_RANK)
+    # another base model
+    other_base = _copy_adapter(dirs[1], tmp_path / "other_base", {"base_model_name_or_path": "someone/else"})
+    with pytest.raises(AdapterFileError, match="base_model_name_or_path='someone/else' differs"):
+        merge_lora_adapters([dirs[0], other_base], gram_files[:2], MERGED_RANK)
+    # a Gram of the wrong width, a missing Gram, a diagonal Gram where the first file had a full one
+    for name, changes, message in [
+        ("narrow", {"blocks.0.fc2": torch.eye(2 * WIDTH - 1)}, "module 'blocks.0.fc2': gram is for 15 features, expected 16"),
+        ("absent", {"blocks.0.fc2": None}, r"has no Gram for module\(s\) \['blocks.0.fc2'\]"),
+        ("diagonal", {"blocks.0.fc2": torch.ones(2 * WIDTH)}, "module 'blocks.0.fc2': Gram is diagonal but the first"),
+    ]:
+        g = {m: v for m, v in (grams[1] | changes).items() if v is not None}
+        save_file(g, tmp_path / f"{name}.safetensors")
+        with pytest.raises(AdapterFileError, match=f"{name}.safetensors: {message}"):
+            merge_lora_adapters(dirs[:2], [gram_files[0], tmp_path / f"{name}.safetensors"], MERGED_RANK)
+    with pytest.raises(ValueError, match="one Gram file per adapter"):
+        merge_lora_adapters(dirs, gram_files[:2], MERGED_RANK)
+    with pytest.raises(AdapterFileError, match="rank 9 exceeds the layer's size 16 × 8"):
+        merge_lora_adapters(dirs, gram_files, 9)
+
+
+def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, capsys):
+    dirs, gram_files, _, _ = clients
+    before = (dirs[0] / adapters.WEIGHTS_NAME).read_bytes()
+    with pytest.raises(AdapterFileError, match="is one of the inputs"):
+        merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=dirs[0])
+    os.symlink(dirs[1], tmp_path / "alias")
+    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", "3",
+                             "-o", str(tmp_path / "alias")])
+    assert status == 1 and "is one of the inputs" in capsys.readouterr().err
+    assert (dirs[0] / adapters.WEIGHTS_NAME).read_bytes() == before
+
+    out = tmp_path / "merged"
+    merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=out)
+    first = (out / adapters.WEIGHTS_NAME).read_bytes()
+
+    def failing_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapters, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        merge_lora_adapters(dirs, gram_files, 2, output_dir=out)
+    assert (out / adapters.WEIGHTS_NAME).read_bytes() == first  # the old adapter is intact
+    assert sorted(p.name for p in out.iterdir()) == [adapters.CONFIG_NAME, adapters.WEIGHTS_NAME]
