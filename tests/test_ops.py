@@ -1,0 +1,246 @@
+"""Every native op against the reference on fresh random inputs, torch.library.opcheck, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REL_TOL, assert_rel_close, random_gram
+
+from lorm_ext import ops
+from lorm_ext import reference as ref
+
+INPUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+GRAM_DTYPES = [torch.float32, torch.float64]
+# Widths and token counts that are not multiples of any tile (tiles are 64/128/256 wide, row chunks 1024).
+SHAPES = [(1, 5), (7, 1), (65, 33), (130, 1500), (300, 257)]
+
+
+def make_input(tokens: int, n: int, dtype, device, layout: str) -> torch.Tensor:
+    """(tokens, n) activations in one of several memory layouts."""
+    if layout == "contiguous":
+        return torch.randn(tokens, n, device=device).to(dtype)
+    if layout == "transposed":  # column-major storage
+        return torch.randn(n, tokens, device=device).to(dtype).T
+    if layout == "strided":  # every other column of a wider buffer
+        return torch.randn(tokens, 2 * n, device=device).to(dtype)[:, ::2]
+    if layout == "batched":  # (batch, seq, n) as a ViT layer sees it
+        return torch.randn(tokens, 1, n, device=device).to(dtype).expand(tokens, 2, n)
+    raise ValueError(layout)
+
+
+def gram_truth(x: torch.Tensor, start: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    return ref.gram_ref(x, start.double(), diagonal=diagonal)
+
+
+@pytest.mark.parametrize("input_dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("gram_dtype", GRAM_DTYPES)
+@pytest.mark.parametrize("n,tokens", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "batched"])
+def test_gram_accumulate_matches_reference(device, input_dtype, gram_dtype, n, tokens, layout):
+    x = make_input(tokens, n, input_dtype, device, layout)
+    for diagonal in (False, True):
+        start = random_gram(n, 3, dtype=gram_dtype, device=device, diagonal=diagonal)
+        gram = start.clone()
+        ops.gram_accumulate_([gram], [x])
+        assert gram.dtype == gram_dtype
+        assert_rel_close(gram, gram_truth(x, start, diagonal), REL_TOL[gram_dtype])
+        if not diagonal:
+            assert torch.equal(gram, gram.T), "both triangles must get the same update"
+
+
+def test_gram_accumulate_many_pairs_in_one_call(device):
+    widths = [1, 64, 65, 200]
+    xs = [torch.randn(97, w, device=device, dtype=torch.bfloat16) for w in widths]
+    grams = [
+        torch.zeros(w, device=device) if i % 2 else torch.zeros(w, w, device=device, dtype=torch.float64)
+        for i, w in enumerate(widths)
+    ]
+    starts = [g.clone() for g in grams]
+    ops.gram_accumulate_(grams, xs)
+    for g, s, x in zip(grams, starts, xs):
+        assert_rel_close(g, gram_truth(x, s, g.dim() == 1), REL_TOL[g.dtype])
+
+
+def test_gram_accumulate_is_as_accurate_as_upcasting_first(device):
+    """bf16 products are exact in fp32, so the fused op must match the authors' upcast-then-matmul path."""
+    x = torch.randn(3000, 96, device=device).to(torch.bfloat16)
+    truth = ref.gram_ref(x, dtype=torch.float64)
+    fused = torch.zeros(96, 96, device=device)
+    ops.gram_accumulate_([fused], [x])
+    authors = x.float().T @ x.float()
+    fused_err = (fused.double() - truth).abs().max()
+    authors_err = (authors.double() - truth).abs().max()
+    assert fused_err <= 2 * authors_err + 1e-6 * truth.abs().max()
+
+
+def test_gram_accumulate_empty_input_is_a_no_op(device):
+    gram = random_gram(5, 7, dtype=torch.float32, device=device)
+    before = gram.clone()
+    ops.gram_accumulate_([gram], [torch.empty(0, 5, device=device)])
+    assert torch.equal(gram, before)
+
+
+def weighted_truth(gram_sum, weighted_sum, gram, factor, left):
+    update = ref.times_gram_ref(factor.double(), gram.double())
+    if left is not None:
+        update = left.double() @ update
+    return gram_sum.double() + gram.double(), weighted_sum.double() + update
+
+
+@pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n,p", [(1, 1), (33, 4), (300, 64), (257, 16)])
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("with_left", [False, True])
+def test_gram_weighted_accumulate_matches_reference(device, sum_dtype, input_dtype, n, p, diagonal, with_left):
+    gram = random_gram(n, n + 5, dtype=input_dtype, device=device, diagonal=diagonal)
+    factor = torch.randn(p, n, device=device).to(input_dtype)
+    left = torch.randn(11, p, device=device).to(input_dtype) if with_left else None
+    gram_sum = random_gram(n, 4, dtype=sum_dtype, device=device, diagonal=diagonal)
+    weighted_sum = torch.randn(11 if with_left else p, n, device=device, dtype=sum_dtype)
+    expected = weighted_truth(gram_sum, weighted_sum, gram, factor, left)
+    ops.gram_weighted_accumulate_([gram_sum], [weighted_sum], [gram], [factor], [left] if with_left else None)
+    assert_rel_close(gram_sum, expected[0], REL_TOL[sum_dtype])
+    assert_rel_close(weighted_sum, expected[1], REL_TOL[sum_dtype])
+
+
+@pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
+@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (300, 16, 70), (129, 64, 3)])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_projected_accumulate_matches_reference(device, sum_dtype, n, r, m, diagonal):
+    gram = random_gram(n, n + 2, dtype=torch.float32, device=device, diagonal=diagonal)
+    a, b = torch.randn(r, n, device=device), torch.randn(m, r, device=device)
+    proj_sum = random_gram(r, 3, dtype=sum_dtype, device=device)
+    weighted_sum = torch.randn(m, r, device=device, dtype=sum_dtype)
+    projection = ref.times_gram_ref(a.double(), gram.double()) @ a.double().T
+    expected_proj, expected_weighted = proj_sum.double() + projection, weighted_sum.double() + b.double() @ projection
+    ops.projected_accumulate_([proj_sum], [weighted_sum], [gram], [a], [b])
+    assert_rel_close(proj_sum, expected_proj, REL_TOL[sum_dtype])
+    assert_rel_close(weighted_sum, expected_weighted, REL_TOL[sum_dtype])
+
+
+def test_merge_accumulators_batch_many_layers_of_mixed_shapes(device):
+    widths, ranks = [8, 300, 8, 65], [2, 16, 1, 4]
+    grams = [random_gram(n, n, device=device, diagonal=i == 3) for i, n in enumerate(widths)]
+    factors = [torch.randn(r, n, device=device, dtype=torch.float64) for r, n in zip(ranks, widths)]
+    sums = [torch.zeros_like(g) for g in grams]
+    weighted = [torch.zeros_like(f) for f in factors]
+    ops.gram_weighted_accumulate_(sums, weighted, grams, factors)
+    for s, w, g, f in zip(sums, weighted, grams, factors):
+        assert torch.equal(s, g)
+        assert_rel_close(w, ref.times_gram_ref(f, g), 1e-12)
+
+
+class TestPsdRightSolve:
+    def check(self, rhs, gram, rcond=ref.DEFAULT_RCOND, rel=1e-9):
+        out = ops.psd_right_solve(rhs, gram, rcond)
+        assert out.dtype == gram.dtype
+        expected = torch.stack([ref.right_solve_ref(r, g, rcond) for r, g in zip(rhs.cpu(), gram.cpu())])
+        assert_rel_close(out.cpu(), expected, rel)
+
+    def test_positive_definite_batch(self, device):
+        grams = torch.stack([random_gram(50, 80, device=device) for _ in range(3)])
+        self.check(torch.randn(3, 7, 50, device=device, dtype=torch.float64), grams)
+
+    def test_dead_features_and_few_tokens_use_the_pseudo_inverse(self, device):
+        dead = random_gram(40, 60, device=device)
+        dead[:, 5] = dead[5, :] = 0  # a feature no token activates
+        dead[:, 17] = dead[17, :] = 0
+        x = torch.randn(10, 40, dtype=torch.float64, device=device)
+        few = torch.zeros(40, 40, dtype=torch.float64, device=device)
+        few[:20, :20] = x[:, :20].T @ x[:, :20]  # exactly rank 10 on 20 live features
+        grams = torch.stack([dead, few, random_gram(40, 50, device=device)])
+        # Rows in the Grams' range, as every merge numerator Σ F_k G_k is: the answer is then well defined.
+        rhs = torch.randn(3, 6, 40, dtype=torch.float64, device=device) @ grams
+        self.check(rhs, grams)
+
+    def test_zero_gram_gives_zero(self, device):
+        out = ops.psd_right_solve(torch.randn(1, 3, 4, device=device), torch.zeros(1, 4, 4, device=device))
+        assert torch.equal(out, torch.zeros_like(out))
+
+    def test_diagonal_with_zero_entries(self, device):
+        gram = torch.rand(2, 30, dtype=torch.float64, device=device) + 0.1
+        gram[0, [1, 4]] = 0
+        self.check(torch.randn(2, 5, 30, dtype=torch.float64, device=device), gram, rel=1e-14)
+
+    def test_float32_gram(self, device):
+        gram = random_gram(20, 40, dtype=torch.float32, device=device)[None]
+        self.check(torch.randn(1, 3, 20, device=device), gram, rel=1e-3)
+
+    def test_unbatched(self, device):
+        gram = random_gram(9, 20, device=device)
+        rhs = torch.randn(4, 9, dtype=torch.float64, device=device)
+        assert_rel_close(ops.psd_right_solve(rhs, gram).cpu(), ref.right_solve_ref(rhs.cpu(), gram.cpu()), 1e-10)
+
+
+def opcheck_samples(device):
+    x = torch.randn(33, 20, device=device, dtype=torch.bfloat16)
+    g = random_gram(20, 30, dtype=torch.float32, device=device)
+    f = torch.randn(4, 20, device=device)
+    return {
+        "gram_accumulate_": [([torch.zeros(20, 20, device=device), torch.zeros(20, device=device)], [x, x])],
+        "gram_weighted_accumulate_": [
+            ([torch.zeros(20, 20, device=device)], [torch.zeros(4, 20, device=device)], [g], [f], []),
+            ([torch.zeros(20, 20, device=device)], [torch.zeros(6, 20, device=device)], [g], [f], [torch.randn(6, 4, device=device)]),
+        ],
+        "projected_accumulate_": [
+            ([torch.zeros(4, 4, device=device)], [torch.zeros(9, 4, device=device)], [g], [f], [torch.randn(9, 4, device=device)])
+        ],
+        "psd_right_solve": [(torch.randn(2, 3, 20, device=device), torch.stack([g, g]).double(), 1e-15)],
+    }
+
+
+@pytest.mark.parametrize("name", ["gram_accumulate_", "gram_weighted_accumulate_", "projected_accumulate_", "psd_right_solve"])
+def test_opcheck(device, name):
+    op = getattr(torch.ops.lorm_ext, name).default
+    for args in opcheck_samples(device)[name]:
+        torch.library.opcheck(op, args)
+
+
+class TestBadInputs:
+    """The ops' own checks (C++ callers see these); each names the op and the entry, and changes nothing."""
+
+    def expect_error(self, fn, accumulators, *fragments):
+        before = [a.clone() for a in accumulators]
+        with pytest.raises(RuntimeError) as info:
+            fn()
+        for fragment in fragments:
+            assert fragment in str(info.value), str(info.value)
+        for a, b in zip(accumulators, before):
+            assert torch.equal(a, b), "a rejected call must leave the accumulators unchanged"
+
+    def test_gram_accumulate(self, device):
+        good, other = torch.zeros(4, 4, device=device), torch.zeros(3, 3, device=device)
+        x = torch.randn(5, 4, device=device)
+        call = lambda grams, xs: lambda: ops.gram_accumulate_(grams, xs)  # noqa: E731
+        self.expect_error(call([good], [x, x]), [good], "inputs has 2 entries, expected 1")
+        self.expect_error(call([good, other], [x, x]), [good, other], "inputs[1] has 4 features but grams[1] is for 3")
+        self.expect_error(call([torch.zeros(4, 3, device=device)], [x]), [], "grams[0] must be a square")
+        self.expect_error(call([good.long()], [x]), [], "grams[0] must be float32 or float64")
+        self.expect_error(call([good], [x.long()]), [good], "inputs[0] must be float16, bfloat16")
+        self.expect_error(call([torch.zeros(4, 8, device=device)[:, ::2]], [x]), [], "must be contiguous")
+
+    def test_gram_weighted_accumulate(self, device):
+        s, w = torch.zeros(4, 4, device=device), torch.zeros(2, 4, device=device)
+        g, f = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(2, 4, device=device)
+        call = lambda *a: lambda: ops.gram_weighted_accumulate_(*a)  # noqa: E731
+        self.expect_error(call([s], [w], [g[:3, :3]], [f]), [s, w], "grams[0] has shape [3, 3] but gram_sums[0] has [4, 4]")
+        self.expect_error(call([s], [w], [g], [torch.randn(2, 5, device=device)]), [s, w], "factors[0] must be (p, 4)")
+        self.expect_error(call([s], [w.double()], [g], [f]), [s, w], "weighted_sums[0] is Double but gram_sums[0] is Float")
+        self.expect_error(call([s], [w], [g], [f], [torch.randn(3, 3, device=device)]), [s, w], "lefts[0] must be (m, 2)")
+        self.expect_error(call([s], [torch.zeros(3, 4, device=device)], [g], [f]), [s], "weighted_sums[0] must be (2, 4)")
+
+    def test_projected_accumulate(self, device):
+        p, w = torch.zeros(2, 2, device=device), torch.zeros(5, 2, device=device)
+        g, a, b = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(2, 4, device=device), torch.randn(5, 2, device=device)
+        call = lambda *args: lambda: ops.projected_accumulate_(*args)  # noqa: E731
+        self.expect_error(call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_factors[0] must be (r, 4)")
+        self.expect_error(call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors[0] must be (m, 2)")
+        self.expect_error(call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)")
+
+    def test_psd_right_solve(self, device):
+        g = random_gram(4, 6, device=device)
+        call = lambda *a: lambda: ops.psd_right_solve(*a)  # noqa: E731
+        self.expect_error(call(torch.randn(3, 5, device=device), g), [], "rhs has 5 columns but gram is for 4")
+        self.expect_error(call(torch.randn(3, 4, device=device), g.long()), [], "gram must be float32 or float64")
+        self.expect_error(call(torch.randn(2, 3, 4, device=device), torch.stack([g, g, g])), [], "batch dims differ")
