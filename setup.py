@@ -7,9 +7,14 @@ import glob
 import os
 from pathlib import Path
 
-import torch
-from setuptools import setup
-from torch.utils import cpp_extension
+# torch derives CUDA_HOME from the nvcc on PATH, which misleads it when that nvcc is a wrapper script
+# (as on these machines); the standard toolkit location is the better guess.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

@@ -97,64 +97,70 @@ def all_reduce_grams_(collector: GramCollector, group=None, *, device=None) -> N
             collector.num_tokens[name] = int(tensor.item())
 
 
-def _regmean_parts(merger: RegMeanMerger, device) -> tuple[dict[_Key, Tensor], Hashable, Callable]:
-    """(local tensors, content, load back) of a RegMeanMerger, through its public state_dict."""
-    state = merger.state_dict()
-    local = {("sums", key): t for key, t in state["sums"].items()}
-    if local:
-        local[("num_clients",)] = torch.tensor(merger.num_clients, dtype=torch.int64, device=device)
+def _flatten(state: Mapping, prefix: _Key = ()) -> dict[_Key, object]:
+    leaves = {}
+    for key, value in state.items():
+        path = (*prefix, str(key))
+        leaves.update(_flatten(value, path) if isinstance(value, Mapping) else {path: value})
+    return leaves
 
-    def load(summed: Mapping[_Key, Tensor], uses_lefts) -> None:
-        sums = {key[1]: t for key, t in summed.items() if key[0] == "sums"}
-        if sums:  # no process had a client: nothing to load
-            count = int(summed[("num_clients",)].item())
-            merger.load_state_dict({"sums": sums, "num_clients": count, "uses_lefts": uses_lefts})
 
-    return local, state["uses_lefts"], load
+def _unflatten(leaves: Mapping[_Key, object]) -> dict:
+    state: dict = {}
+    for path, value in leaves.items():
+        node = state
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return state
+
+
+def _adapter_merger_state(merger: AdapterMerger) -> tuple[Callable[[], dict], Callable[[dict], None]]:
+    """Stand-in for AdapterMerger.state_dict / load_state_dict, which merge.py does not have yet: its
+    RegMeanMerger stream (N = Σ B_k A_k G_k, G = Σ G_k, num_clients) and its objective constants."""
+
+    def get() -> dict:
+        return {"stream": merger._stream.state_dict(), "constants": dict(merger._constants)}
+
+    def load(state: dict) -> None:
+        merger._stream.load_state_dict(state["stream"])
+        merger._constants = dict(state.get("constants", {}))  # absent without track_objective
+
+    return get, load
 
 
 def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, group=None, *, device=None) -> None:
     """Sum a merger's running sums and client count over the processes of ``group``, in place.
 
-    RegMeanMerger and AStepMerger (their Gram and weighted sums), AdapterMerger (also the objective
-    constants), BStepMerger (the projected sums). Shared factors (``shared_b``, ``shared_a``) must be the
-    same on every process. ``device`` is where a process without clients creates its zeros (default: the
-    current CUDA device under NCCL, else the CPU).
+    RegMeanMerger and AStepMerger (Gram and weighted sums), BStepMerger (projected sums), AdapterMerger
+    (also the objective constants, so ``objective`` stays exact). Works on the merger's state_dict: every
+    tensor and ``num_clients`` is summed, every other entry (``uses_lefts``) must agree. Shared factors
+    (``shared_b``, ``shared_a``) must be the same on every process. ``device`` is where a process without
+    clients creates its zeros (default: the current CUDA device under NCCL, else the CPU).
     """
-    cpu_or_cuda = _collective_device(group, device)
     if isinstance(merger, AdapterMerger):
-        # Until AdapterMerger has a state_dict of its own: its sums are the RegMeanMerger at ._sums and its
-        # objective constants are ._constants.
-        local, content, load_sums = _regmean_parts(merger._sums, cpu_or_cuda)
-        local.update({("constant", name): c for name, c in merger._constants.items()})
-        config = ("AdapterMerger", merger.rank, merger.track_objective)
-
-        def load(summed, uses_lefts):
-            load_sums(summed, uses_lefts)
-            merger._constants.update({key[1]: t for key, t in summed.items() if key[0] == "constant"})
-
-    elif isinstance(merger, BStepMerger):
-        # BStepMerger has no state_dict yet either: its sums are the _SolveSums at ._sums.
-        local = {("sums", key): t for key, t in merger._sums.state_dict().items()}
-        if local:
-            local[("num_clients",)] = torch.tensor(merger.num_clients, dtype=torch.int64, device=cpu_or_cuda)
-        content = None
-        config = ("BStepMerger", tuple((n, tuple(a.shape)) for n, a in sorted(merger.shared_a.items())))
-
-        def load(summed, _):
-            sums = {key[1]: t for key, t in summed.items() if key[0] == "sums"}
-            if sums:
-                merger._sums.load_state_dict(sums, merger._device)
-                merger.num_clients = int(summed[("num_clients",)].item())
-
-    elif isinstance(merger, RegMeanMerger):
-        local, content, load = _regmean_parts(merger, cpu_or_cuda)
-        config = (type(merger).__name__,)
+        get_state, load_state = _adapter_merger_state(merger)
+        config: Hashable = ("AdapterMerger", merger.rank, merger.track_objective)
+    elif isinstance(merger, (RegMeanMerger, BStepMerger)):
+        get_state, load_state = merger.state_dict, merger.load_state_dict
+        shared = getattr(merger, "shared_a", None) or getattr(merger, "shared_b", None) or {}
+        config = (type(merger).__name__, tuple((n, tuple(t.shape)) for n, t in sorted(shared.items())))
     else:
-        raise TypeError(f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, AdapterMerger or BStepMerger, "
+        raise TypeError(f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, BStepMerger or AdapterMerger, "
                         f"got {type(merger).__name__}")
-    summed, agreed_content = _all_reduce_sums(
-        local, what=f"all_reduce_merger_({type(merger).__name__})", config=config, content=content, group=group,
-        device=cpu_or_cuda,
+    device = _collective_device(group, device)
+    leaves = _flatten(get_state())
+    local = {path: value for path, value in leaves.items() if isinstance(value, Tensor)}
+    has_clients = bool(local)
+    counts = [path for path in leaves if path[-1] == "num_clients"]
+    if has_clients:
+        local.update({path: torch.tensor(leaves[path], dtype=torch.int64, device=device) for path in counts})
+    others = tuple(sorted((path, v) for path, v in leaves.items() if path not in local and path not in counts))
+    summed, agreed = _all_reduce_sums(
+        local, what=f"all_reduce_merger_({type(merger).__name__})", config=config, content=others,
+        group=group, device=device,
     )
-    load(summed, agreed_content)
+    if not summed:  # no process had a client: nothing to add
+        return
+    state = {path: int(t.item()) if path in counts else t for path, t in summed.items()} | dict(agreed)
+    load_state(_unflatten(state))

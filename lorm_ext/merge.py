@@ -111,7 +111,33 @@ def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
     return list(tensors)
 
 
-class RegMeanMerger:
+class _StreamingMerger:
+    """Running sums per layer, a client count, and the one batched solve that finishes the merge."""
+
+    def __init__(self, *, dtype=torch.float64, rcond: float = DEFAULT_RCOND, device=None, validate: bool = True):
+        self._sums = _SolveSums(dtype, rcond)
+        self._device, self.validate = device, validate
+        self.num_clients = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._sums.slots)
+
+    def merge(self) -> dict[str, Tensor]:
+        if self.num_clients == 0:
+            raise ValueError(f"{type(self).__name__}: no clients were added, nothing to merge")
+        return self._sums.solve()
+
+    def state_dict(self) -> dict:
+        """The running sums (views, not copies) and the client count: enough to resume the stream."""
+        return {"sums": self._sums.state_dict(), "num_clients": self.num_clients}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._sums.load_state_dict(state["sums"], self._device)
+        self.num_clients = int(state["num_clients"])
+
+
+class RegMeanMerger(_StreamingMerger):
     """Streams clients into Σ_k G_k and Σ_k [L_k] F_k G_k per layer; ``merge()`` = (Σ [L_k] F_k G_k)(Σ G_k)⁺.
 
     ``add_client(factors, grams, lefts=None)``: F_k (p × n) and G_k (n × n, or a length-n diagonal) per layer,
@@ -120,23 +146,18 @@ class RegMeanMerger:
     value checks — finiteness, symmetry — and keeps the shape checks). Sums and solves are in ``dtype``.
     """
 
-    def __init__(self, *, dtype=torch.float64, rcond: float = DEFAULT_RCOND, device=None, validate: bool = True):
-        self._sums = _SolveSums(dtype, rcond)
-        self._device, self.validate = device, validate
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self._uses_lefts: bool | None = None
-        self.num_clients = 0
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self._sums.slots)
 
     def _check_client(self, factors, grams, lefts) -> list[str]:
         names = _layer_names("factors", factors)
+        if self._sums.allocated:
+            check_layer_names(self._sums.slots, factors, "factors")
         check_layer_names(names, grams, "grams")
         if lefts is not None:
             check_layer_names(names, lefts, "lefts")
         if self._sums.allocated:
-            check_layer_names(self._sums.slots, factors, "factors")
             if (lefts is not None) != self._uses_lefts:
                 said = "sent them" if self._uses_lefts else "did not"
                 raise ValueError(f"lefts must be sent by every client or by none: earlier clients {said}")
@@ -175,17 +196,12 @@ class RegMeanMerger:
         )
         self.num_clients += 1
 
-    def merge(self) -> dict[str, Tensor]:
-        if self.num_clients == 0:
-            raise ValueError(f"{type(self).__name__}: no clients were added, nothing to merge")
-        return self._sums.solve()
-
     def state_dict(self) -> dict:
-        return {"sums": self._sums.state_dict(), "num_clients": self.num_clients, "uses_lefts": self._uses_lefts}
+        return {**super().state_dict(), "uses_lefts": self._uses_lefts}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._sums.load_state_dict(state["sums"], self._device)
-        self.num_clients, self._uses_lefts = int(state["num_clients"]), state["uses_lefts"]
+        super().load_state_dict(state)
+        self._uses_lefts = state["uses_lefts"]
 
 
 def _solve_left(gram: Tensor, rhs: Tensor, rcond: float) -> Tensor:
@@ -251,7 +267,7 @@ def project_client(
     return weighted, proj
 
 
-class BStepMerger:
+class BStepMerger(_StreamingMerger):
     """LoRM B-step with A shared: streams Σ_k P_k and Σ_k B_k P_k (P_k = A G_k Aᵀ, r × r);
     ``merge()`` = (Σ_k B_k P_k)(Σ_k P_k)⁺. Never forms an out × in product.
 
@@ -271,14 +287,8 @@ class BStepMerger:
         names = _layer_names("shared_a", shared_a)
         for name in names:
             check_matrix(name, "shared_a", shared_a[name], (None, None))
+        super().__init__(dtype=dtype, rcond=rcond, device=_first_device(shared_a, device), validate=validate)
         self.shared_a = dict(shared_a)
-        self._sums = _SolveSums(dtype, rcond)
-        self._device, self.validate = _first_device(shared_a, device), validate
-        self.num_clients = 0
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.shared_a)
 
     def _prepare(self, factors_b: Mapping[str, Tensor]) -> list[str]:
         """Checks the B-shaped inputs; the first valid client allocates the sums."""
@@ -322,11 +332,6 @@ class BStepMerger:
         torch._foreach_add_(nums, [weighted[n].to(device, self._sums.dtype) for n in names])
         self.num_clients += 1
 
-    def merge(self) -> dict[str, Tensor]:
-        if self.num_clients == 0:
-            raise ValueError("BStepMerger: no clients were added, nothing to merge")
-        return self._sums.solve()
-
 
 def _times_gram(m: Tensor, gram: Tensor) -> Tensor:
     """m G, batched, for full (L, n, n) or diagonal (L, n) Grams."""
@@ -359,13 +364,15 @@ def low_rank_alternating(
     rank: int,
     *,
     init_a: Tensor | None = None,
+    constant: Tensor | float = 0.0,
     max_iters: int = 500,
     tol: float = 1e-12,
     rcond: float = DEFAULT_RCOND,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Alternating exact B- and A-steps toward the rank-``rank`` optimum, batched over layers
-    (reference.merge_adapters_ref). A layer stops when an A-step lowers its objective by at most
-    tol·|objective − c|; returns B, A and the excess objective (see ``excess_objective``) after each step."""
+    (reference.merge_adapters_ref, same stopping rule). ``constant`` is c per layer (see ``excess_objective``);
+    a layer stops when a step lowers its objective by at most tol·|previous objective|.
+    Returns B, A and the objective after each step (excess + constant)."""
     regmean = ops.psd_right_solve(numerator, gram, rcond)
     A = torch.linalg.svd(numerator, full_matrices=False)[2][..., :rank, :] if init_a is None else init_a.to(numerator)
     B = torch.zeros(*numerator.shape[:-1], rank, dtype=numerator.dtype, device=numerator.device)
@@ -376,9 +383,9 @@ def low_rank_alternating(
         A_next = _solve_left(B_next.mT @ B_next, B_next.mT @ regmean, rcond)
         step = active[..., None, None]
         B, A = torch.where(step, B_next, B), torch.where(step, A_next, A)
-        history.append(excess_objective(numerator, gram, B, A))
+        history.append(excess_objective(numerator, gram, B, A) + constant)
         if len(history) > 1:
-            active &= (history[-2] - history[-1]) > tol * history[-1].abs()
+            active &= (history[-2] - history[-1]) > tol * history[-2].abs()
         if not bool(active.any()):
             break
     return B, A, history
@@ -399,44 +406,54 @@ class AdapterMerger:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.rank = rank
-        self._sums = RegMeanMerger(**kwargs)
+        self._stream = RegMeanMerger(**kwargs)  # numerator N = Σ B_k (A_k G_k), denominator G = Σ G_k
         self.track_objective = track_objective
         self._constants: dict[str, Tensor] = {}
 
     @property
     def num_clients(self) -> int:
-        return self._sums.num_clients
+        return self._stream.num_clients
 
     def add_client(
         self, factors_b: Mapping[str, Tensor], factors_a: Mapping[str, Tensor], grams: Mapping[str, Tensor]
     ) -> None:
         for name, b in factors_b.items():
-            width = grams[name].shape[0] if name in grams and isinstance(grams[name], Tensor) else None
-            if min(b.shape[0], width or b.shape[0]) < self.rank:
-                raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({b.shape[0]} × {width})")
-        self._sums.add_client(factors_a, grams, lefts=factors_b)
+            gram = grams.get(name)
+            if isinstance(b, Tensor) and isinstance(gram, Tensor) and min(b.shape[0], gram.shape[0]) < self.rank:
+                raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({b.shape[0]} × {gram.shape[0]})")
+        self._stream.add_client(factors_a, grams, lefts=factors_b)
         if self.track_objective:
-            weighted, _ = project_client(factors_a, factors_b, grams, dtype=self._sums._sums.dtype)
-            for name in factors_b:
-                c = (factors_b[name].to(weighted[name]) * weighted[name]).sum().to(self._sums._sums.device)
-                self._constants[name] = self._constants.get(name, 0) + c
+            sums = self._stream._sums
+            weighted, _ = project_client(factors_a, factors_b, grams, dtype=sums.dtype)
+            for name, b in factors_b.items():
+                constant = (b.to(weighted[name]) * weighted[name]).sum().to(sums.device)
+                self._constants[name] = self._constants.get(name, 0) + constant
 
     def _groups(self):
         if self.num_clients == 0:
             raise ValueError("AdapterMerger: no clients were added, nothing to merge")
-        return self._sums._sums.groups.values()
+        return self._stream._sums.groups.values()
 
-    def merge(self, method: str = "alternating", **options) -> dict[str, tuple[Tensor, Tensor]]:
-        """{layer: (B, A)}; options go to ``low_rank_alternating`` (max_iters, tol, init_a)."""
+    def merge(
+        self, method: str = "alternating", *, init_a: Mapping[str, Tensor] | None = None, **options
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer: (B, A)}. ``init_a`` ({layer: rank × in}) starts the alternation; other options
+        (max_iters, tol) go to ``low_rank_alternating``."""
         if method not in self.METHODS:
             raise ValueError(f"unknown merge method {method!r}; choose one of {self.METHODS}")
-        rcond = self._sums._sums.rcond
+        if init_a is not None:
+            check_layer_names(self._stream.layers, init_a, "init_a")
+        rcond = self._stream._sums.rcond
         out = {}
         for group in self._groups():
             if method == "exact":
                 B, A = low_rank_exact(group.numerators, group.denominators, self.rank, rcond)
             else:
-                B, A, _ = low_rank_alternating(group.numerators, group.denominators, self.rank, rcond=rcond, **options)
+                start = None if init_a is None else torch.stack([init_a[n] for n in group.names])
+                constant = torch.stack([self._constants[n] for n in group.names]) if self.track_objective else 0.0
+                B, A, _ = low_rank_alternating(
+                    group.numerators, group.denominators, self.rank, init_a=start, constant=constant, rcond=rcond, **options
+                )
             out.update({name: (B[i], A[i]) for i, name in enumerate(group.names)})
         return out
 
@@ -444,7 +461,7 @@ class AdapterMerger:
         """Σ_k ‖X_k (B A − B_k A_k)ᵀ‖² per layer for candidate factors {layer: (B, A)}, from the sums alone."""
         if not self.track_objective:
             raise ValueError("objective needs AdapterMerger(track_objective=True)")
-        check_layer_names(self._sums.layers, factors, "factors")
+        check_layer_names(self._stream.layers, factors, "factors")
         out = {}
         for group in self._groups():
             for i, name in enumerate(group.names):

@@ -2,8 +2,7 @@
 //
 // Full Grams: the upper triangle of (tile_i, tile_j) blocks is split over threads with at::parallel_for;
 // each task runs single-threaded BLAS GEMMs over row chunks into a private tile, then adds the tile and its
-// transpose into G. Half the FLOPs of a full XᵀX, and the lower triangle gets exactly the update the upper
-// one gets. Diagonal Grams: column sums of squares accumulated in double, one column range per task.
+// transpose into G. Half the FLOPs of a full XᵀX, and the update is exactly symmetric: a symmetric G stays so. Diagonal Grams: column sums of squares accumulated in double, one column range per task.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -47,10 +46,13 @@ void accumulate_full(const at::Tensor& gram, const at::Tensor& x) {
         const at::Tensor xj = bi == bj ? xi : chunk.narrow(1, j0, tj).to(dtype);
         block.addmm_(xi.t(), xj);
       }
-      gram.narrow(0, i0, ti).narrow(1, j0, tj).add_(block);
-      if (bi != bj) {
+      if (bi == bj) {
+        // GEMM rounding may differ between (a, b) and (b, a): mirror the upper half so the update is symmetric.
+        block = at::triu(block) + at::triu(block, 1).t();
+      } else {
         gram.narrow(0, j0, tj).narrow(1, i0, ti).add_(block.t());
       }
+      gram.narrow(0, i0, ti).narrow(1, j0, tj).add_(block);
     }
   });
 }
