@@ -1,0 +1,35 @@
+# Quickstart: `make run` (set up, build, run the main job) and `make test` (set up, build, run the tests).
+# Everything lives in .venv; the extension builds against the torch installed there.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CUDA sources compile whenever torch is a CUDA build and nvcc is found (see setup.py, LORM_EXT_CUDA).
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
+
+.PHONY: setup build run test bench clean
+
+$(VENV)/.requirements: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# The editable install puts lorm_ext/_C*.so next to the sources; rebuilt when a source changes.
+$(VENV)/.built: $(VENV)/.requirements $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+build: setup
+
+run: setup
+	$(PY) -m lorm_ext.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build lorm_ext/_C*.so *.egg-info $(VENV)/.built
