@@ -60,6 +60,7 @@ _IGNORED_FIELDS = {
     "megatron_core",
     "qalora_group_size",
     "ensure_weight_tying",
+    "runtime_config",
 }
 # Features whose saved weights or forward pass are not ΔW = s · B A on a linear layer: accepted only when off.
 _OFF_VALUES = {
@@ -150,13 +151,20 @@ def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
             "update of the base model; save the adapter converted to plain LoRA "
             "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
-    for field in ("r", "lora_alpha"):
+    for field, kinds in (("r", int), ("lora_alpha", (int, float))):
         value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterFileError(path, f"{field} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            raise AdapterFileError(path, f"{field} must be a positive {'integer' if kinds is int else 'number'}, "
+                                   f"got {value!r}")
     for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, Mapping):
-            raise AdapterFileError(path, f"{field} must be a mapping of module patterns, got {config[field]!r}")
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, Mapping):
+            raise AdapterFileError(path, f"{field} must be a mapping of module patterns, got {patterns!r}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise AdapterFileError(path, f"{field} key {pattern!r} is not a regular expression: {err}") from None
 
 
 def _read_json(path: Path) -> dict:

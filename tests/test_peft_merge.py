@@ -270,6 +270,8 @@ KEY = "base_model.model.blocks.1.fc2.lora_{}.weight"
         ({"init_lora_weights": "pissa"}, None, "changes the base model's weights"),
         ({"peft_type": "IA3"}, None, "only LORA adapters"),
         ({"r": 5}, None, "module 'blocks.0.fc1': rank mismatch: the config gives r=5"),
+        ({"r": 4.0}, None, "r must be a positive integer, got 4.0"),
+        ({"alpha_pattern": {"fc(": 3}}, None, r"alpha_pattern key 'fc\(' is not a regular expression"),
         (None, {KEY.format("B"): None}, "module 'blocks.1.fc2': lora_B.weight is missing"),
         (None, {KEY.format("A"): torch.full((RANK, 2 * WIDTH), float("nan"))}, "'blocks.1.fc2': .*NaN"),
         (None, {"base_model.model.head.modules_to_save.weight": torch.zeros(3, 8)}, "unexpected key"),
