@@ -100,7 +100,9 @@ def run_peft(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorm-merge", description="Merge PEFT LoRA adapters with LoRM, and collect the Grams it needs.")
+    parser = argparse.ArgumentParser(
+        prog="lorm-merge", description="Merge PEFT LoRA adapters with LoRM, and collect the Grams it needs."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     peft = commands.add_parser("peft", help="merge PEFT LoRA adapters into one (LoRM closed form) and score methods")
