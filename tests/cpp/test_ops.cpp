@@ -75,7 +75,8 @@ void test_gram_accumulate(const at::Device device) {
   expect_close("gram_accumulate_ full, bf16 -> fp32" + where, grams[0], g0_full + xf.t().mm(xf), 1e-5, 1e-5);
   expect_close(
       "gram_accumulate_ diagonal, bf16 -> fp32" + where, grams[1], g0_diag + xd.square().sum(0), 1e-5, 1e-5);
-  expect_close("gram_accumulate_ full, strided fp32 -> fp64" + where, grams[2], g0_double + xs.t().mm(xs), 1e-12, 0);
+  expect_close(
+      "gram_accumulate_ full, strided fp32 -> fp64" + where, grams[2], g0_double + xs.t().mm(xs), 1e-12, 0);
 }
 
 // rhs @ pinv(G) for a batch of one well-conditioned SPD Gram and one of rank 5 (the eigendecomposition
@@ -100,7 +101,8 @@ void test_psd_right_solve(const at::Device device) {
       "psd_right_solve singular (rank 5)" + where, out[1],
       rhs[1].mm(at::linalg_pinv(singular, rcond, /*hermitian=*/true)), 1e-8, 0);
 
-  const at::Tensor diagonal = at::rand({n}, f64).add_(0.5).index_fill_(0, at::arange(0, n, 3, f64.dtype(at::kLong)), 0.0);
+  const at::Tensor dead = at::arange(0, n, 3, f64.dtype(at::kLong));
+  const at::Tensor diagonal = at::rand({n}, f64).add_(0.5).index_fill_(0, dead, 0.0);
   expect_close(
       "psd_right_solve diagonal with zeros" + where, psd_right_solve(rhs[0], diagonal, rcond),
       rhs[0].mm(at::linalg_pinv(at::diag(diagonal), rcond, /*hermitian=*/true)), 1e-12, 0);
