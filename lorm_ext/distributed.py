@@ -14,7 +14,7 @@ a bad process cannot leave the others waiting. See docs/distributed.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -115,20 +115,6 @@ def _unflatten(leaves: Mapping[_Key, object]) -> dict:
     return state
 
 
-def _adapter_merger_state(merger: AdapterMerger) -> tuple[Callable[[], dict], Callable[[dict], None]]:
-    """Stand-in for AdapterMerger.state_dict / load_state_dict, which merge.py does not have yet: its
-    RegMeanMerger stream (N = Σ B_k A_k G_k, G = Σ G_k, num_clients) and its objective constants."""
-
-    def get() -> dict:
-        return {"stream": merger._stream.state_dict(), "constants": dict(merger._constants)}
-
-    def load(state: dict) -> None:
-        merger._stream.load_state_dict(state["stream"])
-        merger._constants = dict(state.get("constants", {}))  # absent without track_objective
-
-    return get, load
-
-
 def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, group=None, *, device=None) -> None:
     """Sum a merger's running sums and client count over the processes of ``group``, in place.
 
@@ -139,17 +125,15 @@ def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, grou
     clients creates its zeros (default: the current CUDA device under NCCL, else the CPU).
     """
     if isinstance(merger, AdapterMerger):
-        get_state, load_state = _adapter_merger_state(merger)
         config: Hashable = ("AdapterMerger", merger.rank, merger.track_objective)
     elif isinstance(merger, (RegMeanMerger, BStepMerger)):
-        get_state, load_state = merger.state_dict, merger.load_state_dict
         shared = getattr(merger, "shared_a", None) or getattr(merger, "shared_b", None) or {}
         config = (type(merger).__name__, tuple((n, tuple(t.shape)) for n, t in sorted(shared.items())))
     else:
         raise TypeError(f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, BStepMerger or AdapterMerger, "
                         f"got {type(merger).__name__}")
     device = _collective_device(group, device)
-    leaves = _flatten(get_state())
+    leaves = _flatten(merger.state_dict())
     local = {path: value for path, value in leaves.items() if isinstance(value, Tensor)}
     has_clients = bool(local)
     counts = [path for path in leaves if path[-1] == "num_clients"]
@@ -163,4 +147,4 @@ def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, grou
     if not summed:  # no process had a client: nothing to add
         return
     state = {path: int(t.item()) if path in counts else t for path, t in summed.items()} | dict(agreed)
-    load_state(_unflatten(state))
+    merger.load_state_dict(_unflatten(state))

@@ -88,6 +88,8 @@ class _SolveSums:
 
     def load_state_dict(self, state: Mapping[str, Tensor], device=None) -> None:
         names = [k.removesuffix(".numerator") for k in state if k.endswith(".numerator")]
+        if not names:  # the state of a merger that had no client yet
+            return
         if self.allocated:
             check_layer_names(self.slots, dict.fromkeys(names), "load_state_dict")
         else:
@@ -428,6 +430,14 @@ class AdapterMerger:
             for name, b in factors_b.items():
                 constant = (b.to(weighted[name]) * weighted[name]).sum().to(sums.device)
                 self._constants[name] = self._constants.get(name, 0) + constant
+
+    def state_dict(self) -> dict:
+        """The stream's sums and client count, and the objective constants (views, not copies)."""
+        return {"stream": self._stream.state_dict(), "constants": dict(self._constants)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._stream.load_state_dict(state["stream"])
+        self._constants = dict(state.get("constants", {}))  # absent without track_objective
 
     def _groups(self):
         if self.num_clients == 0:

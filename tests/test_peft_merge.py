@@ -6,7 +6,6 @@ data; the merged adapter is loaded back with PEFT and its outputs compared with 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
