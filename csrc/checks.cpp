@@ -49,6 +49,13 @@ bool is_diagonal_gram(const at::Tensor& gram) {
   return gram.dim() == 1;
 }
 
+void check_gram_stats_args(const at::Tensor& gram) {
+  constexpr const char* op = "lorm_ext::gram_stats";
+  check_input(gram, op, "gram", 0);
+  check_gram_shape(gram, op, "gram", 0);
+  TORCH_CHECK(gram.numel() > 0, op, ": gram is empty");
+}
+
 void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
   constexpr const char* op = "lorm_ext::gram_accumulate_";
   check_lengths(grams.size(), inputs.size(), op, "inputs");

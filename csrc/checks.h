@@ -10,6 +10,9 @@ namespace lorm_ext {
 // A Gram is float32/float64, contiguous, and either (n, n) or (n,) (diagonal-only).
 bool is_diagonal_gram(const at::Tensor& gram);
 
+// gram_stats: a non-empty (n, n) or (n,) floating-point Gram.
+void check_gram_stats_args(const at::Tensor& gram);
+
 // gram_accumulate_: grams[i] (n, n) or (n,); inputs[i] (..., n) floating point; same device.
 void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs);
 

@@ -20,6 +20,10 @@ TORCH_LIBRARY(lorm_ext, m) {
       "projected_accumulate_(Tensor(a!)[] projection_sums, Tensor(b!)[] weighted_sums, Tensor[] grams, "
       "Tensor[] shared_factors, Tensor[] factors) -> ()");
 
+  // Validation statistics of a Gram in one read: [max |G_ij − G_ji|, min diag, max diag, number of
+  // non-finite entries] as float64 (a 1-D Gram is its own diagonal).
+  m.def("gram_stats(Tensor gram) -> Tensor");
+
   // rhs @ pinv(gram), batched over leading dims, for a symmetric PSD gram (..., n, n) or a diagonal (..., n).
   // Cholesky first; entries where it fails or is numerically singular fall back to an eigendecomposition
   // pseudo-inverse that drops eigenvalues with |λ| <= rcond·max|λ| (torch.pinverse's rule).

@@ -68,6 +68,14 @@ def projected_accumulate_(
     )
 
 
+def gram_stats(gram: Tensor) -> Tensor:
+    """[max |G_ij − G_ji|, min diag(G), max diag(G), number of non-finite entries] in one read of G (float64).
+
+    Non-finite entries are left out of the other three. A 1-D Gram is a diagonal: its asymmetry is 0.
+    """
+    return _ops.gram_stats(gram.detach())
+
+
 def psd_right_solve(rhs: Tensor, gram: Tensor, rcond: float = DEFAULT_RCOND) -> Tensor:
     """rhs @ pinv(gram) for symmetric PSD Grams, batched: rhs (..., m, n) with gram (..., n, n) or diagonal (..., n).
 
@@ -91,6 +99,11 @@ def _gram_weighted_accumulate_fake(gram_sums, weighted_sums, grams, factors, lef
 @torch.library.register_fake("lorm_ext::projected_accumulate_")
 def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_factors, factors):
     return None
+
+
+@torch.library.register_fake("lorm_ext::gram_stats")
+def _gram_stats_fake(gram):
+    return gram.new_empty(4, dtype=torch.float64)
 
 
 @torch.library.register_fake("lorm_ext::psd_right_solve")

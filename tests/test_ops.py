@@ -131,6 +131,32 @@ def test_merge_accumulators_batch_many_layers_of_mixed_shapes(device):
         assert_rel_close(w, ref.times_gram_ref(f, g), 1e-12)
 
 
+def gram_stats_truth(gram: torch.Tensor) -> list[float]:
+    g = gram.double().cpu()
+    finite = torch.isfinite(g)
+    diag = g if g.dim() == 1 else torch.diagonal(g)
+    asymmetry = 0.0 if g.dim() == 1 else (g - g.T)[finite & finite.T].abs().max().item()
+    kept = diag[torch.isfinite(diag)]
+    return [asymmetry, kept.min().item(), kept.max().item(), float((~finite).sum())]
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("n", [1, 31, 129, 300])
+def test_gram_stats_matches_reference(device, dtype, n):
+    gram = random_gram(n, n + 3, device=device).to(dtype)
+    assert ops.gram_stats(gram).tolist() == [0.0, *gram_stats_truth(gram)[1:3], 0.0]
+    broken = gram.clone()
+    broken[n // 2, n - 1] += 3  # asymmetric
+    broken[n - 1, n - 1] = -1  # negative diagonal
+    if n > 1:
+        broken[0, n // 3] = float("nan")
+        broken[n // 3, n // 3] = float("inf")
+    stats = ops.gram_stats(broken).tolist()
+    assert stats == pytest.approx(gram_stats_truth(broken), rel=1e-12)
+    diagonal = torch.diagonal(broken).contiguous()
+    assert ops.gram_stats(diagonal).tolist() == pytest.approx(gram_stats_truth(diagonal), rel=1e-12)
+
+
 class TestPsdRightSolve:
     def check(self, rhs, gram, rcond=ref.DEFAULT_RCOND, rel=1e-9):
         out = ops.psd_right_solve(rhs, gram, rcond)
@@ -187,10 +213,13 @@ def opcheck_samples(device):
             ([torch.zeros(4, 4, device=device)], [torch.zeros(9, 4, device=device)], [g], [f], [torch.randn(9, 4, device=device)])
         ],
         "psd_right_solve": [(torch.randn(2, 3, 20, device=device), torch.stack([g, g]).double(), 1e-15)],
+        "gram_stats": [(g,), (torch.diagonal(g).contiguous(),)],
     }
 
 
-@pytest.mark.parametrize("name", ["gram_accumulate_", "gram_weighted_accumulate_", "projected_accumulate_", "psd_right_solve"])
+@pytest.mark.parametrize(
+    "name", ["gram_accumulate_", "gram_weighted_accumulate_", "projected_accumulate_", "gram_stats", "psd_right_solve"]
+)
 def test_opcheck(device, name):
     op = getattr(torch.ops.lorm_ext, name).default
     for args in opcheck_samples(device)[name]:
@@ -237,6 +266,12 @@ class TestBadInputs:
         self.expect_error(call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_factors[0] must be (r, 4)")
         self.expect_error(call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors[0] must be (m, 2)")
         self.expect_error(call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)")
+
+    def test_gram_stats(self, device):
+        call = lambda g: lambda: ops.gram_stats(g)  # noqa: E731
+        self.expect_error(call(torch.zeros(0, 0, device=device)), [], "lorm_ext::gram_stats: gram is empty")
+        self.expect_error(call(torch.zeros(3, 4, device=device)), [], "gram[0] must be a square")
+        self.expect_error(call(torch.zeros(3, 3, dtype=torch.long, device=device)), [], "must be float16, bfloat16")
 
     def test_psd_right_solve(self, device):
         g = random_gram(4, 6, device=device)
