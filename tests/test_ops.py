@@ -279,3 +279,19 @@ class TestBadInputs:
         self.expect_error(call(torch.randn(3, 5, device=device), g), [], "rhs has 5 columns but gram is for 4")
         self.expect_error(call(torch.randn(3, 4, device=device), g.long()), [], "gram must be float32 or float64")
         self.expect_error(call(torch.randn(2, 3, 4, device=device), torch.stack([g, g, g])), [], "batch dims differ")
+
+
+def test_ops_trace_under_torch_compile(device):
+    """The fake kernels let dynamo trace the ops into one graph (no graph break)."""
+
+    def step(gram, x, rhs):
+        ops.gram_accumulate_([gram], [x])
+        return ops.psd_right_solve(rhs, gram.double()[None])
+
+    gram = torch.eye(12, device=device)
+    x = torch.randn(40, 12, device=device)
+    rhs = torch.randn(1, 3, 12, device=device, dtype=torch.float64)
+    expected = ops.psd_right_solve(rhs, (gram + ref.gram_ref(x)).double()[None])
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(gram, x, rhs)
+    assert_rel_close(out, expected, 1e-9)
+    assert_rel_close(gram, torch.eye(12, device=device) + ref.gram_ref(x), REL_TOL[torch.float32])
