@@ -1,0 +1,172 @@
+// The interface between the host side of the CUDA ops (ops_cuda.cu, which sees torch) and the kernels
+// (gram_kernel.cu, merge_kernel.cu, which see only CUDA headers, so nvcc compiles them quickly): POD launch
+// parameters and explicitly instantiated launchers, as in Dao-AILab/causal-conv1d.
+//
+// Grouped launches: the host fills one descriptor per layer with `first_block` increasing from 0, and the
+// kernel's 1-D grid assigns block b to the last descriptor whose first_block <= b. Descriptors travel by
+// value in the kernel parameters (CUDA >= 12.1 allows 32 KiB on sm_70+): no host-to-device copy, and the
+// launches can be captured in CUDA graphs. Longer lists take several launches.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lorm_ext::cuda {
+
+// Every kernel of the extension runs 256-thread blocks; the tile shapes are written for that.
+constexpr int kThreads = 256;
+// Descriptors per launch: about 10 KiB of kernel parameters (static_asserts below).
+constexpr int kMaxItems = 128;
+// CUDA's limit on a kernel's parameters (CUDA >= 12.1, sm_70 and newer).
+constexpr size_t kMaxParamBytes = 32764;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// 16-bit input types as raw bits (the same layout as at::Half / at::BFloat16).
+struct Half16 {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// ------------------------------------------------------------------------------------------ Gram
+
+enum class GramKernel : int {
+  TensorCore,  // half/bfloat16 X into a float32 G: mma.sync, 128 × 128 tiles
+  Simt,        // everything else into a full G: FMA in G's dtype, 64 × 64 tiles
+  Diagonal,    // 1-D G: column sums of squares
+};
+
+// Tile side (features) and rows per main-loop step of each Gram kernel; row splits are multiples of the
+// latter. For the diagonal kernel a "tile" is a block of columns, and a step one row per row lane.
+struct GramShape {
+  int tile;
+  int row_step;
+  bool triangle;  // only tiles (ti <= tj) are scheduled
+};
+constexpr GramShape kTensorCoreShape{128, 32, true};
+constexpr GramShape kSimtShape{64, 16, true};
+constexpr GramShape kDiagonalShape{32, kThreads / 32, false};
+
+constexpr GramShape gram_shape(GramKernel kernel) {
+  return kernel == GramKernel::TensorCore ? kTensorCoreShape
+      : kernel == GramKernel::Simt        ? kSimtShape
+                                          : kDiagonalShape;
+}
+
+struct GramPair {
+  void* gram;          // acc_t, contiguous (n, n), or (n,) for the diagonal kernel
+  const void* x;       // input_t, (rows, n) with strides (stride_row, stride_col) in elements
+  int64_t rows;
+  int64_t n;
+  int64_t stride_row;
+  int64_t stride_col;
+  int64_t rows_per_split;  // a multiple of the kernel's row_step
+  int64_t first_block;
+  int32_t tiles;           // tiles per side
+  int32_t split_tiles;     // blocks per row split: tiles (tiles + 1) / 2, or tiles for the diagonal kernel
+  int32_t vector_loads;    // 16-byte loads are legal: unit column stride, 16-byte aligned rows
+};
+
+struct GramParams {
+  int count;
+  bool atomic;  // another block may add to the same element of G (row splits, or grams sharing memory)
+  GramPair items[kMaxItems];
+};
+static_assert(sizeof(GramParams) <= kMaxParamBytes, "GramParams must fit in a kernel's parameters");
+
+// Launchers, instantiated for input_t in {Half16, BFloat16, float, double} and acc_t in {float, double};
+// `kernel` must be TensorCore only for 16-bit inputs with acc_t = float.
+template <typename input_t, typename acc_t>
+struct GramLaunch {
+  static cudaError_t resident_blocks(GramKernel kernel, int* blocks_per_sm);
+  static cudaError_t launch(GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream);
+};
+
+// ------------------------------------------------------------------------------------------ merge
+
+constexpr int kPanelColumns = 64;  // Gram columns per block of the panel kernel
+constexpr int kPanelChunk = 16;    // factor rows per pass of the panel kernel over a Gram
+
+// What the panel kernel does with (F G) for its columns.
+enum PanelOut : int32_t {
+  kAddToOut = 0,         // out (p, n) += F G
+  kStoreToOut = 1,       // out (p, n) = F G, a workspace
+  kProjectPartials = 2,  // out[panel] (p, p) = (F G)[:, panel] F[:, panel]ᵀ with F = A, a workspace
+};
+
+struct PanelLayer {
+  const void* gram;  // input_t: (n, n) with strides (stride0, stride1), or diagonal (n,) with stride0
+  int64_t stride0;
+  int64_t stride1;
+  void* gram_sum;    // acc_t, contiguous, shaped like gram; nullptr when no Gram sum is kept
+  const void* factor;  // acc_t (p, n), contiguous
+  void* out;         // acc_t, see PanelOut
+  int64_t n;
+  int64_t p;
+  int64_t first_block;
+  int32_t diagonal;
+};
+
+struct PanelParams {
+  int count;
+  bool atomic;
+  int32_t mode;  // PanelOut
+  PanelLayer items[kMaxItems];
+};
+static_assert(sizeof(PanelParams) <= kMaxParamBytes, "PanelParams must fit in a kernel's parameters");
+
+// P = the sum of one layer's per-panel partials in panel order; sum += P; projection = P.
+struct ReduceLayer {
+  const void* partials;  // acc_t [panels][r][r]
+  void* sum;             // acc_t (r, r)
+  void* projection;      // acc_t (r, r), a workspace
+  int64_t elements;      // r * r
+  int64_t panels;
+  int64_t first_block;
+};
+
+struct ReduceParams {
+  int count;
+  bool atomic;
+  ReduceLayer items[kMaxItems];
+};
+static_assert(sizeof(ReduceParams) <= kMaxParamBytes, "ReduceParams must fit in a kernel's parameters");
+
+// out (m, w) += left (m, p) @ mid (p, w); all contiguous in acc_t.
+struct ProductLayer {
+  const void* left;
+  const void* mid;
+  void* out;
+  int64_t m;
+  int64_t p;
+  int64_t w;
+  int64_t first_block;
+};
+
+struct ProductParams {
+  int count;
+  bool atomic;
+  ProductLayer items[kMaxItems];
+};
+static_assert(sizeof(ProductParams) <= kMaxParamBytes, "ProductParams must fit in a kernel's parameters");
+
+// Instantiated for input_t in {Half16, BFloat16, float, double} and acc_t in {float, double}.
+template <typename input_t, typename acc_t>
+struct PanelLaunch {
+  static cudaError_t launch(const PanelParams& params, int64_t blocks, cudaStream_t stream);
+};
+
+// Instantiated for acc_t in {float, double}.
+template <typename acc_t>
+struct FinishLaunch {
+  static cudaError_t reduce(const ReduceParams& params, int64_t blocks, cudaStream_t stream);
+  static cudaError_t product(const ProductParams& params, int64_t blocks, cudaStream_t stream);
+};
+
+}  // namespace lorm_ext::cuda

@@ -1,0 +1,406 @@
+// Host side of the CUDA ops: checks, grouping of the list entries into launches, scheduling, workspaces and
+// registration. The kernels are in gram_kernel.cu and merge_kernel.cu (interface: kernels.cuh).
+//
+// This file has no device code. The guard keeps the torch headers out of nvcc's device passes, which would
+// otherwise parse them once per GPU architecture (most of the build time of a .cu that includes torch).
+#ifndef __CUDA_ARCH__
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "kernels.cuh"
+
+namespace lorm_ext::cuda {
+namespace {
+
+#define LORM_EXT_DISPATCH_INPUT(TYPE, NAME, ...)                              \
+  [&] {                                                                       \
+    switch (TYPE) {                                                           \
+      case at::kHalf: {                                                       \
+        using input_t = Half16;                                               \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      case at::kBFloat16: {                                                   \
+        using input_t = BFloat16;                                             \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      case at::kFloat: {                                                      \
+        using input_t = float;                                                \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      case at::kDouble: {                                                     \
+        using input_t = double;                                               \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      default:                                                                \
+        TORCH_CHECK(false, NAME, ": unsupported input dtype ", TYPE);         \
+    }                                                                         \
+  }()
+
+#define LORM_EXT_DISPATCH_ACC(TYPE, NAME, ...)                                \
+  [&] {                                                                       \
+    switch (TYPE) {                                                           \
+      case at::kFloat: {                                                      \
+        using acc_t = float;                                                  \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      case at::kDouble: {                                                     \
+        using acc_t = double;                                                 \
+        return __VA_ARGS__();                                                 \
+      }                                                                       \
+      default:                                                                \
+        TORCH_CHECK(false, NAME, ": unsupported accumulator dtype ", TYPE);   \
+    }                                                                         \
+  }()
+
+// The dispatcher picks these kernels when any entry is on a GPU, and the shared checks only compare devices
+// within an entry, so a list mixing CPU and GPU entries is refused here.
+void check_on_cuda(at::TensorList tensors, const char* op, const char* name) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        tensors[i].is_cuda(), op, ": ", name, "[", i, "] is on ", tensors[i].device(),
+        "; the CUDA implementation needs every entry on a CUDA device");
+  }
+}
+
+// Whether any two tensors share bytes: then blocks of one launch may add to the same accumulator element.
+bool any_overlap(const std::vector<at::Tensor>& tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const auto& t : tensors) {
+    if (t.numel() > 0) {
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      ranges.emplace_back(begin, begin + t.nbytes());
+    }
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].first < ranges[i - 1].second) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Launches `launch(params, blocks)` for the items with at least one block, kMaxItems per launch, numbering
+// each launch's blocks from 0. `params` carries the launch-wide fields.
+template <typename Params, typename Item, typename BlocksOf, typename Launch>
+void launch_items(
+    const std::vector<Item>& items, Params params, BlocksOf blocks_of, Launch launch, const char* op) {
+  std::vector<Item> busy;
+  for (const auto& item : items) {
+    if (blocks_of(item) > 0) {
+      busy.push_back(item);
+    }
+  }
+  for (size_t begin = 0; begin < busy.size(); begin += kMaxItems) {
+    const size_t end = std::min(busy.size(), begin + kMaxItems);
+    int64_t blocks = 0;
+    for (size_t i = begin; i < end; ++i) {
+      params.items[i - begin] = busy[i];
+      params.items[i - begin].first_block = blocks;
+      blocks += blocks_of(busy[i]);
+    }
+    params.count = static_cast<int>(end - begin);
+    TORCH_CHECK(blocks <= INT32_MAX, op, ": too much work for one launch (", blocks, " blocks)");
+    C10_CUDA_CHECK(launch(params, blocks));
+  }
+}
+
+void* element_ptr(const at::Tensor& t, int64_t offset) {
+  return static_cast<char*>(t.mutable_data_ptr()) + offset * t.element_size();
+}
+
+// -------------------------------------------------------------------------------------- gram_accumulate_
+
+// A tile split over more rows than this would spend as long adding into G as computing.
+constexpr int64_t kMinRowsPerSplit = 256;
+
+struct GramJob {
+  at::Tensor gram;
+  at::Tensor x;  // (rows, n)
+};
+
+// One descriptor per job. Rows are split (by the same factor for every pair of the launch) only as far as
+// needed for about two waves of resident blocks; `split` reports whether any pair was.
+std::vector<GramPair> schedule(const std::vector<GramJob>& jobs, GramShape shape, int64_t target_blocks, bool& split) {
+  int64_t tiles_total = 0;
+  for (const auto& job : jobs) {
+    const int64_t t = ceil_div(job.gram.size(0), shape.tile);
+    tiles_total += shape.triangle ? t * (t + 1) / 2 : t;
+  }
+  const int64_t splits_wanted = std::max<int64_t>(1, ceil_div(target_blocks, std::max<int64_t>(tiles_total, 1)));
+  std::vector<GramPair> pairs;
+  for (const auto& job : jobs) {
+    GramPair p{};
+    p.gram = job.gram.mutable_data_ptr();
+    p.x = job.x.const_data_ptr();
+    p.rows = job.x.size(0);
+    p.n = job.x.size(1);
+    p.stride_row = job.x.stride(0);
+    p.stride_col = job.x.stride(1);
+    const int64_t t = ceil_div(p.n, shape.tile);
+    p.tiles = static_cast<int32_t>(t);
+    p.split_tiles = static_cast<int32_t>(shape.triangle ? t * (t + 1) / 2 : t);
+    const int64_t splits = std::min(splits_wanted, std::max<int64_t>(1, p.rows / kMinRowsPerSplit));
+    p.rows_per_split = ceil_div(ceil_div(p.rows, splits), shape.row_step) * shape.row_step;
+    split = split || p.rows_per_split < p.rows;
+    p.vector_loads = p.stride_col == 1 && p.stride_row % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+    pairs.push_back(p);
+  }
+  return pairs;
+}
+
+GramKernel gram_kernel_for(const at::Tensor& gram, const at::Tensor& x) {
+  if (is_diagonal_gram(gram)) {
+    return GramKernel::Diagonal;
+  }
+  const bool half_input = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  return half_input && gram.scalar_type() == at::kFloat ? GramKernel::TensorCore : GramKernel::Simt;
+}
+
+template <typename Launch>
+void launch_gram_group(GramKernel kernel, const std::vector<GramJob>& jobs, const char* op) {
+  const c10::Device device = jobs.front().gram.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(Launch::resident_blocks(kernel, &per_sm));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  bool split = false;
+  const auto pairs = schedule(jobs, gram_shape(kernel), 2 * int64_t{std::max(per_sm, 1)} * sms, split);
+  std::vector<at::Tensor> grams;
+  for (const auto& job : jobs) {
+    grams.push_back(job.gram);
+  }
+  GramParams params{};
+  params.atomic = split || any_overlap(grams);
+  launch_items(
+      pairs, params,
+      [](const GramPair& p) { return ceil_div(p.rows, p.rows_per_split) * p.split_tiles; },
+      [&](const GramParams& prm, int64_t blocks) { return Launch::launch(kernel, prm, blocks, stream); }, op);
+}
+
+void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
+  constexpr const char* op = "lorm_ext::gram_accumulate_";
+  check_gram_accumulate_args(grams, inputs);
+  check_on_cuda(grams, op, "grams");
+  // One group of launches per (kernel, input dtype, Gram dtype, device); list order is kept within a group.
+  std::map<std::tuple<int, int, int, int>, std::vector<GramJob>> groups;
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const at::Tensor gram = grams[i].detach();
+    const int64_t n = gram.size(0);
+    if (n == 0 || inputs[i].numel() == 0) {
+      continue;
+    }
+    // A view whenever X's strides allow one; otherwise a copy in X's own dtype (never an upcast copy).
+    const at::Tensor x = inputs[i].detach().reshape({-1, n});
+    const GramKernel kernel = gram_kernel_for(gram, x);
+    const auto key = std::make_tuple(
+        static_cast<int>(kernel), static_cast<int>(x.scalar_type()), static_cast<int>(gram.scalar_type()),
+        static_cast<int>(gram.device().index()));
+    groups[key].push_back({gram, x});
+  }
+  for (const auto& [key, jobs] : groups) {
+    const auto kernel = static_cast<GramKernel>(std::get<0>(key));
+    LORM_EXT_DISPATCH_INPUT(jobs.front().x.scalar_type(), op, [&] {
+      LORM_EXT_DISPATCH_ACC(jobs.front().gram.scalar_type(), op, [&] {
+        launch_gram_group<GramLaunch<input_t, acc_t>>(kernel, jobs, op);
+      });
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------- merge ops
+
+int64_t panels_of(int64_t n) {
+  return ceil_div(n, kPanelColumns);
+}
+
+PanelLayer panel_layer(const at::Tensor& gram, void* gram_sum, const at::Tensor& factor, void* out) {
+  PanelLayer l{};
+  l.gram = gram.const_data_ptr();
+  l.diagonal = is_diagonal_gram(gram);
+  l.stride0 = gram.stride(0);
+  l.stride1 = l.diagonal ? 0 : gram.stride(1);
+  l.gram_sum = gram_sum;
+  l.factor = factor.const_data_ptr();
+  l.out = out;
+  l.n = gram.size(0);
+  l.p = factor.size(0);
+  return l;
+}
+
+template <typename input_t, typename acc_t>
+void launch_panels(std::vector<PanelLayer> layers, PanelOut mode, bool atomic, cudaStream_t stream, const char* op) {
+  // Widest Grams (most rows walked per block) first, so that they do not form the last wave.
+  auto work = [](const PanelLayer& l) { return l.n * ceil_div(std::max<int64_t>(l.p, 1), kPanelChunk); };
+  std::stable_sort(layers.begin(), layers.end(), [&](const auto& a, const auto& b) { return work(a) > work(b); });
+  PanelParams params{};
+  params.atomic = atomic;
+  params.mode = mode;
+  launch_items(
+      layers, params, [](const PanelLayer& l) { return panels_of(l.n); },
+      [&](const PanelParams& prm, int64_t blocks) { return PanelLaunch<input_t, acc_t>::launch(prm, blocks, stream); },
+      op);
+}
+
+template <typename acc_t>
+void launch_products(const std::vector<ProductLayer>& layers, bool atomic, cudaStream_t stream, const char* op) {
+  ProductParams params{};
+  params.atomic = atomic;
+  launch_items(
+      layers, params, [](const ProductLayer& l) { return ceil_div(l.m * l.w, kThreads); },
+      [&](const ProductParams& prm, int64_t blocks) { return FinishLaunch<acc_t>::product(prm, blocks, stream); },
+      op);
+}
+
+template <typename acc_t>
+void launch_reductions(const std::vector<ReduceLayer>& layers, bool atomic, cudaStream_t stream, const char* op) {
+  ReduceParams params{};
+  params.atomic = atomic;
+  launch_items(
+      layers, params, [](const ReduceLayer& l) { return ceil_div(l.elements, kThreads); },
+      [&](const ReduceParams& prm, int64_t blocks) { return FinishLaunch<acc_t>::reduce(prm, blocks, stream); },
+      op);
+}
+
+// Layer indices grouped by (device, Gram dtype, accumulator dtype): one set of launches per group.
+std::map<std::tuple<int, int, int>, std::vector<size_t>> group_layers(at::TensorList grams, at::TensorList sums) {
+  std::map<std::tuple<int, int, int>, std::vector<size_t>> groups;
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const auto key = std::make_tuple(
+        static_cast<int>(sums[i].device().index()), static_cast<int>(grams[i].scalar_type()),
+        static_cast<int>(sums[i].scalar_type()));
+    groups[key].push_back(i);
+  }
+  return groups;
+}
+
+void gram_weighted_accumulate_cuda(
+    at::TensorList gram_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList factors,
+    at::TensorList lefts) {
+  constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
+  check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
+  check_on_cuda(gram_sums, op, "gram_sums");
+  const bool has_lefts = !lefts.empty();
+  for (const auto& [key, members] : group_layers(grams, gram_sums)) {
+    const at::Tensor& first = gram_sums[members.front()];
+    const c10::cuda::CUDAGuard guard(first.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
+    std::vector<at::Tensor> keep, accumulators;
+    int64_t staged = 0;  // elements of F G staged for L (F G)
+    for (size_t i : members) {
+      accumulators.push_back(gram_sums[i]);
+      accumulators.push_back(weighted_sums[i]);
+      staged += has_lefts ? factors[i].size(0) * grams[i].size(0) : 0;
+    }
+    const bool atomic = any_overlap(accumulators);
+    const at::Tensor workspace = at::empty({staged}, first.options());
+    std::vector<PanelLayer> layers;
+    std::vector<ProductLayer> products;
+    int64_t offset = 0;
+    for (size_t i : members) {
+      const at::Tensor gram = grams[i].detach();
+      const at::Tensor factor = factors[i].detach().to(first.scalar_type()).contiguous();
+      keep.push_back(factor);
+      void* out = weighted_sums[i].mutable_data_ptr();
+      if (has_lefts) {
+        const at::Tensor left = lefts[i].detach().to(first.scalar_type()).contiguous();
+        keep.push_back(left);
+        void* product = element_ptr(workspace, offset);
+        products.push_back({left.const_data_ptr(), product, out, left.size(0), left.size(1), gram.size(0), 0});
+        offset += factor.size(0) * gram.size(0);
+        out = product;
+      }
+      layers.push_back(panel_layer(gram, gram_sums[i].mutable_data_ptr(), factor, out));
+    }
+    LORM_EXT_DISPATCH_INPUT(grams[members.front()].scalar_type(), op, [&] {
+      LORM_EXT_DISPATCH_ACC(first.scalar_type(), op, [&] {
+        launch_panels<input_t, acc_t>(layers, has_lefts ? kStoreToOut : kAddToOut, atomic, stream, op);
+        launch_products<acc_t>(products, atomic, stream, op);
+      });
+    });
+  }
+}
+
+void projected_accumulate_cuda(
+    at::TensorList projection_sums,
+    at::TensorList weighted_sums,
+    at::TensorList grams,
+    at::TensorList shared_factors,
+    at::TensorList factors) {
+  constexpr const char* op = "lorm_ext::projected_accumulate_";
+  check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
+  check_on_cuda(projection_sums, op, "projection_sums");
+  for (const auto& [key, members] : group_layers(grams, projection_sums)) {
+    const at::Tensor& first = projection_sums[members.front()];
+    const c10::cuda::CUDAGuard guard(first.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
+    std::vector<at::Tensor> keep, accumulators;
+    int64_t partial_elements = 0, projection_elements = 0;
+    for (size_t i : members) {
+      accumulators.push_back(projection_sums[i]);
+      accumulators.push_back(weighted_sums[i]);
+      const int64_t r = shared_factors[i].size(0);
+      partial_elements += panels_of(grams[i].size(0)) * r * r;
+      projection_elements += r * r;
+    }
+    const bool atomic = any_overlap(accumulators);
+    const at::Tensor partials = at::empty({partial_elements}, first.options());
+    const at::Tensor projections = at::empty({projection_elements}, first.options());
+    std::vector<PanelLayer> layers;
+    std::vector<ReduceLayer> reductions;
+    std::vector<ProductLayer> products;
+    int64_t partial_offset = 0, projection_offset = 0;
+    for (size_t i : members) {
+      const at::Tensor gram = grams[i].detach();
+      const at::Tensor a = shared_factors[i].detach().to(first.scalar_type()).contiguous();
+      const at::Tensor b = factors[i].detach().to(first.scalar_type()).contiguous();
+      keep.push_back(a);
+      keep.push_back(b);
+      const int64_t n = gram.size(0), r = a.size(0), panels = panels_of(n);
+      void* partial = element_ptr(partials, partial_offset);
+      void* projection = element_ptr(projections, projection_offset);
+      // With n = 0 there are no panels: the reduction sums none, so P = 0 as it should. With r = 0 there is
+      // nothing to compute.
+      if (r > 0) {
+        layers.push_back(panel_layer(gram, nullptr, a, partial));
+      }
+      reductions.push_back({partial, projection_sums[i].mutable_data_ptr(), projection, r * r, panels, 0});
+      products.push_back({b.const_data_ptr(), projection, weighted_sums[i].mutable_data_ptr(), b.size(0), r, r, 0});
+      partial_offset += panels * r * r;
+      projection_offset += r * r;
+    }
+    LORM_EXT_DISPATCH_INPUT(grams[members.front()].scalar_type(), op, [&] {
+      LORM_EXT_DISPATCH_ACC(first.scalar_type(), op, [&] {
+        launch_panels<input_t, acc_t>(layers, kProjectPartials, atomic, stream, op);
+        launch_reductions<acc_t>(reductions, atomic, stream, op);
+        launch_products<acc_t>(products, atomic, stream, op);
+      });
+    });
+  }
+}
+
+}  // namespace
+}  // namespace lorm_ext::cuda
+
+TORCH_LIBRARY_IMPL(lorm_ext, CUDA, m) {
+  m.impl("gram_accumulate_", &lorm_ext::cuda::gram_accumulate_cuda);
+  m.impl("gram_weighted_accumulate_", &lorm_ext::cuda::gram_weighted_accumulate_cuda);
+  m.impl("projected_accumulate_", &lorm_ext::cuda::projected_accumulate_cuda);
+}
+
+#endif  // __CUDA_ARCH__
