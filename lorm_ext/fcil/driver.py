@@ -1,0 +1,284 @@
+"""The FCIL loop: tasks, rounds, clients simulated one after another in one process on one shared model.
+
+A run is a sequence of units: per task, ``num_comm_rounds`` rounds and one task end. After every unit the
+server's model is evaluated on the test data of all tasks seen so far (over all classes seen so far), a line
+goes to ``rounds.jsonl`` and the whole state is checkpointed atomically, so a run interrupted at any point
+resumes from its last completed unit with identical results. A finished run folder holds config.json,
+results.json, rounds.jsonl, accuracy_matrix.png and adapters.safetensors (every task's B and A, the head and
+the final dense update of each adapted layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .client import client_step, tensor_bytes
+from .config import SEED_PARTICIPATION, ConfigError, RunConfig, derive_seed, validate
+from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks
+from .metrics import accuracy_matrix, seen_accuracy, summarize
+from .model import AdaptedViT, build_model, check_architecture, resolve_weights
+from .plots import as_array, plot_accuracy_matrices
+from .strategies import SERVERS, Server
+
+EVAL_BATCH_SIZE = 256
+CHECKPOINT, RESULTS, CONFIG, LOG = "checkpoint.pt", "results.json", "config.json", "rounds.jsonl"
+
+
+@dataclass
+class RunData:
+    """What every strategy of one seed shares: the data set, its split, the backbone weights file."""
+
+    dataset: Dataset
+    splits: list[TaskSplit]
+    weights: str | None
+
+
+@functools.cache
+def check(config: RunConfig) -> InputSpec:
+    """Every check that needs neither data nor weights; the network's input specification."""
+    validate(config)
+    return check_architecture(config)
+
+
+def prepare(config: RunConfig) -> RunData:
+    """All checks, then the data and its split and the weights: a bad configuration fails here, before training."""
+    dataset = load_dataset(config, check(config))
+    return RunData(dataset, split_tasks(dataset, config), resolve_weights(config))
+
+
+def participants(config: RunConfig, task: int) -> list[int]:
+    """The clients taking part in a task, drawn once per task as the authors (sorted ids)."""
+    rng = np.random.default_rng(derive_seed(config.seed, SEED_PARTICIPATION, task))
+    return sorted(rng.permutation(config.num_clients)[: int(config.num_clients * config.participation_rate)].tolist())
+
+
+def units(config: RunConfig, n_tasks: int) -> list[tuple[int, int | None]]:
+    """(task, round) for every round, (task, None) for every task end."""
+    return [(t, r) for t in range(n_tasks) for r in [*range(config.num_comm_rounds), None]]
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, data) -> None:
+    def write(tmp):
+        with open(tmp, "w") as file:
+            json.dump(data, file, indent=1)
+
+    _write_atomic(path, write)
+
+
+def _write_lines(path: str, records: list[dict]) -> None:
+    with open(path, "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def check_run_dir(config: RunConfig, run_dir: str) -> None:
+    """A run folder belongs to one configuration: resuming with another one is an error."""
+    path = os.path.join(run_dir, CONFIG)
+    if os.path.isfile(path):
+        with open(path) as file:
+            saved = json.load(file)
+        if saved != config.to_json():
+            changed = sorted(k for k in set(saved) | set(config.to_json()) if saved.get(k) != config.to_json().get(k))
+            raise ConfigError(
+                f"{run_dir} holds a run with another configuration (differs in {changed}): choose another "
+                f"--output_dir or pass --overwrite True"
+            )
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+@torch.no_grad()
+def correct_predictions(
+    model: AdaptedViT, server: Server, dataset: Dataset, task_tests: list[np.ndarray], seen: int
+) -> np.ndarray:
+    """Whether the server's model classifies each test sample of the first ``seen`` tasks right (over all
+    classes seen so far); False elsewhere."""
+    model.load({f"head/{k}": v for k, v in server.head().items()})
+    model.vit.eval()
+    indices = np.concatenate(task_tests[:seen])
+    device = model.head.weight.device
+    predictions = []
+    with model.dense(server.evaluation_deltas()):
+        for x, _ in batches(dataset.test, indices, EVAL_BATCH_SIZE, train=False):
+            predictions.append(model.vit(x.to(device))[:, : seen * dataset.classes_per_task].argmax(1).cpu())
+    hits = np.zeros(len(dataset.test), dtype=bool)
+    hits[indices] = torch.cat(predictions).numpy() == dataset.test.labels[indices]
+    return hits
+
+
+def _no_traffic() -> dict[str, float]:
+    return {"train_s": 0.0, "gram_s": 0.0, "merge_s": 0.0, "bytes_up": 0, "bytes_down": 0, "clients": 0}
+
+
+def _exchange(server, instruction, model, images, shards, config, clock, desc) -> dict[str, float]:
+    """One instruction to every client of ``shards``, their messages into the server; time and bytes."""
+    stats = _no_traffic() | {"clients": len(shards)}
+    for client_id, indices in tqdm(shards.items(), desc=desc, leave=False, disable=None):
+        reply = client_step(model, images, indices, instruction, config, client_id)
+        stats["train_s"] += reply.seconds["train"]
+        stats["gram_s"] += reply.seconds["gram"]
+        stats["bytes_up"] += tensor_bytes(reply.message)
+        stats["bytes_down"] += tensor_bytes(instruction.tensors)
+        start = clock()
+        server.receive(reply.message)
+        stats["merge_s"] += clock() - start
+    return stats
+
+
+def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
+    """One strategy, one seed; resumes from ``run_dir``'s checkpoint, returns (and writes) the results."""
+    check_run_dir(config, run_dir)
+    results_path = os.path.join(run_dir, RESULTS)
+    if os.path.isfile(results_path):
+        with open(results_path) as file:
+            return json.load(file)
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json(os.path.join(run_dir, CONFIG), config.to_json())
+
+    dataset, splits = data.dataset, data.splits
+    model = build_model(config, dataset.num_classes, data.weights)
+    server = SERVERS[config.strategy](config, model.layer_shapes, model.head_parameters())
+    task_tests = [np.sort(np.concatenate(split.test)) for split in splits]
+    total = [len(t) for t in task_tests]
+    plan = units(config, dataset.n_tasks)
+    checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
+    state = {"next_unit": 0, "records": [], "correct": []}
+    if os.path.isfile(checkpoint_path):
+        state = torch.load(checkpoint_path, map_location=model.head.weight.device, weights_only=True)
+        server.load_state_dict(state["server"])
+    # the log holds exactly the checkpointed units (a unit logged but not checkpointed is done again)
+    _write_atomic(log_path, lambda tmp: _write_lines(tmp, state["records"]))
+    clock = _Clock(model.head.weight.device)
+
+    bar = tqdm(
+        total=len(plan),
+        initial=state["next_unit"],
+        desc=f"{config.strategy} seed {config.seed}",
+        unit="round",
+        disable=None,
+    )
+    for index in range(state["next_unit"], len(plan)):
+        task, round_ = plan[index]
+        started = clock()
+        classes = (int(dataset.task_classes(task)[0]), dataset.classes_per_task)
+        split = splits[task]
+        shards = (
+            {0: np.sort(np.concatenate(split.train))}
+            if server.pooled
+            else {k: split.train[k] for k in participants(config, task)}
+        )
+        if round_ == 0:
+            server.start_task(task)
+        if round_ is None:
+            instruction = server.open_task_end(classes)
+            stats = _no_traffic()
+            if instruction is not None:
+                stats = _exchange(server, instruction, model, dataset.train, shards, config, clock, "task Grams")
+            merge_start = clock()
+            server.close_task()
+        else:
+            instruction = server.open_round(round_, classes)
+            stats = _exchange(server, instruction, model, dataset.train, shards, config, clock, f"round {round_ + 1}")
+            merge_start = clock()
+            server.close()
+        stats["merge_s"] += clock() - merge_start
+        eval_start = clock()
+        hits = correct_predictions(model, server, dataset, task_tests, task + 1)
+        correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
+        if round_ is None:
+            state["correct"].append(correct + [0] * (dataset.n_tasks - task - 1))
+        record = {
+            "task": task,
+            "round": "end" if round_ is None else round_,
+            "trained": instruction.train if instruction is not None else "",
+            "accuracy": seen_accuracy(correct, total, task + 1),
+            "task_accuracies": [100.0 * c / n for c, n in zip(correct, total)],
+            **stats,
+            "eval_s": clock() - eval_start,
+            "seconds": clock() - started,
+        }
+        state["records"].append(record)
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        state["next_unit"], state["server"] = index + 1, server.state_dict()
+        _write_atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        bar.update()
+        bar.set_postfix(task=task + 1, acc=f"{record['accuracy']:.1f}")
+    bar.close()
+
+    hits = correct_predictions(model, server, dataset, task_tests, dataset.n_tasks)
+    results = _results(config, state, total, hits, splits)
+    _write_json(results_path, results)
+    matrix = as_array(results["accuracy_matrix"])
+    plot_accuracy_matrices(
+        {f"{config.strategy}, seed {config.seed}": matrix}, os.path.join(run_dir, "accuracy_matrix.png")
+    )
+    final = {f"delta/{n}": d for n, d in server.evaluation_deltas().items()}
+    final |= {f"head/{k}": v for k, v in server.head().items()} | server.task_adapters
+    save_file(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in final.items()},
+        os.path.join(run_dir, "adapters.safetensors"),
+        metadata={"strategy": config.strategy, "lora_scaling": str(config.lora_scaling), "network": config.network},
+    )
+    os.remove(checkpoint_path)
+    return results
+
+
+def _results(config: RunConfig, state: dict, total: list[int], hits: np.ndarray, splits: list[TaskSplit]) -> dict:
+    records = state["records"]
+    rounds = [r for r in records if r["round"] != "end"]
+    task_ends = [r for r in records if r["round"] == "end"]
+    correct = state["correct"]
+    client_tests = [np.concatenate([s.test[k] for s in splits]) for k in range(config.num_clients)]
+    per_client = [100.0 * float(np.mean(hits[t])) if len(t) else None for t in client_tests]
+    measured = [a for a in per_client if a is not None]
+    summary = summarize(correct, total)
+    summary["kib_up_per_round"] = float(np.mean([r["bytes_up"] for r in rounds])) / 1024
+    summary["seconds"] = float(sum(r["seconds"] for r in records))
+    return {
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "config": config.to_json(),
+        "summary": summary,
+        "accuracy_matrix": accuracy_matrix(correct, total),
+        "accuracy_after_task": [r["accuracy"] for r in task_ends],
+        "correct": correct,
+        "test_samples_per_task": total,
+        "seconds": {k: float(sum(r[k] for r in records)) for k in ("train_s", "gram_s", "merge_s", "eval_s")},
+        "bytes_per_round": {
+            "up": float(np.mean([r["bytes_up"] for r in rounds])),
+            "down": float(np.mean([r["bytes_down"] for r in rounds])),
+            "task_end_up": float(np.mean([r["bytes_up"] for r in task_ends])),
+        },
+        # the final model on each client's own test shard (None: a client without test samples)
+        "client_accuracy": {
+            "min": min(measured),
+            "mean": float(np.mean(measured)),
+            "max": max(measured),
+            "per_client": per_client,
+        },
+        "environment": {"torch": torch.__version__, "device": config.device, "machine": platform.machine()},
+    }

@@ -1,0 +1,307 @@
+"""Server side of each strategy: the state clients start from, and how their messages become the new state.
+
+The seam for a federated runtime (e.g. Flower's ServerApp / ClientApp), per round of task t:
+
+    instruction = server.open_round(round, classes)            # ServerApp: broadcast to the selected clients
+    reply = client.client_step(model, images, indices,          # ClientApp: any process, same result
+                               instruction, config, client_id)
+    server.receive(reply.message)  # for each selected client, in increasing client id (float sums are ordered)
+    server.close()                                             # the merge; new state
+
+around ``server.start_task(task)`` and, at the end of the task, ``open_task_end`` (LoRM asks the clients for
+the Grams of the task's final model; None for the others), ``receive``, ``close_task``. ``state_dict`` /
+``load_state_dict`` checkpoint the server between rounds. Seeds are derived from (seed, task, round, client),
+so a run split over processes reproduces the in-process run bit for bit as long as messages are added in the
+same order. The server never holds more than one client's message: every merge is a running sum.
+
+Strategies (all train the head in full; all but LoRM average it by samples):
+- ``lorm``: rounds alternate the trained factor, B first (``--train_matrix alt``); the B-step with A shared
+  is B = (Σ B_k P_k)(Σ P_k)⁺, the A-step with B shared A = (Σ A_k G_k) G⁺, the head is merged by RegMean
+  (bias: sample-weighted mean). After each task the clients' Grams of the final model feed the cross-task
+  merge ΔW = (Σ_t s·B_t A_t G_t)(Σ_t G_t)⁺, which is the evaluated model from the second task on.
+- ``fedit``: both factors trained, averaged separately (FedAvg of A and of B).
+- ``ffa-lora``: A frozen at its random initialisation, B trained and averaged.
+- ``lora-fair``: FedIT's averages Ā, B̄, then B = B̄ + ΔB with ΔB = argmin 1 − cos(ΔW, (B̄ + ΔB) Ā) + λ‖ΔB‖²,
+  ΔW = Σ p_k B_k A_k (p_k ∝ samples). Pinned choices: ΔB starts at 0; the cosine is over the flattened
+  out × in matrices, per layer; ``lora_fair_steps`` Adam steps with step size ``lora_fair_lr`` × RMS(B̄) (1 − cos
+  is blind to the scale of B, so the step follows it); float64.
+- ``centralized``: FedIT's server with a single client holding the union of the clients' data.
+Across tasks the baselines evaluate the mean of the task updates, W0 + (1/T) Σ_t s·B_t A_t, as the authors'
+LoRA baseline (``cl_merge=individual_mean``); every strategy trains task t from W0 + s·B_t A_t alone.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..merge import AStepMerger, BStepMerger, RegMeanMerger
+from .client import FIT, TASK_GRAMS, Instruction
+from .config import SEED_INIT, RunConfig, derive_seed
+
+
+def _layer(key: str) -> str:
+    return key.partition("/")[2]
+
+
+class Server(ABC):
+    """State shared by every strategy: the current factors and head ("A/<layer>", "B/<layer>", "head/weight",
+    "head/bias"), the sum of finished tasks' updates ("past") and the finished tasks' adapters."""
+
+    name = ""
+    trains = "AB"
+    pooled = False  # True: one client holding the union of all clients' data
+
+    def __init__(self, config: RunConfig, layer_shapes: Mapping[str, tuple[int, int]], head: Mapping[str, Tensor]):
+        self.config = config
+        self.shapes = dict(layer_shapes)
+        self.device = head["weight"].device
+        self.current: dict[str, Tensor] = {f"head/{k}": v.detach().clone() for k, v in head.items()}
+        self.past = {n: torch.zeros(shape, device=self.device) for n, shape in self.shapes.items()}
+        self.task_adapters: dict[str, Tensor] = {}
+        self.task = -1
+        self.finished = 0  # tasks folded into past
+
+    def start_task(self, task: int) -> None:
+        """Both factors re-initialised: B = 0, A Kaiming-uniform (a = √5), seeded by (seed, task)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, SEED_INIT, task))
+        for name, (out_features, in_features) in self.shapes.items():
+            a = torch.empty(self.config.r, in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.current[f"A/{name}"] = a.to(self.device)
+            self.current[f"B/{name}"] = torch.zeros(out_features, self.config.r, device=self.device)
+        self.task = task
+
+    def update(self, name: str) -> Tensor:
+        """s·B A of the current factors for one layer."""
+        return self.config.lora_scaling * self.current[f"B/{name}"] @ self.current[f"A/{name}"]
+
+    def _instruction(self, phase: str, round: int, classes: tuple[int, int], **kwargs) -> Instruction:
+        return Instruction(phase, self.task, round, *classes, **kwargs)
+
+    @abstractmethod
+    def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
+        """Starts a round; the instruction every selected client gets."""
+
+    @abstractmethod
+    def receive(self, message: Mapping[str, Tensor]) -> None:
+        """Folds one client's message into the running sums."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Ends the round: the merge."""
+
+    def open_task_end(self, classes: tuple[int, int]) -> Instruction | None:
+        """What clients report at the end of a task; None: nothing."""
+        return None
+
+    def close_task(self) -> None:
+        """Folds the finished task's update into the running sum and keeps its adapter."""
+        for name in self.shapes:
+            self.past[name] += self.update(name)
+            for factor in "AB":
+                self.task_adapters[f"task{self.task}/{factor}/{name}"] = self.current[f"{factor}/{name}"].clone()
+        self.finished = self.task + 1
+
+    def evaluation_deltas(self) -> dict[str, Tensor]:
+        """The update the server's model adds to W0: the mean over tasks so far of s·B_t A_t."""
+        if self.finished == self.task + 1:
+            return {n: p / self.finished for n, p in self.past.items()}
+        return {n: (p + self.update(n)) / (self.finished + 1) for n, p in self.past.items()}
+
+    def head(self) -> dict[str, Tensor]:
+        return {"weight": self.current["head/weight"], "bias": self.current["head/bias"]}
+
+    def state_dict(self) -> dict:
+        return {
+            "current": self.current,
+            "past": self.past,
+            "task_adapters": self.task_adapters,
+            "task": self.task,
+            "finished": self.finished,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.current, self.past = dict(state["current"]), dict(state["past"])
+        self.task_adapters = dict(state["task_adapters"])
+        self.task, self.finished = int(state["task"]), int(state["finished"])
+
+
+class FedIT(Server):
+    """Sample-weighted FedAvg of whatever the clients trained (A and B separately) and of the head."""
+
+    name = "fedit"
+
+    def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
+        self._sums: dict[str, Tensor] = {}
+        self._samples = 0
+        return self._instruction(FIT, round, classes, train=self.trains, tensors=dict(self.current))
+
+    def receive(self, message: Mapping[str, Tensor]) -> None:
+        weight = int(message["num_samples"])
+        self._samples += weight
+        for key, value in message.items():
+            if key in self.current:
+                self._sums[key] = self._sums.get(key, 0) + weight * value.to(torch.float64)
+
+    def close(self) -> None:
+        for key, total in self._sums.items():
+            self.current[key] = (total / self._samples).to(self.current[key].dtype)
+
+
+class FFALoRA(FedIT):
+    """FedIT with A frozen: only B (and the head) is trained and averaged."""
+
+    name = "ffa-lora"
+    trains = "B"
+
+
+class Centralized(FedIT):
+    """The same LoRA model trained on the union of all clients' data: one client, so averaging is the identity."""
+
+    name = "centralized"
+    pooled = True
+
+
+def lora_fair_correction(
+    targets: Mapping[str, Tensor],
+    b_means: Mapping[str, Tensor],
+    a_means: Mapping[str, Tensor],
+    *,
+    lam: float,
+    steps: int,
+    lr: float,
+) -> dict[str, Tensor]:
+    """ΔB per layer minimising 1 − cos(ΔW, (B̄ + ΔB) Ā) + λ‖ΔB‖² (see the module docstring), float64.
+
+    The cosine never forms an out × in product: ⟨ΔW, B Ā⟩ = ⟨B, ΔW Āᵀ⟩ and ‖B Ā‖² = ⟨BᵀB, Ā Āᵀ⟩."""
+    names = list(b_means)
+    b = {n: b_means[n].to(torch.float64) for n in names}
+    target_a = {n: targets[n].to(torch.float64) @ a_means[n].to(torch.float64).T for n in names}
+    a_gram = {n: a_means[n].to(torch.float64) @ a_means[n].to(torch.float64).T for n in names}
+    target_norm = {n: targets[n].to(torch.float64).norm() for n in names}
+    deltas = {n: torch.zeros_like(b[n], requires_grad=True) for n in names}
+    optimizer = torch.optim.Adam([{"params": [deltas[n]], "lr": lr * float(b[n].pow(2).mean().sqrt())} for n in names])
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(steps):
+        loss = 0.0
+        for n in names:
+            merged = b[n] + deltas[n]
+            norm = ((merged.T @ merged) * a_gram[n]).sum().clamp_min(tiny).sqrt()
+            cosine = (merged * target_a[n]).sum() / (target_norm[n] * norm).clamp_min(tiny)
+            loss = loss + 1 - cosine + lam * deltas[n].pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {n: d.detach() for n, d in deltas.items()}
+
+
+class LoRAFAIR(FedIT):
+    """FedIT's averages, then the server-side correction of B (``lora_fair_correction``)."""
+
+    name = "lora-fair"
+
+    def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
+        self._targets: dict[str, Tensor] = {}
+        return super().open_round(round, classes)
+
+    def receive(self, message: Mapping[str, Tensor]) -> None:
+        super().receive(message)
+        weight = int(message["num_samples"])
+        for name in self.shapes:
+            product = message[f"B/{name}"].to(torch.float64) @ message[f"A/{name}"].to(torch.float64)
+            self._targets[name] = self._targets.get(name, 0) + weight * product
+
+    def close(self) -> None:
+        super().close()
+        corrections = lora_fair_correction(
+            {n: t / self._samples for n, t in self._targets.items()},
+            {n: self.current[f"B/{n}"] for n in self.shapes},
+            {n: self.current[f"A/{n}"] for n in self.shapes},
+            lam=self.config.lora_fair_lambda,
+            steps=self.config.lora_fair_steps,
+            lr=self.config.lora_fair_lr,
+        )
+        for name, delta in corrections.items():
+            self.current[f"B/{name}"] = self.current[f"B/{name}"] + delta.to(self.current[f"B/{name}"].dtype)
+
+
+class LoRM(Server):
+    """Closed-form merges with the fused streaming mergers of lorm_ext.merge (see the module docstring)."""
+
+    name = "lorm"
+
+    def __init__(self, config: RunConfig, layer_shapes: Mapping[str, tuple[int, int]], head: Mapping[str, Tensor]):
+        super().__init__(config, layer_shapes, head)
+        self._across_tasks = RegMeanMerger()
+
+    def trained_factor(self, round: int) -> str:
+        """B in round 0, then A, B, A, ... (``alt``); or always the one named by --train_matrix."""
+        if self.config.train_matrix.lower() == "alt":
+            return "B" if round % 2 == 0 else "A"
+        return self.config.train_matrix.upper()
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return dict(self.current) | {f"past/{n}": p for n, p in self.past.items()}
+
+    def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
+        self._phase = self.trained_factor(round)
+        shared_a = {n: self.current[f"A/{n}"] for n in self.shapes}
+        self._factor_merger = AStepMerger() if self._phase == "A" else BStepMerger(shared_a)
+        self._head_merger = RegMeanMerger()
+        self._bias_sum, self._samples = 0, 0
+        return self._instruction(
+            FIT, round, classes, train=self._phase, grams=True, prereduce=self.config.prereduce, tensors=self._tensors()
+        )
+
+    def open_task_end(self, classes: tuple[int, int]) -> Instruction:
+        self._phase = TASK_GRAMS
+        return self._instruction(TASK_GRAMS, self.config.num_comm_rounds, classes, grams=True, tensors=self._tensors())
+
+    def receive(self, message: Mapping[str, Tensor]) -> None:
+        grams = {n: message[f"gram/{n}"] for n in self.shapes if f"gram/{n}" in message}
+        if self._phase == TASK_GRAMS:
+            self._across_tasks.add_client(
+                {n: self.current[f"A/{n}"] for n in self.shapes},
+                grams,
+                lefts={n: self.config.lora_scaling * self.current[f"B/{n}"] for n in self.shapes},
+            )
+            return
+        if self._phase == "A":
+            self._factor_merger.add_client({n: message[f"A/{n}"] for n in self.shapes}, grams)
+        elif grams:
+            self._factor_merger.add_client({n: message[f"B/{n}"] for n in self.shapes}, grams)
+        else:  # pre-reduced B-round
+            self._factor_merger.add_projections(
+                {n: message[f"BP/{n}"] for n in self.shapes}, {n: message[f"P/{n}"] for n in self.shapes}
+            )
+        self._head_merger.add_client({"head": message["head/weight"]}, {"head": message["gram/head"]})
+        weight = int(message["num_samples"])
+        self._bias_sum = self._bias_sum + weight * message["head/bias"].to(torch.float64)
+        self._samples += weight
+
+    def close(self) -> None:
+        for name, merged in self._factor_merger.merge().items():
+            self.current[f"{self._phase}/{name}"] = merged.to(torch.float32)
+        self.current["head/weight"] = self._head_merger.merge()["head"].to(torch.float32)
+        self.current["head/bias"] = (self._bias_sum / self._samples).to(torch.float32)
+
+    def evaluation_deltas(self) -> dict[str, Tensor]:
+        """From the second task on, once the task is finished: the cross-task merge."""
+        if self.finished == self.task + 1 and self.task > 0:
+            return {n: d.to(torch.float32) for n, d in self._across_tasks.merge().items()}
+        return super().evaluation_deltas()
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"across_tasks": self._across_tasks.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self._across_tasks.load_state_dict(state["across_tasks"])
+
+
+SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in (LoRM, FedIT, FFALoRA, LoRAFAIR, Centralized)}

@@ -1,0 +1,135 @@
+"""Data: the Dirichlet split's properties, the on-disk readers (CIFAR-100 archive, image folder), class order."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from lorm_ext.fcil.config import ConfigError
+from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks
+from lorm_ext.fcil.driver import participants
+
+
+def test_split_uses_every_sample_once_and_gives_each_client_six(mnist, tiny_config):
+    config = tiny_config(num_clients=10, distribution_alpha=0.1, n_tasks=5)
+    splits = split_tasks(mnist, config)
+    for task, split in enumerate(splits):
+        classes = mnist.task_classes(task)
+        for held, labels in ((split.train, mnist.train.labels), (split.test, mnist.test.labels)):
+            everything = np.concatenate(held)
+            assert len(everything) == len(np.unique(everything))  # nobody shares a sample
+            assert set(everything) == set(np.flatnonzero(np.isin(labels, classes)))  # every sample of the task
+            assert np.isin(labels[everything], classes).all()
+        assert min(split.num_train) >= 6
+
+
+def test_split_skew_follows_beta(mnist):
+    """β large: every client close to 1/K of each class; β small: most of a class on few clients."""
+    labels = mnist.train.labels
+    classes = np.arange(10)
+    uniform = split_task(labels, mnist.test.labels, classes, 5, 1e4, np.random.default_rng(0))
+    shares = np.array([[np.mean(labels[idx] == c) for idx in uniform.train] for c in classes])
+    counts = np.array([len(idx) for idx in uniform.train])
+    assert np.abs(counts / counts.sum() - 0.2).max() < 0.03
+    assert np.abs(shares - 0.1).max() < 0.03
+    skewed = split_task(labels, mnist.test.labels, classes, 5, 0.1, np.random.default_rng(0))
+    top_share = [max(np.sum(labels[idx] == c) for idx in skewed.train) / np.sum(labels == c) for c in classes]
+    assert np.mean(top_share) > 0.6
+
+
+def test_test_split_follows_the_training_shares(mnist, tiny_config):
+    split = split_tasks(mnist, tiny_config(num_clients=4, distribution_alpha=0.3, n_tasks=5))[0]
+    for c in mnist.task_classes(0):
+        train = np.array([np.sum(mnist.train.labels[idx] == c) for idx in split.train])
+        test = np.array([np.sum(mnist.test.labels[idx] == c) for idx in split.test])
+        assert np.abs(test - test.sum() * train / train.sum()).max() < 1  # largest-remainder rounding
+
+
+def test_split_is_seeded(mnist, tiny_config):
+    one, again = (split_tasks(mnist, tiny_config(seed=3)) for _ in range(2))
+    other = split_tasks(mnist, tiny_config(seed=4))
+    assert all(np.array_equal(a, b) for s, t in zip(one, again) for a, b in zip(s.train, t.train))
+    assert not all(np.array_equal(a, b) for s, t in zip(one, other) for a, b in zip(s.train, t.train))
+
+
+def test_impossible_split_is_a_clear_error(mnist):
+    with pytest.raises(ConfigError, match="larger β or fewer clients"):
+        split_task(mnist.train.labels, mnist.test.labels, np.arange(2), 60, 0.01, np.random.default_rng(0))
+
+
+def test_participation_is_per_task_and_seeded(tiny_config):
+    config = tiny_config(num_clients=10, participation_rate=0.5)
+    chosen = [participants(config, task) for task in range(4)]
+    assert all(len(c) == 5 and c == sorted(c) for c in chosen)
+    assert chosen == [participants(config, task) for task in range(4)]
+    assert len({tuple(c) for c in chosen}) > 1
+
+
+def test_permuted_class_order_relabels_consistently(mnist, tiny_config):
+    config = tiny_config(class_order="permuted", seed=1)
+    spec = InputSpec(1, 16, (0.5,), (0.5,))
+    permuted = load_dataset(config, spec)
+    mapping = {int(a): int(b) for a, b in zip(mnist.train.labels, permuted.train.labels)}
+    assert sorted(mapping) == sorted(mapping.values()) == list(range(10)) and mapping != dict(zip(range(10), range(10)))
+    assert all(mapping[int(a)] == int(b) for a, b in zip(mnist.test.labels, permuted.test.labels))
+
+
+def _fake_cifar100(path: str, per_class: dict[str, int]) -> None:
+    """The standard python archive's layout and pickles, with random pixels."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as archive:
+        for split, n in per_class.items():
+            labels = np.repeat(np.arange(100), n)
+            blob = pickle.dumps(
+                {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"fine_labels": labels.tolist()}
+            )
+            info = tarfile.TarInfo(f"cifar-100-python/{split}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+
+
+def test_cifar100_archive_and_folder(tmp_path, tiny_config):
+    archive = str(tmp_path / "cifar-100-python.tar.gz")
+    _fake_cifar100(archive, {"train": 3, "test": 1})
+    spec = InputSpec(3, 24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    data = load_dataset(tiny_config(dataset="cifar100", data_path=archive, n_tasks=None), spec)
+    assert (len(data.train), len(data.test), data.num_classes, data.n_tasks) == (300, 100, 100, 10)
+    torch.manual_seed(0)
+    assert data.train.batch(np.arange(4), train=True).shape == (4, 3, 24, 24)
+    assert data.test.batch(np.arange(4), train=False).dtype == torch.float32
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    extracted = load_dataset(tiny_config(dataset="cifar100", data_path=str(tmp_path)), spec)
+    assert np.array_equal(extracted.train.labels, data.train.labels)
+
+
+def test_image_folder_with_and_without_split(tmp_path, tiny_config):
+    from PIL import Image
+
+    for c in ("cat", "dog", "eel"):
+        for split, count in (("train", 4), ("test", 2)):
+            folder = tmp_path / "split" / split / c
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (20, 30), (i * 40, 0, 0)).save(folder / f"{i}.png")
+        flat = tmp_path / "flat" / c
+        flat.mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (12, 12), i * 50).save(flat / f"{i}.jpg")
+    spec = InputSpec(3, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    split = load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "split"), n_tasks=3), spec)
+    assert (len(split.train), len(split.test), split.num_classes) == (12, 6, 3)
+    assert split.train.batch(np.arange(3), train=True).shape == (3, 3, 16, 16)
+    flat = load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "flat"), n_tasks=1), spec)
+    assert (len(flat.train), len(flat.test)) == (12, 3)  # one image in five of each class for testing
+    with pytest.raises(ConfigError, match="cannot form 2 tasks"):
+        load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "flat"), n_tasks=2), spec)
+    os.makedirs(tmp_path / "empty" / "c")
+    with pytest.raises(ConfigError, match="no images"):
+        load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "empty")), spec)

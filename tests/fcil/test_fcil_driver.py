@@ -1,0 +1,155 @@
+"""End to end: a tiny run of every strategy learns, its folder holds what it should, an interrupted run resumes
+to the same results, and bad configurations stop before any work with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from lorm_ext.fcil import cli
+from lorm_ext.fcil.config import STRATEGIES, ConfigError
+from lorm_ext.fcil.driver import run, units
+from lorm_ext.fcil.metrics import comparison_table, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tiny_run_learns_and_writes_its_folder(tmp_path, tiny_config, tiny_data, digits_weights, strategy):
+    config = tiny_config(strategy=strategy, pretrained_path=digits_weights)
+    results = run(config, tiny_data(config), str(tmp_path))
+    # 2 tasks of 2 digits, 3 clients, 1 round. Chance: 50 % after task 1 (2 classes), 25 % after task 2 (4)
+    # and so 37.5 % on average; class-incremental forgetting keeps the final accuracy itself near chance.
+    assert results["accuracy_matrix"][0][0] > 70
+    assert results["summary"]["average_incremental_accuracy"] > 45
+    assert results["accuracy_matrix"][0][1] is None and len(results["accuracy_after_task"]) == 2
+    assert results["bytes_per_round"]["up"] > 0
+    assert (results["bytes_per_round"]["task_end_up"] > 0) == (strategy == "lorm")
+    assert results["seconds"]["gram_s"] > 0 if strategy == "lorm" else results["seconds"]["gram_s"] < 0.01
+    files = set(os.listdir(tmp_path))
+    assert files == {"config.json", "results.json", "rounds.jsonl", "accuracy_matrix.png", "adapters.safetensors"}
+    with open(tmp_path / "rounds.jsonl") as log:
+        records = [json.loads(line) for line in log]
+    assert [(r["task"], r["round"]) for r in records] == [(t, "end" if r is None else r) for t, r in units(config, 2)]
+    adapters = load_file(str(tmp_path / "adapters.safetensors"))
+    assert {"head/weight", "task1/B/blocks.0.attn.qkv", "delta/blocks.3.mlp.fc2"} <= set(adapters)
+    assert run(config, tiny_data(config), str(tmp_path)) == results  # a finished run is reused
+
+
+def test_run_folder_refuses_another_configuration(tmp_path, tiny_config, tiny_data):
+    config = tiny_config(strategy="fedit")
+    run(config, tiny_data(config), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"another configuration \(differs in \['lr'\]\)"):
+        run(tiny_config(strategy="fedit", lr=0.1), tiny_data(config), str(tmp_path))
+
+
+def _cli(output_dir: str) -> list[str]:
+    return [sys.executable, "-m", "lorm_ext.fcil.cli", "--strategies", "lorm", "--pretrained", "False",
+            "--n_tasks", "5", "--num_clients", "2", "--num_comm_rounds", "1", "--num_epochs", "1",
+            "--batch_size", "64", "--prereduce", "True", "--output_dir", output_dir]  # fmt: skip
+
+
+def _stable(results: dict) -> dict:
+    """Everything but timings."""
+    return {k: v for k, v in results.items() if k not in ("seconds", "summary")} | {
+        "summary": {k: v for k, v in results["summary"].items() if k != "seconds"}
+    }
+
+
+def test_interrupted_run_resumes_to_identical_results(tmp_path):
+    env = os.environ | {"PYTHONPATH": ROOT}
+    reference = subprocess.Popen(
+        _cli(str(tmp_path / "reference")), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    interrupted = subprocess.Popen(
+        _cli(str(tmp_path / "resumed")), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    log = tmp_path / "resumed" / "lorm" / "seed0" / "rounds.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGKILL)  # mid task 1, after task 0's cross-task sums exist
+    assert interrupted.wait() == -signal.SIGKILL
+    assert (tmp_path / "resumed" / "lorm" / "seed0" / "checkpoint.pt").exists()
+    resumed = subprocess.run(
+        _cli(str(tmp_path / "resumed")), check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "| lorm | 1 |" in resumed.stdout  # the comparison table
+    assert reference.wait() == 0, reference.stderr.read()
+    folders = [tmp_path / name / "lorm" / "seed0" for name in ("reference", "resumed")]
+    results = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    assert _stable(results[0]) == _stable(results[1])
+    records = [[{k: r[k] for k in ("task", "round", "accuracy", "task_accuracies", "bytes_up")} for r in map(json.loads, (f / "rounds.jsonl").read_text().splitlines())] for f in folders]  # fmt: skip
+    assert records[0] == records[1] and len(records[0]) == 10
+    adapters = [load_file(str(folder / "adapters.safetensors")) for folder in folders]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[0][k].equal(adapters[1][k]) for k in adapters[0])
+    assert not (folders[1] / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--distribution_alpha", "0"], "Dirichlet β.* must be > 0"),
+        (["--distribution_alpha", "-0.5"], "Dirichlet β.* must be > 0"),
+        (["--num_clients", "200"], "too few for 200 clients"),
+        (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
+        (["--r", "65"], "--r 65 exceeds the width of layer 'blocks.0.attn.qkv'"),
+        (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
+        (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
+        (["--participation_rate", "0.05"], "selects nobody"),
+        (["--n_tasks", "3"], "10 classes cannot form 3 tasks"),
+        (["--dataset", "cifar100"], "give --data_path"),
+        (["--dataset", "cifar100", "--data_path", "/no/such/archive"], "does not exist"),
+        (["--train_matrix", "C"], "alt, A or B"),
+        (["--alpha_regmean_head", "1.5"], r"in \[0, 1\]"),
+        (["--seed", "one"], "comma list of integers"),
+        (["--device", "tpu"], "cpu or cuda"),
+    ],
+)
+def test_bad_configuration_fails_before_any_work(tmp_path, capsys, flags, message):
+    output_dir = tmp_path / "out"
+    assert cli.main([*flags, "--pretrained", "False", "--output_dir", str(output_dir)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not output_dir.exists()
+
+
+def test_bad_boolean_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--pretrained", "Flase"])
+    assert "expected True or False" in capsys.readouterr().err
+
+
+def test_strategy_specific_flags_do_not_touch_other_strategies():
+    args = cli.build_parser().parse_args(
+        ["--strategies", "lorm,fedit", "--prereduce", "True", "--alpha_regmean_backbone", "0.3"]
+    )
+    lorm, fedit = cli.configurations(args)
+    assert (lorm.prereduce, lorm.alpha_regmean_backbone) == (True, 0.3)
+    assert (fedit.prereduce, fedit.alpha_regmean_backbone) == (False, 0.0)
+
+
+def test_metrics_on_a_hand_made_run():
+    # 3 tasks; task sizes 10, 20, 10 test samples
+    total = [10, 20, 10]
+    correct = [[9, 0, 0], [6, 18, 0], [5, 10, 8]]
+    summary = summarize(correct, total)
+    assert summary["final_accuracy_weighted"] == pytest.approx(100 * 23 / 40)
+    assert summary["final_accuracy_task_mean"] == pytest.approx((50 + 50 + 80) / 3)
+    assert summary["average_incremental_accuracy"] == pytest.approx((90 + 100 * 24 / 30 + 100 * 23 / 40) / 3)
+    assert summary["forgetting_last"] == pytest.approx(((90 - 50) + (90 - 50)) / 2)
+    correct[1][0] = 10  # task 0 improves after task 1: the max definition sees it
+    summary = summarize(correct, total)
+    assert summary["forgetting_last"] == pytest.approx(((90 - 50) + (90 - 50)) / 2)
+    assert summary["forgetting_max"] == pytest.approx(((100 - 50) + (90 - 50)) / 2)
+    table = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}] * 2})
+    assert "| lorm | 2 | 57.50 ± 0.00 |" in table
