@@ -56,8 +56,7 @@ def test_tensor_core_gram_matches_float64(dtype, n, rows):
     g = torch.zeros(n, n, device=DEVICE)
     ops.gram_accumulate_([g], [x])
     assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
-    # Both triangles come from the same tile; only row splits' atomic adds may order them differently.
-    assert rel_err(g.T, g.double()) < 1e-6
+    assert rel_err(g.T, g.double()) < 1e-6  # off-diagonal tiles are mirrored; diagonal ones computed whole
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -138,7 +137,8 @@ def test_more_pairs_than_one_launch_holds():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_splits_and_repeated_gram(dtype):
-    """Few tiles and many rows: tiles are split over rows and added atomically; the same Gram twice too."""
+    """Few tiles and many rows: tiles are split over rows (workspace slots, then the split reduction); the
+    same Gram twice in one call: the two entries run one after the other."""
     x1 = activations(20000, 40, dtype, seed=1)
     x2 = activations(7000, 40, dtype, seed=2)
     g = torch.zeros(40, 40, device=DEVICE)
@@ -162,17 +162,18 @@ def test_strided_and_batched_inputs(dtype):
         assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
 
 
-def test_gram_is_bitwise_reproducible_and_symmetric_without_splits():
-    """300 tiles of 3072 fill two waves on up to 150 SMs, so no tile is split over rows: no atomics."""
-    if torch.cuda.get_device_properties(DEVICE).multi_processor_count > 150:
-        pytest.skip("more than 150 SMs: the scheduler splits tiles over rows for a single 3072-wide Gram")
-    x = activations(3152, 3072, torch.bfloat16)
-    a = torch.zeros(3072, 3072, device=DEVICE)
-    b = torch.zeros(3072, 3072, device=DEVICE)
-    ops.gram_accumulate_([a], [x])
-    ops.gram_accumulate_([b], [x])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [40, 768, 3072])
+def test_gram_is_bitwise_reproducible(dtype, n):
+    """With row splits (40, 768 wide: few tiles) and without (3072): no atomics, a fixed order of adds."""
+    x = activations(3152, n, dtype)
+    diagonal = torch.zeros(n, device=DEVICE)
+    a, b = torch.zeros(n, n, device=DEVICE), torch.zeros(n, n, device=DEVICE)
+    ops.gram_accumulate_([a, diagonal], [x, x])
+    first = diagonal.clone()
+    ops.gram_accumulate_([b, diagonal.zero_()], [x, x])
     assert torch.equal(a, b)
-    assert torch.equal(a, a.T)
+    assert torch.equal(first, diagonal)
 
 
 def test_empty_inputs_leave_grams_unchanged():
@@ -299,6 +300,22 @@ def test_streaming_clients_equal_batch(diagonal):
     assert rel_err(w_sum, sum(times(f.double(), g) for f, g in zip(factors, gd))) < 1e-12
     assert rel_err(p_sum, sum(projections)) < 1e-12
     assert rel_err(bp_sum, sum(b.double() @ p for b, p in zip(bs, projections))) < 1e-12
+
+
+def test_merge_entries_sharing_accumulators():
+    """Two entries adding into the same sums run one after the other; overlap within one entry is refused."""
+    n, rank = 100, 4
+    g1, g2 = random_gram(n, torch.float32, False, seed=1), random_gram(n, torch.float32, False, seed=2)
+    f1, f2 = torch.randn(rank, n, device=DEVICE), torch.randn(rank, n, device=DEVICE)
+    gs = torch.zeros(n, n, device=DEVICE, dtype=torch.float64)
+    ws = torch.zeros(rank, n, device=DEVICE, dtype=torch.float64)
+    ops.gram_weighted_accumulate_([gs, gs], [ws, ws], [g1, g2], [f1, f2])
+    e1, e2 = weighted_expected(g1, f1, None, torch.float64), weighted_expected(g2, f2, None, torch.float64)
+    assert rel_err(gs, e1[0] + e2[0]) < 1e-12
+    assert rel_err(ws, e1[1] + e2[1]) < 1e-12
+    buffer = torch.zeros(n * n + rank * n, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.gram_weighted_accumulate_([buffer[: n * n].view(n, n)], [buffer[n : n + rank * n].view(rank, n)], [g1], [f1])
 
 
 def test_merge_matches_cpu_implementation():

@@ -1,5 +1,5 @@
-// Device helpers shared by the kernels: on-the-fly upcasts, in-place accumulation and the block -> item
-// lookup of grouped launches (see kernels.cuh).
+// Device helpers shared by the kernels: on-the-fly upcasts and the block -> item lookup of grouped
+// launches (see kernels.cuh).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -29,17 +29,6 @@ __device__ __forceinline__ acc_t upcast(float v) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t upcast(double v) {
   return static_cast<acc_t>(v);
-}
-
-// In-place `*p += v`. Atomic only when another block of the launch may add to the same element; the plain
-// read-modify-write keeps results bitwise reproducible.
-template <typename T>
-__device__ __forceinline__ void accumulate(T* p, T v, bool atomic) {
-  if (atomic) {
-    atomicAdd(p, v);
-  } else {
-    *p += v;
-  }
 }
 
 // Index of the item this block works for: the last one whose first_block <= blockIdx.x. Items are sorted

@@ -15,9 +15,10 @@
 //
 // X is read through its two strides, so any 2-D view works without a copy. Rows beyond a block's range
 // and features beyond n are loaded as zeros; every store into G is bounds-checked.
-// When a launch has too few tiles to fill the GPU, the host splits tiles over rows and their blocks add
-// into G atomically: the order of those adds, so the last bits of G, may then vary from run to run.
-// Otherwise every element of G gets exactly one plain add and results are bitwise reproducible.
+// When a launch has too few tiles to fill the GPU, the host splits tiles over rows: each block then stores
+// its tile in a workspace slot, and the split reduction adds the slots into G in split order. Every
+// element of G thus gets one plain add per launch, in a fixed order: results are bitwise reproducible,
+// and G stays exactly symmetric.
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -25,9 +26,22 @@
 namespace lorm_ext::cuda {
 namespace {
 
-// What one block does: one tile of one pair over rows [row_begin, row_end).
+// Upper-triangle tile number `index` of a side of `tiles` tiles: row ti holds tiles (ti, ti..tiles-1).
+__device__ __forceinline__ void triangle_tile(int tiles, int index, int& ti, int& tj) {
+  ti = 0;
+  while (index >= tiles - ti) {
+    index -= tiles - ti;
+    ++ti;
+  }
+  tj = ti + index;
+}
+
+// What one block does: tile number `tile` (upper-triangle order, or a column block) of one pair, over rows
+// [row_begin, row_end) = row split number `split`.
 struct TileWork {
   GramPair pair;
+  int64_t split;
+  int tile;
   int64_t row_begin;
   int64_t row_end;
   int ti;
@@ -39,23 +53,22 @@ __device__ __forceinline__ TileWork tile_work(const GramParams& params, bool tri
   TileWork w;
   w.pair = params.items[find_item(params)];
   const int64_t local = blockIdx.x - w.pair.first_block;
-  const int64_t split = local / w.pair.split_tiles;
-  int tile = static_cast<int>(local % w.pair.split_tiles);
-  w.row_begin = split * w.pair.rows_per_split;
+  w.split = local / w.pair.split_tiles;
+  w.tile = static_cast<int>(local % w.pair.split_tiles);
+  w.row_begin = w.split * w.pair.rows_per_split;
   w.row_end = min64(w.pair.rows, w.row_begin + w.pair.rows_per_split);
-  w.ti = 0;
   if (triangle) {
-    // Row ti of the upper triangle holds tiles (ti, ti..tiles-1).
-    while (tile >= w.pair.tiles - w.ti) {
-      tile -= w.pair.tiles - w.ti;
-      ++w.ti;
-    }
-    w.tj = w.ti + tile;
+    triangle_tile(w.pair.tiles, w.tile, w.ti, w.tj);
   } else {
-    w.ti = tile;
-    w.tj = tile;
+    w.ti = w.tj = w.tile;
   }
   return w;
+}
+
+// This block's workspace slot when its pair's rows are split (see GramPair::partials).
+template <typename acc_t>
+__device__ __forceinline__ acc_t* partial_slot(const TileWork& w, int64_t slot_elements) {
+  return static_cast<acc_t*>(w.pair.partials) + (w.split * w.pair.split_tiles + w.tile) * slot_elements;
 }
 
 // Adds a rows × cols tile staged in shared memory (row pitch `pitch`, odd so that the column reads of the
@@ -63,21 +76,38 @@ __device__ __forceinline__ TileWork tile_work(const GramParams& params, bool tri
 // passes walk G along its rows, so the writes coalesce.
 template <typename acc_t>
 __device__ void add_staged_tile(
-    const acc_t* staged, int pitch, int rows, int cols,
-    acc_t* gram, int64_t n, int64_t i0, int64_t j0, bool mirror, bool atomic) {
+    const acc_t* staged, int pitch, int rows, int cols, acc_t* gram, int64_t n, int64_t i0, int64_t j0,
+    bool mirror) {
   for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
     const int a = e / cols, b = e % cols;
     if (i0 + a < n && j0 + b < n) {
-      accumulate(gram + (i0 + a) * n + (j0 + b), staged[a * pitch + b], atomic);
+      gram[(i0 + a) * n + (j0 + b)] += staged[a * pitch + b];
     }
   }
   if (mirror) {
     for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
       const int b = e / rows, a = e % rows;
       if (i0 + a < n && j0 + b < n) {
-        accumulate(gram + (j0 + b) * n + (i0 + a), staged[a * pitch + b], atomic);
+        gram[(j0 + b) * n + (i0 + a)] += staged[a * pitch + b];
       }
     }
+  }
+}
+
+// A block's staged result (rows × cols, rows first_row.. of its tile) goes into G, or into its workspace
+// slot, a tile_side × tile_side row-major tile, when its pair's rows are split.
+template <typename acc_t>
+__device__ void flush_staged_tile(
+    const TileWork& w, const acc_t* staged, int pitch, int rows, int cols, int tile_side, int first_row) {
+  if (w.pair.partials == nullptr) {
+    add_staged_tile(
+        staged, pitch, rows, cols, static_cast<acc_t*>(w.pair.gram), w.pair.n,
+        int64_t{w.ti} * tile_side + first_row, int64_t{w.tj} * tile_side, w.ti != w.tj);
+    return;
+  }
+  acc_t* slot = partial_slot<acc_t>(w, int64_t{tile_side} * tile_side) + int64_t{first_row} * tile_side;
+  for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
+    slot[(e / cols) * tile_side + e % cols] = staged[(e / cols) * pitch + e % cols];
   }
 }
 
@@ -220,9 +250,6 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
   const TileWork work = tile_work(params, /*triangle=*/true);
   const GramPair& pair = work.pair;
   const int64_t steps = ceil_div(work.row_end - work.row_begin, tc::kRows);
-  if (steps <= 0) {
-    return;
-  }
   const int64_t i0 = int64_t{work.ti} * tc::kTile, j0 = int64_t{work.tj} * tc::kTile;
   const bool diagonal = work.ti == work.tj;  // then operand j is operand i: loaded once
 
@@ -276,9 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
       }
     }
     __syncthreads();
-    add_staged_tile(
-        staged, tc::kStagePitch, 64, tc::kTile, static_cast<float*>(pair.gram), pair.n, i0 + half * 64, j0,
-        !diagonal, params.atomic);
+    flush_staged_tile(work, staged, tc::kStagePitch, 64, tc::kTile, tc::kTile, half * 64);
     __syncthreads();
   }
 }
@@ -337,9 +362,6 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
   const TileWork work = tile_work(params, /*triangle=*/true);
   const GramPair& pair = work.pair;
   const int64_t steps = ceil_div(work.row_end - work.row_begin, simt::kRows);
-  if (steps <= 0) {
-    return;
-  }
   const int64_t i0 = int64_t{work.ti} * simt::kTile, j0 = int64_t{work.tj} * simt::kTile;
   const bool diagonal = work.ti == work.tj;
   // Thread (ty, tx) owns rows 4 ty.. and columns 4 tx.. of the tile.
@@ -397,9 +419,7 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
     }
   }
   __syncthreads();
-  add_staged_tile(
-      smem, simt::kStagePitch, simt::kTile, simt::kTile, static_cast<acc_t*>(pair.gram), pair.n, i0, j0,
-      !diagonal, params.atomic);
+  flush_staged_tile(work, smem, simt::kStagePitch, simt::kTile, simt::kTile, simt::kTile, 0);
 }
 
 // -------------------------------------------------------------------------------------- diagonal kernel
@@ -429,14 +449,61 @@ __global__ void __launch_bounds__(kThreads) gram_diagonal_kernel(GramParams para
   }
   partial[lane][col] = sum;
   __syncthreads();
-  if (lane == 0 && c < pair.n) {
+  if (lane == 0) {
     double total = 0;
 #pragma unroll
     for (int l = 0; l < diag::kLanes; ++l) {
       total += partial[l][col];
     }
-    accumulate(static_cast<acc_t*>(pair.gram) + c, static_cast<acc_t>(total), params.atomic);
+    if (pair.partials != nullptr) {
+      partial_slot<acc_t>(work, diag::kCols)[col] = static_cast<acc_t>(total);  // the whole slot, zeros past n
+    } else if (c < pair.n) {
+      static_cast<acc_t*>(pair.gram)[c] += static_cast<acc_t>(total);
+    }
   }
+}
+
+// ----------------------------------------------------------------------------------- split reduction
+
+// For each tile of a split pair, the sum of its slots in split order, added into G as the unsplit kernel
+// would have: kReduceRows rows of the tile per block (tile and mirror), or a whole column block.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) gram_reduce_splits_kernel(GramParams params, GramShape shape) {
+  constexpr int kPitch = kTensorCoreShape.tile + 1;  // the widest tile, odd as add_staged_tile wants
+  __shared__ acc_t staged[kReduceRows * kPitch];
+  const GramPair pair = params.items[find_item(params)];
+  const int64_t local = blockIdx.x - pair.first_block;
+  const int64_t splits = ceil_div(pair.rows, pair.rows_per_split);
+  const int64_t slot_elements = tile_elements(shape);
+  const auto* partials = static_cast<const acc_t*>(pair.partials);
+  auto* gram = static_cast<acc_t*>(pair.gram);
+  const int64_t chunks = reduce_blocks_per_tile(shape);
+  const int tile = static_cast<int>(local / chunks);
+  const int first_row = static_cast<int>(local % chunks) * kReduceRows;
+  auto sum_slots = [&](int64_t offset) {
+    acc_t v = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      v += partials[(s * pair.split_tiles + tile) * slot_elements + offset];
+    }
+    return v;
+  };
+  if (!shape.triangle) {
+    const int64_t c = int64_t{tile} * shape.tile + threadIdx.x;
+    if (threadIdx.x < shape.tile && c < pair.n) {
+      gram[c] += sum_slots(threadIdx.x);
+    }
+    return;
+  }
+  int ti, tj;
+  triangle_tile(pair.tiles, tile, ti, tj);
+  for (int e = threadIdx.x; e < kReduceRows * shape.tile; e += kThreads) {
+    const int a = e / shape.tile, b = e % shape.tile;
+    staged[a * kPitch + b] = sum_slots(int64_t{first_row + a} * shape.tile + b);
+  }
+  __syncthreads();
+  add_staged_tile(
+      staged, kPitch, kReduceRows, shape.tile, gram, pair.n, int64_t{ti} * shape.tile + first_row,
+      int64_t{tj} * shape.tile, ti != tj);
 }
 
 }  // namespace
@@ -483,6 +550,13 @@ cudaError_t GramLaunch<input_t, acc_t>::launch(
       return cudaGetLastError();
   }
   return cudaErrorInvalidValue;
+}
+
+template <typename input_t, typename acc_t>
+cudaError_t GramLaunch<input_t, acc_t>::reduce_splits(
+    GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream) {
+  gram_reduce_splits_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(params, gram_shape(kernel));
+  return cudaGetLastError();
 }
 
 template struct GramLaunch<Half16, float>;

@@ -59,6 +59,17 @@ constexpr GramShape gram_shape(GramKernel kernel) {
                                           : kDiagonalShape;
 }
 
+// Accumulator elements of one block's result: a tile, or a block of columns.
+constexpr int64_t tile_elements(GramShape shape) {
+  return shape.triangle ? int64_t{shape.tile} * shape.tile : shape.tile;
+}
+
+// The split reduction sums a tile this many rows at a time (one block each); a column block in one go.
+constexpr int kReduceRows = 32;
+constexpr int64_t reduce_blocks_per_tile(GramShape shape) {
+  return shape.triangle ? shape.tile / kReduceRows : 1;
+}
+
 struct GramPair {
   void* gram;          // acc_t, contiguous (n, n), or (n,) for the diagonal kernel
   const void* x;       // input_t, (rows, n) with strides (stride_row, stride_col) in elements
@@ -71,21 +82,26 @@ struct GramPair {
   int32_t tiles;           // tiles per side
   int32_t split_tiles;     // blocks per row split: tiles (tiles + 1) / 2, or tiles for the diagonal kernel
   int32_t vector_loads;    // 16-byte loads are legal: unit column stride, 16-byte aligned rows
+  // nullptr: each block adds its tile into G. Otherwise the rows are split over several blocks, each
+  // stores its tile in slot [split][tile] of this acc_t workspace, and the split reduction adds the slots
+  // into G in split order.
+  void* partials;
 };
 
 struct GramParams {
   int count;
-  bool atomic;  // another block may add to the same element of G (row splits, or grams sharing memory)
   GramPair items[kMaxItems];
 };
 static_assert(sizeof(GramParams) <= kMaxParamBytes, "GramParams must fit in a kernel's parameters");
 
 // Launchers, instantiated for input_t in {Half16, BFloat16, float, double} and acc_t in {float, double};
-// `kernel` must be TensorCore only for 16-bit inputs with acc_t = float.
+// `kernel` must be TensorCore only for 16-bit inputs with acc_t = float. reduce_splits takes the pairs that
+// have partials, reduce_blocks_per_tile(shape) blocks per tile.
 template <typename input_t, typename acc_t>
 struct GramLaunch {
   static cudaError_t resident_blocks(GramKernel kernel, int* blocks_per_sm);
   static cudaError_t launch(GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream);
+  static cudaError_t reduce_splits(GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream);
 };
 
 // ------------------------------------------------------------------------------------------ merge
@@ -115,7 +131,6 @@ struct PanelLayer {
 
 struct PanelParams {
   int count;
-  bool atomic;
   int32_t mode;  // PanelOut
   PanelLayer items[kMaxItems];
 };
@@ -133,7 +148,6 @@ struct ReduceLayer {
 
 struct ReduceParams {
   int count;
-  bool atomic;
   ReduceLayer items[kMaxItems];
 };
 static_assert(sizeof(ReduceParams) <= kMaxParamBytes, "ReduceParams must fit in a kernel's parameters");
@@ -151,7 +165,6 @@ struct ProductLayer {
 
 struct ProductParams {
   int count;
-  bool atomic;
   ProductLayer items[kMaxItems];
 };
 static_assert(sizeof(ProductParams) <= kMaxParamBytes, "ProductParams must fit in a kernel's parameters");

@@ -12,8 +12,9 @@
 // added to projection_sums) and the products weighted_sums += L (F G) or += B P. Diagonal Grams take the
 // same launches with an elementwise body instead of the walk down the rows.
 //
-// Every sum over rows, row groups or panels runs in a fixed order: results are bitwise reproducible
-// unless the host asks for atomic adds (accumulators that share memory).
+// Every sum over rows, row groups or panels runs in a fixed order, and no two blocks of a launch add to the
+// same accumulator element (the host launches entries that share accumulators one at a time): results are
+// bitwise reproducible.
 #include "device_utils.cuh"
 
 namespace lorm_ext::cuda {
@@ -48,20 +49,10 @@ __device__ __forceinline__ void load16<double>(const double* p, double (&v)[pane
   }
 }
 
-// sum[k + u][c] += g[u] for the rows k + u < n of a contiguous (n, n) sum. The plain path loads every old
-// value before storing any, so the loads are not held back behind possibly aliasing stores.
+// sum[k + u][c] += g[u] for the rows k + u < n of a contiguous (n, n) sum. Every old value is loaded before
+// any is stored, so the loads are not held back behind stores the compiler cannot prove distinct.
 template <typename acc_t>
-__device__ __forceinline__ void add_rows(
-    acc_t* sum, int64_t k, int64_t c, int64_t n, const acc_t (&g)[panel::kBatch], bool atomic) {
-  if (atomic) {
-#pragma unroll
-    for (int u = 0; u < panel::kBatch; ++u) {
-      if (k + u < n) {
-        atomicAdd(sum + (k + u) * n + c, g[u]);
-      }
-    }
-    return;
-  }
+__device__ __forceinline__ void add_rows(acc_t* sum, int64_t k, int64_t c, int64_t n, const acc_t (&g)[panel::kBatch]) {
   acc_t old[panel::kBatch];
 #pragma unroll
   for (int u = 0; u < panel::kBatch; ++u) {
@@ -103,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 2) merge_panel_kernel(PanelParams pa
       if (group == 0 && in) {
         const acc_t g = upcast<acc_t>(gram[c * layer.stride0]);
         if (add_sum) {
-          accumulate(gram_sum + c, g, params.atomic);
+          gram_sum[c] += g;
         }
 #pragma unroll
         for (int q = 0; q < panel::kChunk; ++q) {
@@ -131,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) merge_panel_kernel(PanelParams pa
               g[u] = k + u < n ? upcast<acc_t>(gram[(k + u) * layer.stride0 + c * layer.stride1]) : acc_t(0);
             }
             if (add_sum) {
-              add_rows(gram_sum, k, c, n, g, params.atomic);
+              add_rows(gram_sum, k, c, n, g);
             }
 #pragma unroll
             for (int u = 0; u < panel::kBatch; ++u) {
@@ -159,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 2) merge_panel_kernel(PanelParams pa
       product_s[0][q][cc] = v;  // only this thread touches (q, cc) in this loop
       if (q < chunk_rows && c0 + cc < n) {
         if (params.mode == kAddToOut) {
-          accumulate(out + (q0 + q) * n + c0 + cc, v, params.atomic);
+          out[(q0 + q) * n + c0 + cc] += v;
         } else if (params.mode == kStoreToOut) {
           out[(q0 + q) * n + c0 + cc] = v;
         }
@@ -194,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(ReduceParams 
   for (int64_t panel_index = 0; panel_index < layer.panels; ++panel_index) {
     v += partials[panel_index * layer.elements + e];
   }
-  accumulate(static_cast<acc_t*>(layer.sum) + e, v, params.atomic);
+  static_cast<acc_t*>(layer.sum)[e] += v;
   static_cast<acc_t*>(layer.projection)[e] = v;
 }
 
@@ -214,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_product_kernel(ProductPar
   for (int64_t q = 0; q < layer.p; ++q) {
     v = fma(left[q], mid[q * layer.w], v);
   }
-  accumulate(static_cast<acc_t*>(layer.out) + e, v, params.atomic);
+  static_cast<acc_t*>(layer.out)[e] += v;
 }
 
 }  // namespace

@@ -73,7 +73,7 @@ void check_on_cuda(at::TensorList tensors, const char* op, const char* name) {
   }
 }
 
-// Whether any two tensors share bytes: then blocks of one launch may add to the same accumulator element.
+// Whether any two tensors share bytes.
 bool any_overlap(const std::vector<at::Tensor>& tensors) {
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   for (const auto& t : tensors) {
@@ -91,17 +91,52 @@ bool any_overlap(const std::vector<at::Tensor>& tensors) {
   return false;
 }
 
+// An entry whose two accumulators share memory is refused before any accumulator is touched.
+void check_disjoint(at::TensorList sums, at::TensorList other_sums, const char* op) {
+  for (size_t i = 0; i < sums.size(); ++i) {
+    TORCH_CHECK(!any_overlap({sums[i], other_sums[i]}), op, ": the accumulators of entry ", i, " share memory");
+  }
+}
+
+// How a group of list entries (accumulators[e] are entry e's) is cut into launches: all at once, or one
+// entry per launch in list order when an accumulator of one entry shares memory with another's (the same
+// Gram twice, say). So no two blocks of a launch ever add to the same element: the kernels need no atomics.
+std::vector<std::vector<size_t>> launch_batches(const std::vector<std::vector<at::Tensor>>& accumulators) {
+  std::vector<at::Tensor> all;
+  for (const auto& entry : accumulators) {
+    all.insert(all.end(), entry.begin(), entry.end());
+  }
+  const bool shared = any_overlap(all);
+  std::vector<std::vector<size_t>> batches;
+  for (size_t e = 0; e < accumulators.size(); ++e) {
+    if (shared || batches.empty()) {
+      batches.emplace_back();
+    }
+    batches.back().push_back(e);
+  }
+  return batches;
+}
+
+template <typename T>
+std::vector<T> select(const std::vector<T>& items, const std::vector<size_t>& positions) {
+  std::vector<T> out;
+  for (size_t e : positions) {
+    out.push_back(items[e]);
+  }
+  return out;
+}
+
 // Launches `launch(params, blocks)` for the items with at least one block, kMaxItems per launch, numbering
-// each launch's blocks from 0. `params` carries the launch-wide fields.
+// each launch's blocks from 0.
 template <typename Params, typename Item, typename BlocksOf, typename Launch>
-void launch_items(
-    const std::vector<Item>& items, Params params, BlocksOf blocks_of, Launch launch, const char* op) {
+void launch_items(const std::vector<Item>& items, BlocksOf blocks_of, Launch launch, const char* op) {
   std::vector<Item> busy;
   for (const auto& item : items) {
     if (blocks_of(item) > 0) {
       busy.push_back(item);
     }
   }
+  Params params{};
   for (size_t begin = 0; begin < busy.size(); begin += kMaxItems) {
     const size_t end = std::min(busy.size(), begin + kMaxItems);
     int64_t blocks = 0;
@@ -122,7 +157,7 @@ void* element_ptr(const at::Tensor& t, int64_t offset) {
 
 // -------------------------------------------------------------------------------------- gram_accumulate_
 
-// A tile split over more rows than this would spend as long adding into G as computing.
+// Fewer rows per split would make storing and re-reading a split's tile cost about as much as computing it.
 constexpr int64_t kMinRowsPerSplit = 256;
 
 struct GramJob {
@@ -130,9 +165,13 @@ struct GramJob {
   at::Tensor x;  // (rows, n)
 };
 
+int64_t row_splits(const GramPair& p) {
+  return ceil_div(p.rows, p.rows_per_split);
+}
+
 // One descriptor per job. Rows are split (by the same factor for every pair of the launch) only as far as
-// needed for about two waves of resident blocks; `split` reports whether any pair was.
-std::vector<GramPair> schedule(const std::vector<GramJob>& jobs, GramShape shape, int64_t target_blocks, bool& split) {
+// needed for about two waves of resident blocks.
+std::vector<GramPair> schedule(const std::vector<GramJob>& jobs, GramShape shape, int64_t target_blocks) {
   int64_t tiles_total = 0;
   for (const auto& job : jobs) {
     const int64_t t = ceil_div(job.gram.size(0), shape.tile);
@@ -153,7 +192,6 @@ std::vector<GramPair> schedule(const std::vector<GramJob>& jobs, GramShape shape
     p.split_tiles = static_cast<int32_t>(shape.triangle ? t * (t + 1) / 2 : t);
     const int64_t splits = std::min(splits_wanted, std::max<int64_t>(1, p.rows / kMinRowsPerSplit));
     p.rows_per_split = ceil_div(ceil_div(p.rows, splits), shape.row_step) * shape.row_step;
-    split = split || p.rows_per_split < p.rows;
     p.vector_loads = p.stride_col == 1 && p.stride_row % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
     pairs.push_back(p);
   }
@@ -173,21 +211,43 @@ void launch_gram_group(GramKernel kernel, const std::vector<GramJob>& jobs, cons
   const c10::Device device = jobs.front().gram.device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const GramShape shape = gram_shape(kernel);
   int per_sm = 0, sms = 0;
   C10_CUDA_CHECK(Launch::resident_blocks(kernel, &per_sm));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
-  bool split = false;
-  const auto pairs = schedule(jobs, gram_shape(kernel), 2 * int64_t{std::max(per_sm, 1)} * sms, split);
-  std::vector<at::Tensor> grams;
+  const int64_t target_blocks = 2 * int64_t{std::max(per_sm, 1)} * sms;
+  std::vector<std::vector<at::Tensor>> accumulators;
   for (const auto& job : jobs) {
-    grams.push_back(job.gram);
+    accumulators.push_back({job.gram});
   }
-  GramParams params{};
-  params.atomic = split || any_overlap(grams);
-  launch_items(
-      pairs, params,
-      [](const GramPair& p) { return ceil_div(p.rows, p.rows_per_split) * p.split_tiles; },
-      [&](const GramParams& prm, int64_t blocks) { return Launch::launch(kernel, prm, blocks, stream); }, op);
+  for (const auto& batch : launch_batches(accumulators)) {
+    auto pairs = schedule(select(jobs, batch), shape, target_blocks);
+    // Workspace slots for the tiles of the pairs whose rows are split.
+    int64_t slots = 0;
+    for (const auto& p : pairs) {
+      slots += row_splits(p) > 1 ? row_splits(p) * p.split_tiles * tile_elements(shape) : 0;
+    }
+    const at::Tensor partials = at::empty({slots}, jobs.front().gram.options());
+    std::vector<GramPair> split_pairs;
+    int64_t offset = 0;
+    for (auto& p : pairs) {
+      if (row_splits(p) > 1) {
+        p.partials = element_ptr(partials, offset);
+        offset += row_splits(p) * p.split_tiles * tile_elements(shape);
+        split_pairs.push_back(p);
+      }
+    }
+    launch_items<GramParams>(
+        pairs, [](const GramPair& p) { return row_splits(p) * p.split_tiles; },
+        [&](const GramParams& params, int64_t blocks) { return Launch::launch(kernel, params, blocks, stream); },
+        op);
+    launch_items<GramParams>(
+        split_pairs, [&](const GramPair& p) { return p.split_tiles * reduce_blocks_per_tile(shape); },
+        [&](const GramParams& params, int64_t blocks) {
+          return Launch::reduce_splits(kernel, params, blocks, stream);
+        },
+        op);
+  }
 }
 
 void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
@@ -241,36 +301,33 @@ PanelLayer panel_layer(const at::Tensor& gram, void* gram_sum, const at::Tensor&
 }
 
 template <typename input_t, typename acc_t>
-void launch_panels(std::vector<PanelLayer> layers, PanelOut mode, bool atomic, cudaStream_t stream, const char* op) {
+void launch_panels(std::vector<PanelLayer> layers, PanelOut mode, cudaStream_t stream, const char* op) {
   // Widest Grams (most rows walked per block) first, so that they do not form the last wave.
   auto work = [](const PanelLayer& l) { return l.n * ceil_div(std::max<int64_t>(l.p, 1), kPanelChunk); };
   std::stable_sort(layers.begin(), layers.end(), [&](const auto& a, const auto& b) { return work(a) > work(b); });
-  PanelParams params{};
-  params.atomic = atomic;
-  params.mode = mode;
-  launch_items(
-      layers, params, [](const PanelLayer& l) { return panels_of(l.n); },
-      [&](const PanelParams& prm, int64_t blocks) { return PanelLaunch<input_t, acc_t>::launch(prm, blocks, stream); },
+  // A layer with no factor rows and no Gram sum has nothing to compute.
+  launch_items<PanelParams>(
+      layers, [](const PanelLayer& l) { return l.p == 0 && l.gram_sum == nullptr ? 0 : panels_of(l.n); },
+      [&](PanelParams& params, int64_t blocks) {
+        params.mode = mode;
+        return PanelLaunch<input_t, acc_t>::launch(params, blocks, stream);
+      },
       op);
 }
 
 template <typename acc_t>
-void launch_products(const std::vector<ProductLayer>& layers, bool atomic, cudaStream_t stream, const char* op) {
-  ProductParams params{};
-  params.atomic = atomic;
-  launch_items(
-      layers, params, [](const ProductLayer& l) { return ceil_div(l.m * l.w, kThreads); },
-      [&](const ProductParams& prm, int64_t blocks) { return FinishLaunch<acc_t>::product(prm, blocks, stream); },
+void launch_products(const std::vector<ProductLayer>& layers, cudaStream_t stream, const char* op) {
+  launch_items<ProductParams>(
+      layers, [](const ProductLayer& l) { return ceil_div(l.m * l.w, kThreads); },
+      [&](const ProductParams& params, int64_t blocks) { return FinishLaunch<acc_t>::product(params, blocks, stream); },
       op);
 }
 
 template <typename acc_t>
-void launch_reductions(const std::vector<ReduceLayer>& layers, bool atomic, cudaStream_t stream, const char* op) {
-  ReduceParams params{};
-  params.atomic = atomic;
-  launch_items(
-      layers, params, [](const ReduceLayer& l) { return ceil_div(l.elements, kThreads); },
-      [&](const ReduceParams& prm, int64_t blocks) { return FinishLaunch<acc_t>::reduce(prm, blocks, stream); },
+void launch_reductions(const std::vector<ReduceLayer>& layers, cudaStream_t stream, const char* op) {
+  launch_items<ReduceParams>(
+      layers, [](const ReduceLayer& l) { return ceil_div(l.elements, kThreads); },
+      [&](const ReduceParams& params, int64_t blocks) { return FinishLaunch<acc_t>::reduce(params, blocks, stream); },
       op);
 }
 
@@ -295,20 +352,21 @@ void gram_weighted_accumulate_cuda(
   constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
   check_on_cuda(gram_sums, op, "gram_sums");
+  check_disjoint(gram_sums, weighted_sums, op);
   const bool has_lefts = !lefts.empty();
   for (const auto& [key, members] : group_layers(grams, gram_sums)) {
     const at::Tensor& first = gram_sums[members.front()];
     const c10::cuda::CUDAGuard guard(first.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
-    std::vector<at::Tensor> keep, accumulators;
+    std::vector<std::vector<at::Tensor>> accumulators;
     int64_t staged = 0;  // elements of F G staged for L (F G)
     for (size_t i : members) {
-      accumulators.push_back(gram_sums[i]);
-      accumulators.push_back(weighted_sums[i]);
+      accumulators.push_back({gram_sums[i], weighted_sums[i]});
       staged += has_lefts ? factors[i].size(0) * grams[i].size(0) : 0;
     }
-    const bool atomic = any_overlap(accumulators);
+    const auto batches = launch_batches(accumulators);
     const at::Tensor workspace = at::empty({staged}, first.options());
+    std::vector<at::Tensor> keep;  // converted factors, alive until the launches are queued
     std::vector<PanelLayer> layers;
     std::vector<ProductLayer> products;
     int64_t offset = 0;
@@ -329,8 +387,10 @@ void gram_weighted_accumulate_cuda(
     }
     LORM_EXT_DISPATCH_INPUT(grams[members.front()].scalar_type(), op, [&] {
       LORM_EXT_DISPATCH_ACC(first.scalar_type(), op, [&] {
-        launch_panels<input_t, acc_t>(layers, has_lefts ? kStoreToOut : kAddToOut, atomic, stream, op);
-        launch_products<acc_t>(products, atomic, stream, op);
+        for (const auto& batch : batches) {
+          launch_panels<input_t, acc_t>(select(layers, batch), has_lefts ? kStoreToOut : kAddToOut, stream, op);
+          launch_products<acc_t>(has_lefts ? select(products, batch) : products, stream, op);
+        }
       });
     });
   }
@@ -345,22 +405,23 @@ void projected_accumulate_cuda(
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
   check_on_cuda(projection_sums, op, "projection_sums");
+  check_disjoint(projection_sums, weighted_sums, op);
   for (const auto& [key, members] : group_layers(grams, projection_sums)) {
     const at::Tensor& first = projection_sums[members.front()];
     const c10::cuda::CUDAGuard guard(first.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index());
-    std::vector<at::Tensor> keep, accumulators;
+    std::vector<std::vector<at::Tensor>> accumulators;
     int64_t partial_elements = 0, projection_elements = 0;
     for (size_t i : members) {
-      accumulators.push_back(projection_sums[i]);
-      accumulators.push_back(weighted_sums[i]);
+      accumulators.push_back({projection_sums[i], weighted_sums[i]});
       const int64_t r = shared_factors[i].size(0);
       partial_elements += panels_of(grams[i].size(0)) * r * r;
       projection_elements += r * r;
     }
-    const bool atomic = any_overlap(accumulators);
+    const auto batches = launch_batches(accumulators);
     const at::Tensor partials = at::empty({partial_elements}, first.options());
     const at::Tensor projections = at::empty({projection_elements}, first.options());
+    std::vector<at::Tensor> keep;  // converted factors, alive until the launches are queued
     std::vector<PanelLayer> layers;
     std::vector<ReduceLayer> reductions;
     std::vector<ProductLayer> products;
@@ -374,11 +435,8 @@ void projected_accumulate_cuda(
       const int64_t n = gram.size(0), r = a.size(0), panels = panels_of(n);
       void* partial = element_ptr(partials, partial_offset);
       void* projection = element_ptr(projections, projection_offset);
-      // With n = 0 there are no panels: the reduction sums none, so P = 0 as it should. With r = 0 there is
-      // nothing to compute.
-      if (r > 0) {
-        layers.push_back(panel_layer(gram, nullptr, a, partial));
-      }
+      // With n = 0 there are no panels: the reduction sums none, so P = 0 as it should.
+      layers.push_back(panel_layer(gram, nullptr, a, partial));
       reductions.push_back({partial, projection_sums[i].mutable_data_ptr(), projection, r * r, panels, 0});
       products.push_back({b.const_data_ptr(), projection, weighted_sums[i].mutable_data_ptr(), b.size(0), r, r, 0});
       partial_offset += panels * r * r;
@@ -386,9 +444,11 @@ void projected_accumulate_cuda(
     }
     LORM_EXT_DISPATCH_INPUT(grams[members.front()].scalar_type(), op, [&] {
       LORM_EXT_DISPATCH_ACC(first.scalar_type(), op, [&] {
-        launch_panels<input_t, acc_t>(layers, kProjectPartials, atomic, stream, op);
-        launch_reductions<acc_t>(reductions, atomic, stream, op);
-        launch_products<acc_t>(products, atomic, stream, op);
+        for (const auto& batch : batches) {
+          launch_panels<input_t, acc_t>(select(layers, batch), kProjectPartials, stream, op);
+          launch_reductions<acc_t>(select(reductions, batch), stream, op);
+          launch_products<acc_t>(select(products, batch), stream, op);
+        }
       });
     });
   }
