@@ -1,7 +1,7 @@
 """Builds lorm_ext._C: the C++ ops always, the CUDA ops whenever the installed torch is a CUDA build.
 
 LORM_EXT_CUDA=auto (default) builds CUDA when torch has CUDA and nvcc is found, =1 requires it, =0 skips it.
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0": A100 and H100/H200).
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100 and H100/H200 machine code, plus PTX that newer GPUs compile at load time).
 """
 import glob
 import os
@@ -48,7 +48,7 @@ def extension():
     with_cuda = want_cuda()
     cxx_flags = ["-O3", "-g0"]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return cpp_extension.CUDAExtension(
             "lorm_ext._C",
             CPU_SOURCES + CUDA_SOURCES,

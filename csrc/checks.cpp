@@ -2,6 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
 namespace lorm_ext {
 namespace {
 
@@ -43,10 +47,44 @@ void check_lengths(size_t expected, size_t got, const char* op, const char* name
   TORCH_CHECK(expected == got, op, ": ", name, " has ", got, " entries, expected ", expected);
 }
 
+// The dispatcher sends a whole list to one backend (CUDA if any entry is on a GPU), so all entries must
+// live on the device of the first.
+void check_one_device(at::TensorList tensors, const at::Tensor& first, const char* op, const char* name) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        tensors[i].device() == first.device(),
+        op, ": ", name, "[", i, "] is on ", tensors[i].device(), " but entry 0 is on ", first.device(),
+        "; all entries of one call must be on one device");
+  }
+}
+
+void check_disjoint(at::TensorList sums, at::TensorList other_sums, const char* op) {
+  for (size_t i = 0; i < sums.size(); ++i) {
+    TORCH_CHECK(!any_overlap({sums[i], other_sums[i]}), op, ": the accumulators of entry ", i, " share memory");
+  }
+}
+
 }  // namespace
 
 bool is_diagonal_gram(const at::Tensor& gram) {
   return gram.dim() == 1;
+}
+
+bool any_overlap(const std::vector<at::Tensor>& tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (const auto& t : tensors) {
+    if (t.numel() > 0) {
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      ranges.emplace_back(begin, begin + t.nbytes());
+    }
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].first < ranges[i - 1].second) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void check_gram_stats_args(const at::Tensor& gram) {
@@ -70,6 +108,9 @@ void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
     TORCH_CHECK(
         x.size(-1) == g.size(0),
         op, ": inputs[", i, "] has ", x.size(-1), " features but grams[", i, "] is for ", g.size(0));
+  }
+  if (!grams.empty()) {
+    check_one_device(grams, grams[0], op, "grams");
   }
 }
 
@@ -124,6 +165,10 @@ void check_gram_weighted_accumulate_args(
         ws.dim() == 2 && ws.size(0) == rows && ws.size(1) == n,
         op, ": weighted_sums[", i, "] must be (", rows, ", ", n, "), got ", ws.sizes());
   }
+  if (n_layers > 0) {
+    check_one_device(gram_sums, gram_sums[0], op, "gram_sums");
+  }
+  check_disjoint(gram_sums, weighted_sums, op);
 }
 
 void check_projected_accumulate_args(
@@ -171,6 +216,10 @@ void check_projected_accumulate_args(
         ws.dim() == 2 && ws.size(0) == b.size(0) && ws.size(1) == r,
         op, ": weighted_sums[", i, "] must be (", b.size(0), ", ", r, "), got ", ws.sizes());
   }
+  if (n_layers > 0) {
+    check_one_device(projection_sums, projection_sums[0], op, "projection_sums");
+  }
+  check_disjoint(projection_sums, weighted_sums, op);
 }
 
 }  // namespace lorm_ext

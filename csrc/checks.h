@@ -5,10 +5,17 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace lorm_ext {
 
 // A Gram is float32/float64, contiguous, and either (n, n) or (n,) (diagonal-only).
 bool is_diagonal_gram(const at::Tensor& gram);
+
+// Whether any two of the tensors share bytes. Every op takes the entries of a list on one device and
+// refuses an entry whose own accumulators overlap; the same accumulator in two entries is allowed, and the
+// implementations then apply those entries one after another, in list order.
+bool any_overlap(const std::vector<at::Tensor>& tensors);
 
 // gram_stats: a non-empty (n, n) or (n,) floating-point Gram.
 void check_gram_stats_args(const at::Tensor& gram);

@@ -157,6 +157,20 @@ def test_gram_stats_matches_reference(device, dtype, n):
     assert ops.gram_stats(diagonal).tolist() == pytest.approx(gram_stats_truth(diagonal), rel=1e-12)
 
 
+def test_entries_sharing_an_accumulator_add_up_in_order(device):
+    """The same sums in several entries (two clients in one call) must get both updates, with no race."""
+    grams = [random_gram(300, 310, dtype=torch.float32, device=device) for _ in range(3)]
+    factors = [torch.randn(5, 300, device=device) for _ in range(3)]
+    gram_sum, weighted_sum = torch.zeros(300, 300, device=device, dtype=torch.float64), torch.zeros(5, 300, device=device, dtype=torch.float64)
+    ops.gram_weighted_accumulate_([gram_sum] * 3, [weighted_sum] * 3, grams, factors)
+    assert_rel_close(gram_sum, sum(g.double() for g in grams), 1e-12)
+    assert_rel_close(weighted_sum, sum(f.double() @ g.double() for f, g in zip(factors, grams)), 1e-12)
+    shared = torch.zeros(20, 20, device=device)
+    xs = [torch.randn(50, 20, device=device) for _ in range(2)]
+    ops.gram_accumulate_([shared, shared], xs)
+    assert_rel_close(shared, ref.gram_ref(torch.cat(xs), dtype=torch.float64), REL_TOL[torch.float32])
+
+
 class TestPsdRightSolve:
     def check(self, rhs, gram, rcond=ref.DEFAULT_RCOND, rel=1e-9):
         out = ops.psd_right_solve(rhs, gram, rcond)
@@ -258,6 +272,13 @@ class TestBadInputs:
         self.expect_error(call([s], [w.double()], [g], [f]), [s, w], "weighted_sums[0] is Double but gram_sums[0] is Float")
         self.expect_error(call([s], [w], [g], [f], [torch.randn(3, 3, device=device)]), [s, w], "lefts[0] must be (m, 2)")
         self.expect_error(call([s], [torch.zeros(3, 4, device=device)], [g], [f]), [s], "weighted_sums[0] must be (2, 4)")
+
+    def test_accumulators_of_one_entry_must_not_overlap(self, device):
+        s = torch.zeros(4, 4, device=device)
+        g, f = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(4, 4, device=device)
+        self.expect_error(lambda: ops.gram_weighted_accumulate_([s], [s], [g], [f]), [s], "the accumulators of entry 0 share memory")
+        p = torch.zeros(4, 4, device=device)
+        self.expect_error(lambda: ops.projected_accumulate_([p], [p], [g], [f], [f]), [p], "the accumulators of entry 0 share memory")
 
     def test_projected_accumulate(self, device):
         p, w = torch.zeros(2, 2, device=device), torch.zeros(5, 2, device=device)

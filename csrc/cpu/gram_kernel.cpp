@@ -100,10 +100,10 @@ void gram_accumulate_cpu(at::TensorList grams, at::TensorList inputs) {
   check_gram_accumulate_args(grams, inputs);
   for (size_t i = 0; i < grams.size(); ++i) {
     const at::Tensor gram = grams[i].detach();
-    const at::Tensor x = inputs[i].detach().reshape({-1, gram.size(0)});
-    if (x.size(0) == 0) {
+    if (gram.numel() == 0 || inputs[i].numel() == 0) {
       continue;
     }
+    const at::Tensor x = inputs[i].detach().reshape({-1, gram.size(0)});
     if (is_diagonal_gram(gram)) {
       accumulate_diagonal(gram, x);
     } else {

@@ -68,6 +68,16 @@ void gram_weighted_accumulate_cpu(
     at::TensorList lefts) {
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
   const bool has_lefts = !lefts.empty();
+  std::vector<at::Tensor> accumulators(gram_sums.begin(), gram_sums.end());
+  accumulators.insert(accumulators.end(), weighted_sums.begin(), weighted_sums.end());
+  if (gram_sums.size() > 1 && any_overlap(accumulators)) {
+    // Entries share an accumulator: their column blocks must not run in parallel, so one entry at a time.
+    for (size_t i = 0; i < gram_sums.size(); ++i) {
+      gram_weighted_accumulate_cpu(
+          gram_sums[i], weighted_sums[i], grams[i], factors[i], has_lefts ? at::TensorList(lefts[i]) : at::TensorList());
+    }
+    return;
+  }
   const auto factor = in_dtype_of(factors, gram_sums);
   const auto left = has_lefts ? in_dtype_of(lefts, gram_sums) : std::vector<at::Tensor>{};
 

@@ -182,4 +182,24 @@ struct FinishLaunch {
   static cudaError_t product(const ProductParams& params, int64_t blocks, cudaStream_t stream);
 };
 
+// ------------------------------------------------------------------------------------------ gram_stats
+
+constexpr int kStatsTile = 32;  // a block owns one kStatsTile² tile of the upper triangle
+
+// One block's statistics; blocks below the diagonal report neutral values (0, +inf, -inf, 0).
+struct StatsPartial {
+  double max_asymmetry;
+  double min_diagonal;
+  double max_diagonal;
+  double nonfinite;
+};
+static_assert(sizeof(StatsPartial) == 4 * sizeof(double), "the host reads the partials as a (blocks, 4) float64 tensor");
+
+// Grid (tiles, tiles) over a contiguous (n, n) Gram, one StatsPartial per block (row-major over the grid).
+// Instantiated for input_t in {Half16, BFloat16, float, double}.
+template <typename input_t>
+struct StatsLaunch {
+  static cudaError_t launch(const input_t* gram, int64_t n, StatsPartial* partials, cudaStream_t stream);
+};
+
 }  // namespace lorm_ext::cuda

@@ -6,13 +6,21 @@
 #ifndef __CUDA_ARCH__
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -62,41 +70,6 @@ namespace {
         TORCH_CHECK(false, NAME, ": unsupported accumulator dtype ", TYPE);   \
     }                                                                         \
   }()
-
-// The dispatcher picks these kernels when any entry is on a GPU, and the shared checks only compare devices
-// within an entry, so a list mixing CPU and GPU entries is refused here.
-void check_on_cuda(at::TensorList tensors, const char* op, const char* name) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(
-        tensors[i].is_cuda(), op, ": ", name, "[", i, "] is on ", tensors[i].device(),
-        "; the CUDA implementation needs every entry on a CUDA device");
-  }
-}
-
-// Whether any two tensors share bytes.
-bool any_overlap(const std::vector<at::Tensor>& tensors) {
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
-  for (const auto& t : tensors) {
-    if (t.numel() > 0) {
-      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-      ranges.emplace_back(begin, begin + t.nbytes());
-    }
-  }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i].first < ranges[i - 1].second) {
-      return true;
-    }
-  }
-  return false;
-}
-
-// An entry whose two accumulators share memory is refused before any accumulator is touched.
-void check_disjoint(at::TensorList sums, at::TensorList other_sums, const char* op) {
-  for (size_t i = 0; i < sums.size(); ++i) {
-    TORCH_CHECK(!any_overlap({sums[i], other_sums[i]}), op, ": the accumulators of entry ", i, " share memory");
-  }
-}
 
 // How a group of list entries (accumulators[e] are entry e's) is cut into launches: all at once, or one
 // entry per launch in list order when an accumulator of one entry shares memory with another's (the same
@@ -253,7 +226,6 @@ void launch_gram_group(GramKernel kernel, const std::vector<GramJob>& jobs, cons
 void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
   constexpr const char* op = "lorm_ext::gram_accumulate_";
   check_gram_accumulate_args(grams, inputs);
-  check_on_cuda(grams, op, "grams");
   // One group of launches per (kernel, input dtype, Gram dtype, device); list order is kept within a group.
   std::map<std::tuple<int, int, int, int>, std::vector<GramJob>> groups;
   for (size_t i = 0; i < grams.size(); ++i) {
@@ -351,8 +323,6 @@ void gram_weighted_accumulate_cuda(
     at::TensorList lefts) {
   constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
-  check_on_cuda(gram_sums, op, "gram_sums");
-  check_disjoint(gram_sums, weighted_sums, op);
   const bool has_lefts = !lefts.empty();
   for (const auto& [key, members] : group_layers(grams, gram_sums)) {
     const at::Tensor& first = gram_sums[members.front()];
@@ -404,8 +374,6 @@ void projected_accumulate_cuda(
     at::TensorList factors) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
-  check_on_cuda(projection_sums, op, "projection_sums");
-  check_disjoint(projection_sums, weighted_sums, op);
   for (const auto& [key, members] : group_layers(grams, projection_sums)) {
     const at::Tensor& first = projection_sums[members.front()];
     const c10::cuda::CUDAGuard guard(first.device());
@@ -454,10 +422,40 @@ void projected_accumulate_cuda(
   }
 }
 
+// -------------------------------------------------------------------------------------------- gram_stats
+
+at::Tensor gram_stats_cuda(const at::Tensor& gram_in) {
+  constexpr const char* op = "lorm_ext::gram_stats";
+  check_gram_stats_args(gram_in);
+  const c10::cuda::CUDAGuard guard(gram_in.device());
+  const at::Tensor gram = gram_in.detach().contiguous();
+  if (gram.dim() == 1) {  // a diagonal: a few elementwise ATen ops are as good as a kernel
+    const at::Tensor values = gram.to(at::kDouble);
+    const at::Tensor finite = at::isfinite(values);
+    const double inf = std::numeric_limits<double>::infinity();
+    return at::stack(
+        {at::zeros({}, values.options()), at::amin(at::where(finite, values, inf), 0),
+         at::amax(at::where(finite, values, -inf), 0), at::sum(finite.logical_not(), 0).to(at::kDouble)});
+  }
+  const int64_t n = gram.size(0);
+  const int64_t tiles = ceil_div(n, kStatsTile);
+  const at::Tensor partials = at::empty({tiles * tiles, 4}, gram.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index());
+  LORM_EXT_DISPATCH_INPUT(gram.scalar_type(), op, [&] {
+    C10_CUDA_CHECK(StatsLaunch<input_t>::launch(
+        static_cast<const input_t*>(gram.const_data_ptr()), n,
+        reinterpret_cast<StatsPartial*>(partials.mutable_data_ptr<double>()), stream));
+  });
+  return at::stack(
+      {at::amax(partials.select(1, 0), 0), at::amin(partials.select(1, 1), 0), at::amax(partials.select(1, 2), 0),
+       at::sum(partials.select(1, 3), 0)});
+}
+
 }  // namespace
 }  // namespace lorm_ext::cuda
 
 TORCH_LIBRARY_IMPL(lorm_ext, CUDA, m) {
+  m.impl("gram_stats", &lorm_ext::cuda::gram_stats_cuda);
   m.impl("gram_accumulate_", &lorm_ext::cuda::gram_accumulate_cuda);
   m.impl("gram_weighted_accumulate_", &lorm_ext::cuda::gram_weighted_accumulate_cuda);
   m.impl("projected_accumulate_", &lorm_ext::cuda::projected_accumulate_cuda);
