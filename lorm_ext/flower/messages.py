@@ -1,0 +1,130 @@
+"""The FCIL seam (``lorm_ext.fcil.client``) as Flower records: what travels in each Message.
+
+Instruction (server → one client), a RecordDict:
+    "config"  ConfigRecord: the ``Instruction``'s scalars, "client-id" (the FCIL client this node plays: its
+              data shard and its seeds) and "run-config" (the ``RunConfig`` as JSON, so a client needs
+              nothing but its data)
+    "arrays"  ArrayRecord: the instruction's tensors ("A/<layer>", "B/<layer>", "head/…", "past/<layer>")
+Reply (client → server):
+    "arrays"  ArrayRecord: the trained factor(s) and the head (training rounds only)
+    "grams"   ArrayRecord: "gram/<layer>" and "gram/head", or a pre-reduced B-round's "BP/<layer>", "P/<layer>"
+    "metrics" MetricRecord: "num-examples", "train-seconds", "gram-seconds"
+Training rounds are Flower "train" messages; the end-of-task Gram collection is the custom "query.task_grams".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from torch import Tensor
+
+from ..fcil.client import FIT, TASK_GRAMS, ClientReply, Instruction
+from ..fcil.config import RunConfig
+from ..fcil.model import HEAD
+from ..validation import check_gram, check_matrix
+
+MESSAGE_TYPES = {FIT: MessageType.TRAIN, TASK_GRAMS: f"{MessageType.QUERY}.{TASK_GRAMS}"}
+GRAM_KINDS = ("gram", "BP", "P")  # reply keys that travel in the "grams" record
+_SCALARS = [f.name for f in dataclasses.fields(Instruction) if f.name != "tensors"]
+
+
+def instruction_records(instruction: Instruction, config: RunConfig) -> tuple[ArrayRecord, ConfigRecord]:
+    """The tensors and the scalars (with the run configuration) that every selected client gets."""
+    scalars = {name: getattr(instruction, name) for name in _SCALARS}
+    scalars["run-config"] = json.dumps(config.to_json())
+    return ArrayRecord(dict(instruction.tensors)), ConfigRecord(scalars)
+
+
+def instruction_content(arrays: ArrayRecord, config: ConfigRecord, client_id: int) -> RecordDict:
+    return RecordDict({"arrays": arrays, "config": ConfigRecord(dict(config) | {"client-id": client_id})})
+
+
+def read_instruction(content: RecordDict) -> tuple[Instruction, RunConfig, int]:
+    """(instruction, run configuration, client id) of a received instruction."""
+    scalars = content["config"]
+    instruction = Instruction(
+        **{name: scalars[name] for name in _SCALARS}, tensors=dict(content["arrays"].to_torch_state_dict())
+    )
+    return instruction, RunConfig.from_json(json.loads(scalars["run-config"])), int(scalars["client-id"])
+
+
+def reply_content(reply: ClientReply) -> RecordDict:
+    message = dict(reply.message)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(message.pop("num_samples")),
+            "train-seconds": reply.seconds["train"],
+            "gram-seconds": reply.seconds["gram"],
+        }
+    )
+    grams = {k: v for k, v in message.items() if k.partition("/")[0] in GRAM_KINDS}
+    records = {"grams": ArrayRecord(grams), "metrics": metrics}
+    trained = {k: v for k, v in message.items() if k not in grams}
+    if trained:
+        records["arrays"] = ArrayRecord(trained)
+    return RecordDict(records)
+
+
+def read_reply(content: RecordDict) -> dict[str, Tensor]:
+    """The client's message as ``Server.receive`` takes it; missing records read as empty (``check_message``
+    then names what is missing)."""
+    message: dict[str, Tensor] = {}
+    for name in ("arrays", "grams"):
+        if name in content.array_records:
+            message.update(content.array_records[name].to_torch_state_dict())
+    metrics = content.metric_records.get("metrics", MetricRecord())
+    if "num-examples" in metrics:
+        message["num_samples"] = torch.tensor(metrics["num-examples"])
+    return message
+
+
+def expected_shapes(
+    instruction: Instruction,
+    config: RunConfig,
+    layer_shapes: Mapping[str, tuple[int, int]],
+    head_shape: tuple[int, int],
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor ``client_step`` sends for this instruction, by message key."""
+    r, (classes, features) = config.r, head_shape
+    shapes: dict[str, tuple[int, ...]] = {}
+    if instruction.phase == FIT:
+        for factor in instruction.train:
+            for name, (out_features, in_features) in layer_shapes.items():
+                shapes[f"{factor}/{name}"] = (r, in_features) if factor == "A" else (out_features, r)
+        shapes |= {f"{HEAD}/weight": (classes, features), f"{HEAD}/bias": (classes,)}
+        if instruction.grams:
+            shapes[f"gram/{HEAD}"] = (features, features)  # the head's Gram is always full
+    if not instruction.grams:
+        return shapes
+    for name, (out_features, in_features) in layer_shapes.items():
+        if instruction.prereduce and instruction.train == "B":
+            del shapes[f"B/{name}"]
+            shapes |= {f"BP/{name}": (out_features, r), f"P/{name}": (r, r)}
+        else:
+            shapes[f"gram/{name}"] = (
+                (in_features,) if config.alpha_regmean_backbone == 0 else (in_features, in_features)
+            )
+    return shapes
+
+
+def check_message(message: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """A ValueError naming the first problem: missing or unexpected keys, no sample count, a shape, a non-finite
+    value, a Gram that is not one (asymmetric, negative diagonal)."""
+    missing, extra = sorted(set(expected) - set(message)), sorted(set(message) - set(expected) - {"num_samples"})
+    if missing or extra:
+        raise ValueError("; ".join([f"missing {missing}"] * bool(missing) + [f"unexpected {extra}"] * bool(extra)))
+    samples = message.get("num_samples")
+    if samples is None or samples.dtype.is_floating_point or samples.numel() != 1 or int(samples) < 1:
+        raise ValueError(f"num-examples must be a positive integer, got {samples}")
+    for key, shape in expected.items():
+        kind, _, name = key.partition("/")
+        if kind in ("gram", "P"):
+            check_gram(name, message[key], width=shape[0], diagonal=len(shape) == 1)
+        elif kind == HEAD:
+            check_matrix(HEAD, key, message[key], shape)
+        else:
+            check_matrix(name, kind, message[key], shape)

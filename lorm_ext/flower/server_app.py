@@ -1,0 +1,80 @@
+"""The FCIL ServerApp body (``serve``) and the whole protocol in Flower's simulation engine (``simulate``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from ..fcil.config import RunConfig
+from ..fcil.driver import check, correct_predictions, prepare
+from ..fcil.metrics import seen_accuracy
+from ..fcil.model import build_model
+from .client_app import app as client_app
+from .strategy import LoRMStrategy
+
+
+def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
+    """What a ServerApp's main does for one FCIL run: the data and model as the driver builds them, a
+    ``LoRMStrategy`` over the grid's nodes, and after every round and task end the driver's evaluation (accuracy
+    over all classes seen so far, on the test data of the tasks seen so far). timeout: seconds to wait for the
+    nodes, and for each round's replies."""
+    torch.set_num_threads(config.num_threads)
+    data = prepare(config)
+    dataset = data.dataset
+    model = build_model(config, dataset.num_classes, data.weights)
+    task_classes = [(int(dataset.task_classes(t)[0]), dataset.classes_per_task) for t in range(dataset.n_tasks)]
+    strategy = LoRMStrategy(config, model.layer_shapes, task_classes)
+    task_tests = [np.sort(np.concatenate(split.test)) for split in data.splits]
+    total = [len(t) for t in task_tests]
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # the driver's evaluation reads the server's model from the server itself (``arrays`` holds the same)
+        task, round_ = strategy.instruction.task, strategy.instruction.round  # a task end's round: num_comm_rounds
+        hits = correct_predictions(model, strategy.server, dataset, task_tests, task + 1)
+        correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
+        return MetricRecord({"task": task, "round": round_, "accuracy": seen_accuracy(correct, total, task + 1)})
+
+    head = ArrayRecord({f"head/{k}": v.detach() for k, v in model.head_parameters().items()})
+    return strategy.start(grid, head, timeout=timeout, evaluate_fn=evaluate)
+
+
+def simulate(config: RunConfig, *, timeout: float = 3600.0) -> Result:
+    """The FCIL protocol in Flower's simulation engine: ``config.num_clients`` virtual nodes run the ClientApp
+    in Ray actors of ``config.num_threads`` CPUs each (a whole GPU each when ``config.device`` is CUDA); returns
+    ``serve``'s result. Ray is shut down before it returns or raises.
+
+    Ray's processes address each other on 127.0.0.1 and send no usage statistics, unless the environment says
+    otherwise (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, ``RAY_USAGE_STATS_ENABLED``): Ray reads these when it is
+    first imported, which is here unless the process imported it before."""
+    check(config)  # a bad configuration fails before Ray starts
+    # "no cluster": Ray takes the loopback address as the node's address instead of the machine's
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray  # after the environment above
+    from flwr.simulation import run_simulation
+
+    results: list[Result] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        results.append(serve(grid, config, timeout=timeout))
+
+    backend_config = {
+        "client_resources": {
+            "num_cpus": config.num_threads,
+            "num_gpus": 1.0 if config.device.startswith("cuda") else 0.0,
+        },
+        "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
+    }
+    try:
+        run_simulation(server_app, client_app, num_supernodes=config.num_clients, backend_config=backend_config)
+    finally:
+        if ray.is_initialized():  # Flower shuts Ray down itself unless the simulation failed on the way
+            ray.shutdown()
+    return results[0]
