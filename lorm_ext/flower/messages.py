@@ -4,7 +4,8 @@ Instruction (server → one client), a RecordDict:
     "config"  ConfigRecord: the ``Instruction``'s scalars, "client-id" (the FCIL client this node plays: its
               data shard and its seeds) and "run-config" (the ``RunConfig`` as JSON, so a client needs
               nothing but its data)
-    "arrays"  ArrayRecord: the instruction's tensors ("A/<layer>", "B/<layer>", "head/…", "past/<layer>")
+    "arrays"  ArrayRecord: the instruction's tensors (the factors and head to start from, and what the Grams
+              are taken through: see ``Instruction``)
 Reply (client → server):
     "arrays"  ArrayRecord: the trained factor(s) and the head (training rounds only)
     "grams"   ArrayRecord: "gram/<layer>" and "gram/head", or a pre-reduced B-round's "BP/<layer>", "P/<layer>"
