@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import REL_TOL, assert_rel_close, random_gram
+from lorm_testing import REL_TOL, assert_rel_close, random_gram
 
 from lorm_ext import GramCollector, linear_layers, shrink_gram
 from lorm_ext import reference as ref

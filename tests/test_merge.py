@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_rel_close, random_gram
+from lorm_testing import assert_rel_close, random_gram
 
 from lorm_ext import AdapterMerger, AStepMerger, BStepMerger, LayerError, RegMeanMerger, project_client
 from lorm_ext import reference as ref

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REL_TOL, assert_rel_close, random_gram
+from lorm_testing import REL_TOL, assert_rel_close, random_gram
 
 from lorm_ext import ops
 from lorm_ext import reference as ref
