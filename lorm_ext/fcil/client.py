@@ -36,8 +36,9 @@ class Instruction:
     phase: FIT (train, then report factors, head and, if ``grams``, the round's Grams) or TASK_GRAMS (report
     the Grams of the server's final model of the task; no training). ``train``: the factors to train, "A", "B"
     or "AB". ``prereduce``: in a B-round send (B_k P_k, P_k) instead of (B_k, G_k). Tensors: "A/<layer>",
-    "B/<layer>", "head/weight", "head/bias" to start from and, when Grams are asked for, "past/<layer>": the
-    sum of the earlier tasks' updates; Grams are taken through W0 + (past + s·B A)/(task + 1) as the authors'.
+    "B/<layer>", "head/weight", "head/bias" to start from and, when Grams are asked for, the adapters of the
+    finished tasks, "task<t>/A/<layer>" and "task<t>/B/<layer>": Grams are taken through
+    W0 + (Σ_t s·B_t A_t + s·B A)/(task + 1) as the authors' (r × (in + out) per task and layer, not in × out).
     """
 
     phase: str
@@ -61,7 +62,8 @@ def tensor_bytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _clock(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
+    """Seconds, after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -74,9 +76,9 @@ def _train(
     lrs = config.factor_lrs
     groups = [{"params": list(model.factors(f).values()), "lr": lrs[f]} for f in inst.train]
     groups.append({"params": list(model.head_parameters().values()), "lr": config.lr})
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
+    trained = [p for group in groups for p in group["params"]]
+    for p in trained:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.wd_reg)
     device = model.head.weight.device
     lo, hi = inst.class_offset, inst.class_offset + inst.num_task_classes
@@ -88,9 +90,8 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -98,12 +99,14 @@ def _grams(
     model: AdaptedViT, images: ImageSet, indices: np.ndarray, inst: Instruction, config: RunConfig
 ) -> dict[str, Tensor]:
     """Grams of every adapted layer's and the head's inputs over regmean_rounds passes of the (augmented)
-    training data, through W0 + (past + s·B A)/(task + 1); shrunk by α (backbone, head). α_backbone = 0 takes
-    the diagonal fast path."""
-    dense = {
-        name: (inst.tensors[f"past/{name}"] + model.scaling * layer.lora_B @ layer.lora_A) / (inst.task + 1)
-        for name, layer in model.layers.items()
-    }
+    training data, through W0 + (Σ_t s·B_t A_t + s·B A)/(task + 1); shrunk by α (backbone, head).
+    α_backbone = 0 takes the diagonal fast path."""
+    dense = {}
+    for name, layer in model.layers.items():
+        past = torch.zeros_like(layer.base.weight)
+        for t in range(inst.task):  # the server's running sum, term by term: the same floats
+            past += model.scaling * inst.tensors[f"task{t}/B/{name}"] @ inst.tensors[f"task{t}/A/{name}"]
+        dense[name] = (past + model.scaling * layer.lora_B @ layer.lora_A) / (inst.task + 1)
     diagonal_backbone = config.alpha_regmean_backbone == 0
     collector = GramCollector(
         model.vit,
@@ -129,13 +132,13 @@ def client_step(
     device = model.head.weight.device
     model.load(inst.tensors)
     message: dict[str, Tensor] = {"num_samples": torch.tensor(len(indices))}
-    start = _clock(device)
+    start = clock(device)
     if inst.phase == FIT:
         _train(model, images, indices, inst, config, generator)
         for factor in inst.train:
             message.update({f"{factor}/{n}": p.detach().clone() for n, p in model.factors(factor).items()})
         message.update({f"head/{n}": p.detach().clone() for n, p in model.head_parameters().items()})
-    trained = _clock(device)
+    trained = clock(device)
     if inst.grams:
         grams = _grams(model, images, indices, inst, config)
         head_gram = grams.pop(HEAD)
@@ -150,4 +153,4 @@ def client_step(
             message.update({f"P/{n}": t.to(dtype) for n, t in projections.items()})
         else:
             message.update({f"gram/{n}": g for n, g in grams.items()})
-    return ClientReply(message, {"train": trained - start, "gram": _clock(device) - trained})
+    return ClientReply(message, {"train": trained - start, "gram": clock(device) - trained})

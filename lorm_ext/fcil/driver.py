@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import platform
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .client import client_step, tensor_bytes
+from .client import clock as client_clock
 from .config import SEED_PARTICIPATION, ConfigError, RunConfig, derive_seed, validate
 from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks
 from .metrics import accuracy_matrix, seen_accuracy, summarize
@@ -100,16 +100,6 @@ def check_run_dir(config: RunConfig, run_dir: str) -> None:
             )
 
 
-class _Clock:
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-
 @torch.no_grad()
 def correct_predictions(
     model: AdaptedViT, server: Server, dataset: Dataset, task_tests: list[np.ndarray], seen: int
@@ -148,6 +138,33 @@ def _exchange(server, instruction, model, images, shards, config, clock, desc) -
     return stats
 
 
+def _communicate(config, data, model, server, clock, task: int, round_: int | None):
+    """One round (or, round_ None, the task end) of the server with its clients: the instruction and stats."""
+    split = data.splits[task]
+    if server.pooled:
+        shards = {0: np.sort(np.concatenate(split.train))}
+    else:
+        shards = {k: split.train[k] for k in participants(config, task)}
+    classes = (int(data.dataset.task_classes(task)[0]), data.dataset.classes_per_task)
+    images = data.dataset.train
+    if round_ == 0:
+        server.start_task(task)
+    if round_ is None:
+        instruction = server.open_task_end(classes)
+        stats = _no_traffic()
+        if instruction is not None:
+            stats = _exchange(server, instruction, model, images, shards, config, clock, "task Grams")
+        merge_start = clock()
+        server.close_task()
+    else:
+        instruction = server.open_round(round_, classes)
+        stats = _exchange(server, instruction, model, images, shards, config, clock, f"round {round_ + 1}")
+        merge_start = clock()
+        server.close()
+    stats["merge_s"] += clock() - merge_start
+    return instruction, stats
+
+
 def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     """One strategy, one seed; resumes from ``run_dir``'s checkpoint, returns (and writes) the results."""
     check_run_dir(config, run_dir)
@@ -171,7 +188,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
         server.load_state_dict(state["server"])
     # the log holds exactly the checkpointed units (a unit logged but not checkpointed is done again)
     _write_atomic(log_path, lambda tmp: _write_lines(tmp, state["records"]))
-    clock = _Clock(model.head.weight.device)
+    clock = functools.partial(client_clock, model.head.weight.device)
 
     bar = tqdm(
         total=len(plan),
@@ -183,28 +200,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     for index in range(state["next_unit"], len(plan)):
         task, round_ = plan[index]
         started = clock()
-        classes = (int(dataset.task_classes(task)[0]), dataset.classes_per_task)
-        split = splits[task]
-        shards = (
-            {0: np.sort(np.concatenate(split.train))}
-            if server.pooled
-            else {k: split.train[k] for k in participants(config, task)}
-        )
-        if round_ == 0:
-            server.start_task(task)
-        if round_ is None:
-            instruction = server.open_task_end(classes)
-            stats = _no_traffic()
-            if instruction is not None:
-                stats = _exchange(server, instruction, model, dataset.train, shards, config, clock, "task Grams")
-            merge_start = clock()
-            server.close_task()
-        else:
-            instruction = server.open_round(round_, classes)
-            stats = _exchange(server, instruction, model, dataset.train, shards, config, clock, f"round {round_ + 1}")
-            merge_start = clock()
-            server.close()
-        stats["merge_s"] += clock() - merge_start
+        instruction, stats = _communicate(config, data, model, server, clock, task, round_)
         eval_start = clock()
         hits = correct_predictions(model, server, dataset, task_tests, task + 1)
         correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
@@ -231,10 +227,9 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
 
     hits = correct_predictions(model, server, dataset, task_tests, dataset.n_tasks)
     results = _results(config, state, total, hits, splits)
-    _write_json(results_path, results)
-    matrix = as_array(results["accuracy_matrix"])
     plot_accuracy_matrices(
-        {f"{config.strategy}, seed {config.seed}": matrix}, os.path.join(run_dir, "accuracy_matrix.png")
+        {f"{config.strategy}, seed {config.seed}": as_array(results["accuracy_matrix"])},
+        os.path.join(run_dir, "accuracy_matrix.png"),
     )
     final = {f"delta/{n}": d for n, d in server.evaluation_deltas().items()}
     final |= {f"head/{k}": v for k, v in server.head().items()} | server.task_adapters
@@ -243,6 +238,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
         os.path.join(run_dir, "adapters.safetensors"),
         metadata={"strategy": config.strategy, "lora_scaling": str(config.lora_scaling), "network": config.network},
     )
+    _write_json(results_path, results)  # last: a run folder with results.json is complete
     os.remove(checkpoint_path)
     return results
 

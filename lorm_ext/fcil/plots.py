@@ -32,19 +32,18 @@ def as_array(matrix: list[list[float | None]]) -> np.ndarray:
 
 def plot_accuracy_matrices(matrices: dict[str, np.ndarray], path: str, suptitle: str = "") -> None:
     """One heatmap per entry (a run, or a strategy's mean over seeds), side by side."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.6), squeeze=False, layout="constrained")
     for ax, (title, matrix) in zip(axes[0], matrices.items()):
         _heatmap(ax, matrix, title)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_accuracy_after_tasks(curves: dict[str, list[list[float]]], path: str, title: str = "") -> None:
     """Accuracy on all classes seen so far after each task: per strategy the mean over runs, ± std shaded."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for strategy, runs in curves.items():
         values = np.array(runs, dtype=float)
         tasks = np.arange(1, values.shape[1] + 1)
@@ -59,6 +58,5 @@ def plot_accuracy_after_tasks(curves: dict[str, list[list[float]]], path: str, t
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

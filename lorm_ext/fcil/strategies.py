@@ -246,7 +246,7 @@ class LoRM(Server):
         return self.config.train_matrix.upper()
 
     def _tensors(self) -> dict[str, Tensor]:
-        return dict(self.current) | {f"past/{n}": p for n, p in self.past.items()}
+        return dict(self.current) | self.task_adapters
 
     def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
         self._phase = self.trained_factor(round)

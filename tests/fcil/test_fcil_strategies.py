@@ -145,7 +145,14 @@ def test_lorm_cross_task_merge_from_the_second_task(tiny_config, lora_alpha):
         factors.append({k: v.clone() for k, v in server.current.items()})
         instruction = server.open_task_end((2 * task, 2))
         assert instruction.phase == TASK_GRAMS and instruction.grams and not instruction.train
-        assert all(torch.equal(instruction.tensors[f"past/{n}"], server.past[n]) for n in SHAPES)
+        assert {k for k in instruction.tensors if k.startswith("task")} == {
+            f"task{t}/{f}/{n}" for t in range(task) for f in "AB" for n in SHAPES
+        }
+        for name in SHAPES:  # clients rebuild the server's sum of earlier updates from them, to the bit
+            past = torch.zeros(SHAPES[name])
+            for t in range(task):
+                past += scale * instruction.tensors[f"task{t}/B/{name}"] @ instruction.tensors[f"task{t}/A/{name}"]
+            assert torch.equal(past, server.past[name])
         grams = [{n: _gram(shape[1], True, 7 * task + k) for n, shape in SHAPES.items()} for k in range(3)]
         for g in grams:
             server.receive({"num_samples": torch.tensor(5)} | {f"gram/{n}": v for n, v in g.items()})
