@@ -44,10 +44,6 @@ from .client import FIT, TASK_GRAMS, Instruction
 from .config import SEED_INIT, RunConfig, derive_seed
 
 
-def _layer(key: str) -> str:
-    return key.partition("/")[2]
-
-
 class Server(ABC):
     """State shared by every strategy: the current factors and head ("A/<layer>", "B/<layer>", "head/weight",
     "head/bias"), the sum of finished tasks' updates ("past") and the finished tasks' adapters."""
@@ -61,10 +57,10 @@ class Server(ABC):
         self.shapes = dict(layer_shapes)
         self.device = head["weight"].device
         self.current: dict[str, Tensor] = {f"head/{k}": v.detach().clone() for k, v in head.items()}
-        self.past = {n: torch.zeros(shape, device=self.device) for n, shape in self.shapes.items()}
         self.task_adapters: dict[str, Tensor] = {}
         self.task = -1
         self.finished = 0  # tasks folded into past
+        self._rebuild_past()
 
     def start_task(self, task: int) -> None:
         """Both factors re-initialised: B = 0, A Kaiming-uniform (a = √5), seeded by (seed, task)."""
@@ -100,12 +96,23 @@ class Server(ABC):
         return None
 
     def close_task(self) -> None:
-        """Folds the finished task's update into the running sum and keeps its adapter."""
+        """Keeps the finished task's adapter and folds its update into the running sum."""
         for name in self.shapes:
-            self.past[name] += self.update(name)
             for factor in "AB":
                 self.task_adapters[f"task{self.task}/{factor}/{name}"] = self.current[f"{factor}/{name}"].clone()
+        self._fold(self.task)
         self.finished = self.task + 1
+
+    def _rebuild_past(self) -> None:
+        self.past = {n: torch.zeros(shape, device=self.device) for n, shape in self.shapes.items()}
+        for task in range(self.finished):
+            self._fold(task)
+
+    def _fold(self, task: int) -> None:
+        """past += s·B_t A_t, the same floats whether at the task's end or rebuilt from a checkpoint."""
+        for name in self.shapes:
+            b, a = (self.task_adapters[f"task{task}/{factor}/{name}"] for factor in "BA")
+            self.past[name] += self.config.lora_scaling * b @ a
 
     def evaluation_deltas(self) -> dict[str, Tensor]:
         """The update the server's model adds to W0: the mean over tasks so far of s·B_t A_t."""
@@ -119,16 +126,15 @@ class Server(ABC):
     def state_dict(self) -> dict:
         return {
             "current": self.current,
-            "past": self.past,
             "task_adapters": self.task_adapters,
             "task": self.task,
             "finished": self.finished,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.current, self.past = dict(state["current"]), dict(state["past"])
-        self.task_adapters = dict(state["task_adapters"])
+        self.current, self.task_adapters = dict(state["current"]), dict(state["task_adapters"])
         self.task, self.finished = int(state["task"]), int(state["finished"])
+        self._rebuild_past()
 
 
 class FedIT(Server):
