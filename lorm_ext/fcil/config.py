@@ -12,6 +12,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 STRATEGIES = ("lorm", "fedit", "ffa-lora", "lora-fair", "centralized")
 DATASETS = ("mnist", "cifar100", "imagefolder")
 EMBEDDED_NETWORK = "digits-vit"  # the small ViT of the embedded default, pretrained on scikit-learn's digits
@@ -38,8 +40,6 @@ SEED_SPLIT, SEED_PARTICIPATION, SEED_INIT, SEED_CLIENT = range(4)
 def derive_seed(seed: int, *keys: int) -> int:
     """An independent seed for one use of the run seed (keys: a purpose tag, task, round, client...), so that
     every step draws the same numbers however the run got there: resumed, reordered, or in another process."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
