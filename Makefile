@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
 .PHONY: setup build run demo test clean
 
