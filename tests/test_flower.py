@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_ext.fcil import RunConfig, run
-from lorm_ext.fcil.client import client_step
+from lorm_ext.fcil.client import client_step, message_shapes
 from lorm_ext.fcil.model import build_model
 from lorm_ext.fcil.strategies import LoRM
 from lorm_ext.flower import LoRMStrategy, NoUsableReplyError, simulate
@@ -33,7 +33,6 @@ from lorm_ext.flower.client_app import app as client_app
 from lorm_ext.flower.client_app import run_state
 from lorm_ext.flower.messages import (
     check_message,
-    expected_shapes,
     instruction_content,
     instruction_records,
     read_instruction,
@@ -129,7 +128,7 @@ def test_every_client_message_travels_exactly_and_passes_the_reply_check():
             message = read_reply(reply_content(reply))
             assert message.keys() == reply.message.keys()
             assert all(torch.equal(message[k], v) for k, v in reply.message.items())
-            check_message(message, expected_shapes(sent, config, model.layer_shapes, head_shape))
+            check_message(message, message_shapes(sent, config, model.layer_shapes, head_shape))
 
 
 class InProcessGrid:

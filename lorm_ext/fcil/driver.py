@@ -14,11 +14,13 @@ import functools
 import json
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .client import client_step, tensor_bytes
@@ -28,7 +30,7 @@ from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_ta
 from .metrics import accuracy_matrix, seen_accuracy, summarize
 from .model import AdaptedViT, build_model, check_architecture, resolve_weights
 from .plots import as_array, plot_accuracy_matrices
-from .strategies import SERVERS, Server
+from .strategies import SERVERS
 
 EVAL_BATCH_SIZE = 256
 CHECKPOINT, RESULTS, CONFIG, LOG = "checkpoint.pt", "results.json", "config.json", "rounds.jsonl"
@@ -102,16 +104,17 @@ def check_run_dir(config: RunConfig, run_dir: str) -> None:
 
 @torch.no_grad()
 def correct_predictions(
-    model: AdaptedViT, server: Server, dataset: Dataset, task_tests: list[np.ndarray], seen: int
+    model: AdaptedViT, tensors: Mapping[str, Tensor], dataset: Dataset, task_tests: list[np.ndarray], seen: int
 ) -> np.ndarray:
-    """Whether the server's model classifies each test sample of the first ``seen`` tasks right (over all
-    classes seen so far); False elsewhere."""
-    model.load({f"head/{k}": v for k, v in server.head().items()})
+    """Whether the model given as tensors (``Server.model_tensors``: "delta/<layer>", "head/…") classifies each
+    test sample of the first ``seen`` tasks right (over all classes seen so far); False elsewhere."""
+    model.load({k: v for k, v in tensors.items() if k.startswith("head/")})
     model.vit.eval()
     indices = np.concatenate(task_tests[:seen])
     device = model.head.weight.device
     predictions = []
-    with model.dense(server.evaluation_deltas()):
+    deltas = {k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")}
+    with model.dense(deltas):
         for x, _ in batches(dataset.test, indices, EVAL_BATCH_SIZE, train=False):
             predictions.append(model.vit(x.to(device))[:, : seen * dataset.classes_per_task].argmax(1).cpu())
     hits = np.zeros(len(dataset.test), dtype=bool)
@@ -202,7 +205,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
         started = clock()
         instruction, stats = _communicate(config, data, model, server, clock, task, round_)
         eval_start = clock()
-        hits = correct_predictions(model, server, dataset, task_tests, task + 1)
+        hits = correct_predictions(model, server.model_tensors(), dataset, task_tests, task + 1)
         correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
         if round_ is None:
             state["correct"].append(correct + [0] * (dataset.n_tasks - task - 1))
@@ -225,14 +228,13 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
         bar.set_postfix(task=task + 1, acc=f"{record['accuracy']:.1f}")
     bar.close()
 
-    hits = correct_predictions(model, server, dataset, task_tests, dataset.n_tasks)
+    final = server.model_tensors()
+    hits = correct_predictions(model, final, dataset, task_tests, dataset.n_tasks)
     results = _results(config, state, total, hits, splits)
     plot_accuracy_matrices(
         {f"{config.strategy}, seed {config.seed}": as_array(results["accuracy_matrix"])},
         os.path.join(run_dir, "accuracy_matrix.png"),
     )
-    final = {f"delta/{n}": d for n, d in server.evaluation_deltas().items()}
-    final |= {f"head/{k}": v for k, v in server.head().items()} | server.task_adapters
     save_file(
         {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in final.items()},
         os.path.join(run_dir, "adapters.safetensors"),

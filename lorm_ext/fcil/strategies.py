@@ -123,6 +123,13 @@ class Server(ABC):
     def head(self) -> dict[str, Tensor]:
         return {"weight": self.current["head/weight"], "bias": self.current["head/bias"]}
 
+    def model_tensors(self) -> dict[str, Tensor]:
+        """The server's model as tensors (the run's adapters.safetensors): the update W0 gets in every adapted
+        layer ("delta/<layer>"), the head ("head/weight", "head/bias") and every finished task's factors
+        ("task<t>/A/<layer>", "task<t>/B/<layer>")."""
+        tensors = {f"delta/{n}": d for n, d in self.evaluation_deltas().items()}
+        return tensors | {f"head/{k}": v for k, v in self.head().items()} | self.task_adapters
+
     def state_dict(self) -> dict:
         return {
             "current": self.current,

@@ -83,35 +83,6 @@ def read_reply(content: RecordDict) -> dict[str, Tensor]:
     return message
 
 
-def expected_shapes(
-    instruction: Instruction,
-    config: RunConfig,
-    layer_shapes: Mapping[str, tuple[int, int]],
-    head_shape: tuple[int, int],
-) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor ``client_step`` sends for this instruction, by message key."""
-    r, (classes, features) = config.r, head_shape
-    shapes: dict[str, tuple[int, ...]] = {}
-    if instruction.phase == FIT:
-        for factor in instruction.train:
-            for name, (out_features, in_features) in layer_shapes.items():
-                shapes[f"{factor}/{name}"] = (r, in_features) if factor == "A" else (out_features, r)
-        shapes |= {f"{HEAD}/weight": (classes, features), f"{HEAD}/bias": (classes,)}
-        if instruction.grams:
-            shapes[f"gram/{HEAD}"] = (features, features)  # the head's Gram is always full
-    if not instruction.grams:
-        return shapes
-    for name, (out_features, in_features) in layer_shapes.items():
-        if instruction.prereduce and instruction.train == "B":
-            del shapes[f"B/{name}"]
-            shapes |= {f"BP/{name}": (out_features, r), f"P/{name}": (r, r)}
-        else:
-            shapes[f"gram/{name}"] = (
-                (in_features,) if config.alpha_regmean_backbone == 0 else (in_features, in_features)
-            )
-    return shapes
-
-
 def check_message(message: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
     """A ValueError naming the first problem: missing or unexpected keys, no sample count, a shape, a non-finite
     value, a Gram that is not one (asymmetric, negative diagonal)."""

@@ -33,9 +33,8 @@ def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
     total = [len(t) for t in task_tests]
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        # the driver's evaluation reads the server's model from the server itself (``arrays`` holds the same)
         task, round_ = strategy.instruction.task, strategy.instruction.round  # a task end's round: num_comm_rounds
-        hits = correct_predictions(model, strategy.server, dataset, task_tests, task + 1)
+        hits = correct_predictions(model, arrays.to_torch_state_dict(), dataset, task_tests, task + 1)
         correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
         return MetricRecord({"task": task, "round": round_, "accuracy": seen_accuracy(correct, total, task + 1)})
 

@@ -24,14 +24,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from ..fcil.client import FIT, TASK_GRAMS, Instruction
+from ..fcil.client import FIT, TASK_GRAMS, Instruction, message_shapes
 from ..fcil.config import ConfigError, RunConfig, validate
 from ..fcil.driver import participants, units
 from ..fcil.strategies import LoRM
 from .messages import (
     MESSAGE_TYPES,
     check_message,
-    expected_shapes,
     instruction_content,
     instruction_records,
     read_reply,
@@ -157,12 +156,8 @@ class LoRMStrategy(Strategy):
         return None
 
     def model_arrays(self) -> ArrayRecord:
-        """The server's model, as the driver's adapters.safetensors: the update W0 gets in every adapted layer
-        ("delta/<layer>"), the head ("head/weight", "head/bias") and every finished task's factors
-        ("task<t>/A/<layer>", "task<t>/B/<layer>")."""
-        tensors = {f"delta/{n}": d for n, d in self.server.evaluation_deltas().items()}
-        tensors |= {f"head/{k}": v for k, v in self.server.head().items()} | self.server.task_adapters
-        return ArrayRecord(tensors)
+        """The server's model, as the driver's adapters.safetensors (``Server.model_tensors``)."""
+        return ArrayRecord(self.server.model_tensors())
 
     def _connect(self, grid: Grid, timeout: float) -> None:
         """Waits (at most ``timeout`` s) for num_clients nodes and gives the k-th smallest node id client id k."""
@@ -196,7 +191,7 @@ class LoRMStrategy(Strategy):
     def _receive(self, replies: Iterable[Message]) -> MetricRecord:
         """Checks each reply and hands the usable ones to the server in increasing client id, one at a time."""
         head_shape = tuple(self.server.current["head/weight"].shape)
-        expected = expected_shapes(self.instruction, self.config, self.layer_shapes, head_shape)
+        expected = message_shapes(self.instruction, self.config, self.layer_shapes, head_shape)
         by_client = {self._client_of[reply.metadata.src_node_id]: reply for reply in replies}
         totals = {"num-examples": 0, "train-seconds": 0.0, "gram-seconds": 0.0}  # over the merged clients
         problems = {}

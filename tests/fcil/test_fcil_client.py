@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from lorm_ext.fcil.client import client_step, tensor_bytes
+from lorm_ext.fcil.client import client_step, message_shapes, tensor_bytes
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.model import (
     EMBEDDED_ARCH,
@@ -106,6 +106,12 @@ def lorm_setup(tiny_config, four_digits):
     return make
 
 
+def assert_shapes_announced(message, instruction, config, model):
+    """The message holds exactly what message_shapes announces (what other runtimes check replies against)."""
+    expected = message_shapes(instruction, config, model.layer_shapes, tuple(model.head.weight.shape))
+    assert {k: tuple(v.shape) for k, v in message.items() if k != "num_samples"} == expected
+
+
 def test_client_messages_and_determinism(lorm_setup, four_digits):
     config, model, server = lorm_setup()
     indices = np.flatnonzero(four_digits.train.labels < 2)[:40]
@@ -113,6 +119,7 @@ def test_client_messages_and_determinism(lorm_setup, four_digits):
     first = client_step(model, four_digits.train, indices, instruction, config, client_id=4)
     again = client_step(model, four_digits.train, indices, instruction, config, client_id=4)
     other = client_step(model, four_digits.train, indices, instruction, config, client_id=5)
+    assert_shapes_announced(first.message, instruction, config, model)
     assert first.message.keys() == again.message.keys()
     assert all(torch.equal(first.message[k], again.message[k]) for k in first.message)
     assert not torch.equal(first.message["head/weight"], other.message["head/weight"])  # its own shuffling
@@ -121,7 +128,9 @@ def test_client_messages_and_determinism(lorm_setup, four_digits):
     assert first.message["gram/head"].dim() == 2 and int(first.message["num_samples"]) == 40
     assert not any(k.startswith("A/") for k in first.message)  # round 0 trains B only
     assert not torch.equal(first.message[f"B/{layer}"], torch.zeros_like(first.message[f"B/{layer}"]))
-    grams = client_step(model, four_digits.train, indices, server.open_task_end((0, 2)), config, 4).message
+    task_end = server.open_task_end((0, 2))
+    grams = client_step(model, four_digits.train, indices, task_end, config, 4).message
+    assert_shapes_announced(grams, task_end, config, model)
     assert {k.partition("/")[0] for k in grams} == {"gram", "num_samples"} and "gram/head" not in grams
     assert first.seconds["train"] > 0 and first.seconds["gram"] > 0
 
@@ -140,6 +149,7 @@ def test_pre_reduced_b_round_gives_the_same_merged_model(lorm_setup, four_digits
             indices = np.flatnonzero(four_digits.train.labels < 2)[client::3]
             reply = client_step(model, four_digits.train, indices, instruction, config, client)
             assert any(k.startswith("BP/") for k in reply.message) == prereduce
+            assert_shapes_announced(reply.message, instruction, config, model)
             sent[prereduce] += tensor_bytes(reply.message)
             server.receive(reply.message)
         server.close()
