@@ -87,11 +87,16 @@ bool any_overlap(const std::vector<at::Tensor>& tensors) {
   return false;
 }
 
-void check_gram_stats_args(const at::Tensor& gram) {
+void check_gram_stats_args(at::TensorList grams) {
   constexpr const char* op = "lorm_ext::gram_stats";
-  check_input(gram, op, "gram", 0);
-  check_gram_shape(gram, op, "gram", 0);
-  TORCH_CHECK(gram.numel() > 0, op, ": gram is empty");
+  for (size_t i = 0; i < grams.size(); ++i) {
+    check_input(grams[i], op, "grams", i);
+    check_gram_shape(grams[i], op, "grams", i);
+    TORCH_CHECK(grams[i].numel() > 0, op, ": grams[", i, "] is empty");
+  }
+  if (!grams.empty()) {
+    check_one_device(grams, grams[0], op, "grams");
+  }
 }
 
 void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {

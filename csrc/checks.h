@@ -17,8 +17,8 @@ bool is_diagonal_gram(const at::Tensor& gram);
 // implementations then apply those entries one after another, in list order.
 bool any_overlap(const std::vector<at::Tensor>& tensors);
 
-// gram_stats: a non-empty (n, n) or (n,) floating-point Gram.
-void check_gram_stats_args(const at::Tensor& gram);
+// gram_stats: non-empty (n, n) or (n,) floating-point Grams, all on one device.
+void check_gram_stats_args(at::TensorList grams);
 
 // gram_accumulate_: grams[i] (n, n) or (n,); inputs[i] (..., n) floating point; same device.
 void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs);

@@ -20,9 +20,10 @@ TORCH_LIBRARY(lorm_ext, m) {
       "projected_accumulate_(Tensor(a!)[] projection_sums, Tensor(b!)[] weighted_sums, Tensor[] grams, "
       "Tensor[] shared_factors, Tensor[] factors) -> ()");
 
-  // Validation statistics of a Gram in one read: [max |G_ij − G_ji|, min diag, max diag, number of
-  // non-finite entries] as float64 (a 1-D Gram is its own diagonal).
-  m.def("gram_stats(Tensor gram) -> Tensor");
+  // Validation statistics of each Gram in one read, (len(grams), 4) float64: [max |G_ij − G_ji|, min diag,
+  // max diag, number of non-finite entries], non-finite entries left out of the first three (a 1-D Gram is
+  // its own diagonal).
+  m.def("gram_stats(Tensor[] grams) -> Tensor");
 
   // rhs @ pinv(gram), batched over leading dims, for a symmetric PSD gram (..., n, n) or a diagonal (..., n).
   // Cholesky first; entries where it fails or is numerically singular fall back to an eigendecomposition

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .reference import DEFAULT_RCOND
-from .validation import LayerError, check_gram, check_layer_names, check_matrix
+from .validation import LayerError, check_gram, check_layer_names, check_matrix, check_values
 
 
 @dataclass
@@ -41,6 +41,7 @@ class _SolveSums:
         self.dtype, self.rcond = dtype, rcond
         self.groups: dict[tuple, _Group] = {}
         self.slots: dict[str, tuple[tuple, int]] = {}
+        self._views: dict[str, tuple[Tensor, Tensor]] = {}
 
     def allocate(self, shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], device) -> None:
         """Zero sums for {layer: (numerator shape, denominator shape)}."""
@@ -51,6 +52,8 @@ class _SolveSums:
         for (num_shape, den_shape), group in self.groups.items():
             group.numerators = torch.zeros((len(group.names), *num_shape), dtype=self.dtype, device=device)
             group.denominators = torch.zeros((len(group.names), *den_shape), dtype=self.dtype, device=device)
+        # made once: indexing the stacked storage per layer and client costs as much as a small layer's merge
+        self._views = {n: (self.groups[k].denominators[i], self.groups[k].numerators[i]) for n, (k, i) in self.slots.items()}
 
     @property
     def allocated(self) -> bool:
@@ -65,12 +68,7 @@ class _SolveSums:
 
     def views(self, names) -> tuple[list[Tensor], list[Tensor]]:
         """(denominators, numerators) of the named layers: views into the stacked storage."""
-        dens, nums = [], []
-        for name in names:
-            key, i = self.slots[name]
-            dens.append(self.groups[key].denominators[i])
-            nums.append(self.groups[key].numerators[i])
-        return dens, nums
+        return [self._views[n][0] for n in names], [self._views[n][1] for n in names]
 
     def solve(self) -> dict[str, Tensor]:
         out = {}
@@ -166,13 +164,17 @@ class RegMeanMerger(_StreamingMerger):
         for name in names:
             (rows, width), den_shape = self._sums.shapes(name) if self._sums.allocated else ((None, None), None)
             diagonal = None if den_shape is None else len(den_shape) == 1
-            check_gram(name, grams[name], width, diagonal, values=self.validate)
+            check_gram(name, grams[name], width, diagonal, values=False)
             width = grams[name].shape[0]
             if lefts is None:
-                check_matrix(name, "factor", factors[name], (rows, width), values=self.validate)
+                check_matrix(name, "factor", factors[name], (rows, width), values=False)
             else:
-                check_matrix(name, "factor", factors[name], (None, width), values=self.validate)
-                check_matrix(name, "left", lefts[name], (rows, factors[name].shape[0]), values=self.validate)
+                check_matrix(name, "factor", factors[name], (None, width), values=False)
+                check_matrix(name, "left", lefts[name], (rows, factors[name].shape[0]), values=False)
+        if self.validate:
+            matrices = [(n, "factor", factors[n]) for n in names]
+            matrices += [(n, "left", lefts[n]) for n in names] if lefts is not None else []
+            check_values({n: grams[n] for n in names}, matrices)
         return names
 
     def add_client(
@@ -291,33 +293,45 @@ class BStepMerger(_StreamingMerger):
             check_matrix(name, "shared_a", shared_a[name], (None, None))
         super().__init__(dtype=dtype, rcond=rcond, device=_first_device(shared_a, device), validate=validate)
         self.shared_a = dict(shared_a)
+        self._shared_a_as_sums: list[Tensor] | None = None
 
-    def _prepare(self, factors_b: Mapping[str, Tensor]) -> list[str]:
-        """Checks the B-shaped inputs; the first valid client allocates the sums."""
-        check_layer_names(self.shared_a, factors_b, "factors_b")
+    def _check_structure(self, factors_b: Mapping[str, Tensor], what: str) -> list[str]:
+        """Names and shapes of the B-shaped inputs (B_k, or B_k P_k) against A and the earlier clients."""
+        check_layer_names(self.shared_a, factors_b, what)
         names = list(self.shared_a)
         for name in names:
             rows = self._sums.shapes(name)[0][0] if self._sums.allocated else None
-            check_matrix(name, "factor", factors_b[name], (rows, self.shared_a[name].shape[0]), values=self.validate)
-        if not self._sums.allocated:
-            self._sums.allocate(
-                {n: ((factors_b[n].shape[0], self.shared_a[n].shape[0]), (self.shared_a[n].shape[0],) * 2) for n in names},
-                self._device,
-            )
+            check_matrix(name, what, factors_b[name], (rows, self.shared_a[name].shape[0]), values=False)
         return names
+
+    def _views_after_checks(self, factors_b: Mapping[str, Tensor], names: list[str]):
+        """The sums to add into, allocated by the first client once it has passed every check."""
+        if not self._sums.allocated:
+            rank = {n: self.shared_a[n].shape[0] for n in names}
+            self._sums.allocate({n: ((factors_b[n].shape[0], rank[n]), (rank[n], rank[n])) for n in names}, self._device)
+        return self._sums.views(names)
+
+    def _shared_a_like_sums(self) -> list[Tensor]:
+        """A in the sums' dtype and on their device, converted once: the op reads it for every client."""
+        if self._shared_a_as_sums is None:
+            device, dtype = self._sums.device, self._sums.dtype
+            self._shared_a_as_sums = [a.to(device, dtype).contiguous() for a in self.shared_a.values()]
+        return self._shared_a_as_sums
 
     def add_client(self, factors_b: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> None:
         check_layer_names(self.shared_a, grams, "grams")
         for name, a in self.shared_a.items():
-            check_gram(name, grams[name], a.shape[1], values=self.validate)
-        names = self._prepare(factors_b)
+            check_gram(name, grams[name], a.shape[1], values=False)
+        names = self._check_structure(factors_b, "factor")
+        if self.validate:
+            check_values(grams, [(n, "factor", factors_b[n]) for n in names])
+        dens, nums = self._views_after_checks(factors_b, names)
         device = self._sums.device
-        dens, nums = self._sums.views(names)
         ops.projected_accumulate_(
             dens,
             nums,
             [grams[n].to(device) for n in names],
-            [self.shared_a[n].to(device) for n in names],
+            self._shared_a_like_sums(),
             [factors_b[n].to(device) for n in names],
         )
         self.num_clients += 1
@@ -326,10 +340,12 @@ class BStepMerger(_StreamingMerger):
         """Add a pre-reduced client: B_k P_k (out × r) and P_k (r × r) per layer."""
         check_layer_names(self.shared_a, projections, "projections")
         for name, a in self.shared_a.items():
-            check_gram(name, projections[name], a.shape[0], diagonal=False, values=self.validate)
-        names = self._prepare(weighted)
+            check_gram(name, projections[name], a.shape[0], diagonal=False, values=False)
+        names = self._check_structure(weighted, "weighted projection")
+        if self.validate:
+            check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
+        dens, nums = self._views_after_checks(weighted, names)
         device = self._sums.device
-        dens, nums = self._sums.views(names)
         torch._foreach_add_(dens, [projections[n].to(device, self._sums.dtype) for n in names])
         torch._foreach_add_(nums, [weighted[n].to(device, self._sums.dtype) for n in names])
         self.num_clients += 1

@@ -68,12 +68,13 @@ def projected_accumulate_(
     )
 
 
-def gram_stats(gram: Tensor) -> Tensor:
-    """[max |G_ij − G_ji|, min diag(G), max diag(G), number of non-finite entries] in one read of G (float64).
+def gram_stats(grams: Sequence[Tensor]) -> Tensor:
+    """Validation statistics of many Grams in one read of each: (len(grams), 4) float64, per Gram
+    [max |G_ij − G_ji|, min diag(G), max diag(G), number of non-finite entries].
 
     Non-finite entries are left out of the other three. A 1-D Gram is a diagonal: its asymmetry is 0.
     """
-    return _ops.gram_stats(gram.detach())
+    return _ops.gram_stats([g.detach() for g in grams])
 
 
 def psd_right_solve(rhs: Tensor, gram: Tensor, rcond: float = DEFAULT_RCOND) -> Tensor:
@@ -102,8 +103,9 @@ def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_fac
 
 
 @torch.library.register_fake("lorm_ext::gram_stats")
-def _gram_stats_fake(gram):
-    return gram.new_empty(4, dtype=torch.float64)
+def _gram_stats_fake(grams):
+    device = grams[0].device if grams else None
+    return torch.empty(len(grams), 4, dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("lorm_ext::psd_right_solve")

@@ -1,5 +1,9 @@
 """Input checks that name the model layer and the problem. Mergers and collectors run them on a whole client
-before touching any accumulator, so a rejected client leaves the state unchanged."""
+before touching any accumulator, so a rejected client leaves the state unchanged.
+
+``check_gram`` / ``check_matrix`` check one tensor's structure (and, by default, its values);
+``check_values`` checks the values of a whole client at once — one ``gram_stats`` call for all its Grams and
+one reduction for all its other tensors — which is what keeps validation cheap next to the merge itself."""
 
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ def check_matrix(
     if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
         wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise LayerError(layer, f"{what} has shape {tuple(t.shape)}, expected {wanted}")
-    if values and not bool(torch.isfinite(t).all()):
-        raise LayerError(layer, f"{what} contains NaN or Inf")
+    if values:
+        check_values({}, [(layer, what, t)])
 
 
 def symmetry_tolerance(dtype: torch.dtype) -> float:
@@ -61,15 +65,38 @@ def check_gram(
     if diagonal is not None and (gram.dim() == 1) != diagonal:
         kinds = ("full", "diagonal") if diagonal else ("diagonal", "full")
         raise LayerError(layer, f"gram is {kinds[0]} but this layer's Grams are {kinds[1]}")
-    check_matrix(layer, "gram", gram, shape=None, values=False)
+    check_matrix(layer, "gram", gram, values=False)
     if width is not None and gram.shape[0] != width:
         raise LayerError(layer, f"gram is for {gram.shape[0]} features, expected {width}")
-    if not values or gram.numel() == 0:
+    if values:
+        check_values({layer: gram}, [])
+
+
+def check_values(grams: Mapping[str, Tensor], matrices: Iterable[tuple[str, str, Tensor]]) -> None:
+    """The values of tensors whose structure was checked: every Gram finite, symmetric (to
+    ``symmetry_tolerance``) with a non-negative diagonal; every (layer, what, tensor) of ``matrices`` finite.
+    Grams must share one device; the first problem found is raised."""
+    named = {layer: g for layer, g in grams.items() if g.numel() > 0}
+    if named:
+        for layer, stats in zip(named, ops.gram_stats(list(named.values())).tolist()):
+            asymmetry, min_diagonal, max_diagonal, nonfinite = stats
+            if nonfinite:
+                raise LayerError(layer, f"gram contains NaN or Inf ({int(nonfinite)} entries)")
+            if min_diagonal < 0:
+                raise LayerError(layer, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+            if asymmetry > symmetry_tolerance(named[layer].dtype) * max_diagonal:
+                raise LayerError(layer, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g})")
+    matrices = [(layer, what, t) for layer, what, t in matrices if t.numel() > 0]
+    if not matrices:
         return
-    asymmetry, min_diagonal, max_diagonal, nonfinite = ops.gram_stats(gram).tolist()
-    if nonfinite:
-        raise LayerError(layer, f"gram contains NaN or Inf ({int(nonfinite)} entries)")
-    if min_diagonal < 0:
-        raise LayerError(layer, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
-    if asymmetry > symmetry_tolerance(gram.dtype) * max_diagonal:
-        raise LayerError(layer, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g})")
+    # Fast path: a sum is finite when every entry is (only an overflow can make a finite tensor's sum
+    # infinite, so a non-finite sum is confirmed entry by entry before it is reported).
+    device = matrices[0][2].device
+    # (summed in float32 or wider: a float64 upcast of every entry would cost more than the merge step itself)
+    sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(device, torch.float64)
+                        for _, _, t in matrices])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for layer, what, t in matrices:
+        if not bool(torch.isfinite(t).all()):
+            raise LayerError(layer, f"{what} contains NaN or Inf")

@@ -332,3 +332,11 @@ class TestBadInputs:
         with pytest.raises(LayerError, match=r"layer 'blocks.0.attn.qkv': rank 17 exceeds"):
             merger.add_client(clients[0]["B"], clients[0]["A"], clients[0]["G"])
         assert merger.num_clients == 0
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    """Validation sums each tensor as a fast finiteness test; an overflowing sum alone is not an error."""
+    merger = AStepMerger()
+    factor = torch.full((2, 3), 1e308, dtype=torch.float64)  # finite entries, infinite sum
+    merger.add_client({"l": factor}, {"l": torch.eye(3, dtype=torch.float64)})
+    assert torch.equal(merger.merge()["l"], factor)

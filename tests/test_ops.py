@@ -105,11 +105,14 @@ def test_gram_weighted_accumulate_matches_reference(device, sum_dtype, input_dty
 
 
 @pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
-@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (300, 16, 70), (129, 64, 3)])
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (300, 16, 70), (129, 64, 3), (1000, 6, 5)])
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_projected_accumulate_matches_reference(device, sum_dtype, n, r, m, diagonal):
-    gram = random_gram(n, n + 2, dtype=torch.float32, device=device, diagonal=diagonal)
-    a, b = torch.randn(r, n, device=device), torch.randn(m, r, device=device)
+def test_projected_accumulate_matches_reference(device, sum_dtype, input_dtype, n, r, m, diagonal):
+    # n = 1000 spans several column panels, so P is a sum of per-panel partials; r = 6 leaves a remainder after
+    # the kernels' four-at-a-time dot products
+    gram = random_gram(n, n + 2, dtype=input_dtype, device=device, diagonal=diagonal)
+    a, b = torch.randn(r, n, device=device).to(input_dtype), torch.randn(m, r, device=device).to(input_dtype)
     proj_sum = random_gram(r, 3, dtype=sum_dtype, device=device)
     weighted_sum = torch.randn(m, r, device=device, dtype=sum_dtype)
     projection = ref.times_gram_ref(a.double(), gram.double()) @ a.double().T
@@ -144,17 +147,16 @@ def gram_stats_truth(gram: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("n", [1, 31, 129, 300])
 def test_gram_stats_matches_reference(device, dtype, n):
     gram = random_gram(n, n + 3, device=device).to(dtype)
-    assert ops.gram_stats(gram).tolist() == [0.0, *gram_stats_truth(gram)[1:3], 0.0]
+    assert ops.gram_stats([gram])[0].tolist() == [0.0, *gram_stats_truth(gram)[1:3], 0.0]
     broken = gram.clone()
     broken[n // 2, n - 1] += 3  # asymmetric
     broken[n - 1, n - 1] = -1  # negative diagonal
     if n > 1:
         broken[0, n // 3] = float("nan")
         broken[n // 3, n // 3] = float("inf")
-    stats = ops.gram_stats(broken).tolist()
+    stats, stats_of_diagonal = ops.gram_stats([broken, torch.diagonal(broken).contiguous()]).tolist()
     assert stats == pytest.approx(gram_stats_truth(broken), rel=1e-6)  # |a − b| is taken in float for 32-bit Grams
-    diagonal = torch.diagonal(broken).contiguous()
-    assert ops.gram_stats(diagonal).tolist() == pytest.approx(gram_stats_truth(diagonal), rel=1e-12)
+    assert stats_of_diagonal == pytest.approx(gram_stats_truth(torch.diagonal(broken)), rel=1e-12)
 
 
 def test_entries_sharing_an_accumulator_add_up_in_order(device):
@@ -227,7 +229,7 @@ def opcheck_samples(device):
             ([torch.zeros(4, 4, device=device)], [torch.zeros(9, 4, device=device)], [g], [f], [torch.randn(9, 4, device=device)])
         ],
         "psd_right_solve": [(torch.randn(2, 3, 20, device=device), torch.stack([g, g]).double(), 1e-15)],
-        "gram_stats": [(g,), (torch.diagonal(g).contiguous(),)],
+        "gram_stats": [([g, torch.diagonal(g).contiguous(), g[:7, :7].contiguous()],)],
     }
 
 
@@ -289,10 +291,11 @@ class TestBadInputs:
         self.expect_error(call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)")
 
     def test_gram_stats(self, device):
-        call = lambda g: lambda: ops.gram_stats(g)  # noqa: E731
-        self.expect_error(call(torch.zeros(0, 0, device=device)), [], "lorm_ext::gram_stats: gram is empty")
-        self.expect_error(call(torch.zeros(3, 4, device=device)), [], "gram[0] must be a square")
-        self.expect_error(call(torch.zeros(3, 3, dtype=torch.long, device=device)), [], "must be float16, bfloat16")
+        call = lambda *g: lambda: ops.gram_stats(g)  # noqa: E731
+        ok = torch.eye(3, device=device)
+        self.expect_error(call(ok, torch.zeros(0, 0, device=device)), [], "lorm_ext::gram_stats: grams[1] is empty")
+        self.expect_error(call(torch.zeros(3, 4, device=device)), [], "grams[0] must be a square")
+        self.expect_error(call(ok, torch.zeros(3, 3, dtype=torch.long, device=device)), [], "grams[1] must be float16")
 
     def test_psd_right_solve(self, device):
         g = random_gram(4, 6, device=device)

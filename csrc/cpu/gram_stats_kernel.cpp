@@ -1,6 +1,6 @@
-// CPU gram_stats: one read of a Gram gives everything its validation needs (symmetry, finiteness, diagonal
+// CPU gram_stats: one read of each Gram gives everything its validation needs (symmetry, finiteness, diagonal
 // range), instead of several passes and an n × n temporary for G − Gᵀ. Tile pairs (i <= j) of the upper
-// triangle are split over threads; each task reads tile (i, j) and its mirror (j, i) while both are in cache.
+// triangle are split over threads; each task reads tile (i, j) and its mirror (j, i).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,7 +18,7 @@
 namespace lorm_ext {
 namespace {
 
-// 128 × 128 tiles: the transposed copy of the mirror tile (at most 128 KiB) stays in L2.
+// Tile pairs of 128 × 128: enough of them to balance the threads, few enough to keep the task list short.
 constexpr int64_t kStatsTile = 128;
 
 struct Stats {
@@ -63,27 +63,27 @@ Stats tile_pair_stats_exact(const scalar_t* g, int64_t n, int64_t i0, int64_t ti
 }
 
 // The fast pass: max |a − b| over the pair in the input's precision (float for 16- and 32-bit inputs,
-// enough to compare against a sqrt(eps) tolerance), with a finiteness probe (x − x is 0 for finite x,
-// NaN otherwise) in the same vectorised loop. The mirror tile is first copied transposed, reading rows.
+// enough to compare against a sqrt(eps) tolerance) and a finiteness probe (x − x is 0 for finite x, NaN
+// otherwise), without branches. The mirror element G[c, r] is read in 16 × 16 blocks: the 16 rows of G it
+// touches stay in L1 while the block is swept, so no transposed copy is needed.
 template <typename scalar_t>
-Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0, int64_t tj, void* scratch) {
+LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
   using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  value_t* mirror = static_cast<value_t*>(scratch);  // mirror[r][c] = G[j0 + c, i0 + r]
-  for (int64_t c = 0; c < tj; ++c) {
-    const scalar_t* row = g + (j0 + c) * n + i0;
-    for (int64_t r = 0; r < ti; ++r) {
-      mirror[r * tj + c] = static_cast<value_t>(row[r]);
-    }
-  }
+  constexpr int64_t kBlock = 16;
+  const bool diagonal_tile = i0 == j0;
   value_t asymmetry = 0, probe = 0;
-  for (int64_t r = 0; r < ti; ++r) {
-    const scalar_t* row = g + (i0 + r) * n + j0;
-    const value_t* mirrored = mirror + r * tj;
-#pragma omp simd reduction(max : asymmetry) reduction(+ : probe)
-    for (int64_t c = 0; c < tj; ++c) {
-      const value_t a = static_cast<value_t>(row[c]), b = mirrored[c];
-      asymmetry = std::max(asymmetry, std::abs(a - b));
-      probe += (a - a) + (b - b);
+  for (int64_t rb = 0; rb < ti; rb += kBlock) {
+    for (int64_t cb = diagonal_tile ? rb : 0; cb < tj; cb += kBlock) {
+      for (int64_t r = rb; r < std::min(rb + kBlock, ti); ++r) {
+        const scalar_t* row = g + (i0 + r) * n + j0;
+        const scalar_t* mirror = g + j0 * n + i0 + r;  // mirror[c * n] = G[j0 + c, i0 + r]
+        const int64_t first = diagonal_tile ? std::max(cb, r) : cb;  // diagonal tile: each pair once
+        for (int64_t c = first; c < std::min(cb + kBlock, tj); ++c) {
+          const value_t a = static_cast<value_t>(row[c]), b = static_cast<value_t>(mirror[c * n]);
+          asymmetry = std::max(asymmetry, std::abs(a - b));
+          probe += (a - a) + (b - b);
+        }
+      }
     }
   }
   if (!std::isfinite(static_cast<double>(probe))) {
@@ -91,7 +91,7 @@ Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int6
   }
   Stats s;
   s.max_asymmetry = static_cast<double>(asymmetry);
-  if (i0 == j0) {
+  if (diagonal_tile) {
     for (int64_t d = 0; d < ti; ++d) {
       s.diagonal_entry(static_cast<double>(g[(i0 + d) * n + i0 + d]));
     }
@@ -99,32 +99,25 @@ Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int6
   return s;
 }
 
+// A diagonal Gram: the same branch-free fast pass (min, max and the finiteness probe, vectorized), and an
+// exact pass only when the probe finds a non-finite entry.
 template <typename scalar_t>
-Stats full_stats(const at::Tensor& gram) {
-  const int64_t n = gram.size(0);
-  const scalar_t* g = gram.const_data_ptr<scalar_t>();
-  const auto pairs = upper_triangle_tiles(n, kStatsTile);
-  std::vector<Stats> per_pair(pairs.size());
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(kStatsTile * kStatsTile);  // room for a float64 mirror tile
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t i0 = pairs[p].first * kStatsTile, j0 = pairs[p].second * kStatsTile;
-      per_pair[p] = tile_pair_stats(
-          g, n, i0, std::min(kStatsTile, n - i0), j0, std::min(kStatsTile, n - j0), scratch.data());
-    }
-  });
-  Stats total;
-  for (const auto& s : per_pair) {
-    total.merge(s);
+LORM_EXT_CPU_CLONES Stats diagonal_stats(const scalar_t* g, int64_t n) {
+  using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  value_t low = std::numeric_limits<value_t>::infinity(), high = -low, probe = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const value_t v = static_cast<value_t>(g[i]);
+    low = v < low ? v : low;
+    high = v > high ? v : high;
+    probe += v - v;
   }
-  return total;
-}
-
-template <typename scalar_t>
-Stats diagonal_stats(const at::Tensor& gram) {
   Stats s;
-  const scalar_t* g = gram.const_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < gram.size(0); ++i) {
+  if (std::isfinite(static_cast<double>(probe))) {
+    s.min_diagonal = static_cast<double>(low);
+    s.max_diagonal = static_cast<double>(high);
+    return s;
+  }
+  for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(g[i]);
     if (std::isfinite(v)) {
       s.diagonal_entry(v);
@@ -135,14 +128,58 @@ Stats diagonal_stats(const at::Tensor& gram) {
   return s;
 }
 
-at::Tensor gram_stats_cpu(const at::Tensor& gram_in) {
-  check_gram_stats_args(gram_in);
-  const at::Tensor gram = gram_in.detach().contiguous();
-  Stats s;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
-    s = is_diagonal_gram(gram) ? diagonal_stats<scalar_t>(gram) : full_stats<scalar_t>(gram);
+// One task: a tile pair of a full Gram, or a whole diagonal Gram (tile indices unused).
+struct StatsTask {
+  size_t layer;
+  int64_t tile_i;
+  int64_t tile_j;
+};
+
+at::Tensor gram_stats_cpu(at::TensorList grams_in) {
+  check_gram_stats_args(grams_in);
+  std::vector<at::Tensor> grams;
+  std::vector<StatsTask> tasks;
+  for (size_t l = 0; l < grams_in.size(); ++l) {
+    grams.push_back(grams_in[l].detach().contiguous());
+    if (is_diagonal_gram(grams[l])) {
+      tasks.push_back({l, 0, 0});
+      continue;
+    }
+    for (const auto& [ti, tj] : upper_triangle_tiles(grams[l].size(0), kStatsTile)) {
+      tasks.push_back({l, ti, tj});
+    }
+  }
+  std::vector<Stats> per_task(tasks.size());
+  // All layers' tasks in one parallel loop: many small Grams cost one dispatch, not one each.
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const at::Tensor& gram = grams[tasks[t].layer];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
+        if (is_diagonal_gram(gram)) {
+          per_task[t] = diagonal_stats(gram.const_data_ptr<scalar_t>(), gram.size(0));
+          return;
+        }
+        const int64_t n = gram.size(0);
+        const int64_t i0 = tasks[t].tile_i * kStatsTile, j0 = tasks[t].tile_j * kStatsTile;
+        per_task[t] = tile_pair_stats(
+            gram.const_data_ptr<scalar_t>(), n, i0, std::min(kStatsTile, n - i0), j0, std::min(kStatsTile, n - j0));
+      });
+    }
   });
-  return at::tensor({s.max_asymmetry, s.min_diagonal, s.max_diagonal, s.nonfinite}, at::kDouble);
+  std::vector<Stats> per_layer(grams.size());
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    per_layer[tasks[t].layer].merge(per_task[t]);
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(grams.size()), 4}, at::kDouble);
+  double* o = out.mutable_data_ptr<double>();
+  for (size_t l = 0; l < per_layer.size(); ++l) {
+    const Stats& s = per_layer[l];
+    o[4 * l] = s.max_asymmetry;
+    o[4 * l + 1] = s.min_diagonal;
+    o[4 * l + 2] = s.max_diagonal;
+    o[4 * l + 3] = s.nonfinite;
+  }
+  return out;
 }
 
 }  // namespace

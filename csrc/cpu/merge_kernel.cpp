@@ -1,8 +1,14 @@
-// CPU streaming merge accumulators. Each client Gram is read once, one column block at a time, and the block
-// feeds every sum that needs it while it is in cache. Blocks of all layers form one task list for
-// at::parallel_for, so many small layers and a few wide ones share the threads. Diagonal Grams are
-// elementwise and use plain (internally parallel) ATen ops.
+// CPU streaming merge accumulators: one pass over each client Gram.
+//
+// The work is a list of column panels over all layers, split over threads with at::parallel_for. A panel task
+// walks the rows of G[:, c0:c0+w] once: it upcasts each row segment to the accumulator dtype, adds it into
+// ΣG when the op keeps one, and accumulates F G[:, c0:c0+w] in a p × w scratch that stays in cache
+// (four rows per sweep, so each scratch load feeds four multiply-adds). Diagonal Grams are panels too, one
+// elementwise sweep. The B-step's P = A G Aᵀ is finished inside each panel (an r × r partial per panel), so
+// A G is never stored. What is left per layer is small (r × r sums, out × r products) and runs through ATen.
+// The panel sweeps are compiled for several instruction sets, picked at load time (LORM_EXT_CPU_CLONES).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,52 +18,243 @@
 #include "../checks.h"
 #include "tiling.h"
 
+
 namespace lorm_ext {
 namespace {
 
-// Columns of a client Gram handled per task: a (n × 256) block of a 3072-wide fp32 Gram is 3 MiB.
-constexpr int64_t kColumnBlock = 256;
+// Rows of G swept together: each scratch element is loaded once per four multiply-adds.
+constexpr int64_t kRowsPerSweep = 4;
+// Panel width: the p × w scratch stays within ~256 KiB (L2) and w is a multiple of the vector width.
+int64_t panel_width(int64_t p, size_t acc_size) {
+  const int64_t fit = static_cast<int64_t>((256 * 1024) / (std::max<int64_t>(p, 1) * acc_size));
+  return std::clamp<int64_t>(fit / 16 * 16, 16, 256);
+}
 
-struct ColumnBlock {
+// acc[k][c] += Σ_j f[k][j] · rows[j][c] over the four rows j of one sweep (f: p × 4, rows: 4 × w).
+template <typename acc_t>
+LORM_EXT_CPU_CLONES void multiply_add_sweep(
+    acc_t* __restrict__ acc, const acc_t* __restrict__ f, const acc_t* __restrict__ rows, int64_t p, int64_t w) {
+  const acc_t* r0 = rows;
+  const acc_t* r1 = rows + w;
+  const acc_t* r2 = rows + 2 * w;
+  const acc_t* r3 = rows + 3 * w;
+  for (int64_t k = 0; k < p; ++k) {
+    const acc_t a0 = f[4 * k], a1 = f[4 * k + 1], a2 = f[4 * k + 2], a3 = f[4 * k + 3];
+    acc_t* out = acc + k * w;
+    for (int64_t c = 0; c < w; ++c) {
+      out[c] += a0 * r0[c] + a1 * r1[c] + a2 * r2[c] + a3 * r3[c];
+    }
+  }
+}
+
+// One layer of a call: its Gram; the factor F (p × n, contiguous, float32 or float64, read in its own dtype
+// so a float32 client factor is never copied); the Gram sum (acc dtype, shaped like the Gram; undefined: none
+// kept); and where the products go, one of two (the other undefined), both in the acc dtype:
+//   out       p × n: F G is added to it;
+//   partials  (panels × p × p): panel j writes (F G)[:, panel j] F[:, panel j]ᵀ, so F G Fᵀ is their sum and
+//             the p × n product F G is never stored (the B-step's projection).
+struct PanelLayer {
+  at::Tensor gram;
+  at::Tensor factor;
+  at::Tensor gram_sum;
+  at::Tensor out;
+  at::Tensor partials;
+
+  at::ScalarType acc_dtype() const {
+    return out.defined() ? out.scalar_type() : partials.scalar_type();
+  }
+  int64_t panel_width() const {
+    return lorm_ext::panel_width(factor.size(0), at::elementSize(acc_dtype()));
+  }
+};
+
+struct Panel {
   size_t layer;
+  int64_t index;  // within its layer
   int64_t begin;
   int64_t width;
 };
 
-// Column blocks of every full (2-D) Gram in the list.
-std::vector<ColumnBlock> column_blocks(at::TensorList grams) {
-  std::vector<ColumnBlock> blocks;
-  for (size_t layer = 0; layer < grams.size(); ++layer) {
-    if (is_diagonal_gram(grams[layer])) {
-      continue;
+// Hands a panel's (F G)[:, c0:c0+w] (acc: p × w, row-major) to where its layer wants it; f_panel is room for
+// p × w more values.
+template <typename factor_t, typename acc_t>
+LORM_EXT_CPU_CLONES void emit_panel(
+    const PanelLayer& layer, const Panel& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
+  if (layer.out.defined()) {
+    acc_t* out = layer.out.mutable_data_ptr<acc_t>();
+    for (int64_t k = 0; k < p; ++k) {
+      for (int64_t c = 0; c < w; ++c) {
+        out[k * n + c0 + c] += acc[k * w + c];
+      }
     }
-    const int64_t n = grams[layer].size(0);
-    for (int64_t c = 0; c < n; c += kColumnBlock) {
-      blocks.push_back({layer, c, std::min(kColumnBlock, n - c)});
+    return;
+  }
+  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  for (int64_t l = 0; l < p; ++l) {  // F[:, c0:c0+w] upcast once, contiguous
+    for (int64_t c = 0; c < w; ++c) {
+      f_panel[l * w + c] = static_cast<acc_t>(f[l * n + c0 + c]);
     }
   }
-  return blocks;
+  // partial[k][l] = Σ_c acc[k][c] F[l][c]: four dot products per pass over a row of acc.
+  acc_t* partial = layer.partials.mutable_data_ptr<acc_t>() + panel.index * p * p;
+  for (int64_t k = 0; k < p; ++k) {
+    const acc_t* a = acc + k * w;
+    int64_t l = 0;
+    for (; l + 4 <= p; l += 4) {
+      const acc_t* f0 = f_panel + l * w;
+      const acc_t *f1 = f0 + w, *f2 = f0 + 2 * w, *f3 = f0 + 3 * w;
+      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t c = 0; c < w; ++c) {
+        d0 += a[c] * f0[c];
+        d1 += a[c] * f1[c];
+        d2 += a[c] * f2[c];
+        d3 += a[c] * f3[c];
+      }
+      partial[k * p + l] = d0;
+      partial[k * p + l + 1] = d1;
+      partial[k * p + l + 2] = d2;
+      partial[k * p + l + 3] = d3;
+    }
+    for (; l < p; ++l) {
+      const acc_t* f0 = f_panel + l * w;
+      acc_t d0 = 0;
+#pragma omp simd reduction(+ : d0)
+      for (int64_t c = 0; c < w; ++c) {
+        d0 += a[c] * f0[c];
+      }
+      partial[k * p + l] = d0;
+    }
+  }
 }
 
-// Runs body(block) for every column block, spread over threads.
-template <typename Body>
-void for_each_column_block(const std::vector<ColumnBlock>& blocks, const Body& body) {
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      body(blocks[b]);
+template <typename input_t, typename factor_t, typename acc_t>
+LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
+  const int64_t s0 = layer.gram.stride(0), s1 = layer.gram.stride(1);
+  const input_t* g = layer.gram.const_data_ptr<input_t>();
+  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
+  scratch.assign(p * w + kRowsPerSweep * w + kRowsPerSweep * p + p * w, acc_t(0));
+  acc_t* acc = scratch.data();
+  acc_t* rows = acc + p * w;
+  acc_t* f_cols = rows + kRowsPerSweep * w;  // F[:, i:i+4], row-major p × 4
+  acc_t* f_panel = f_cols + kRowsPerSweep * p;  // for emit_panel
+  for (int64_t i = 0; i < n; i += kRowsPerSweep) {
+    const int64_t m = std::min(kRowsPerSweep, n - i);
+    for (int64_t j = 0; j < kRowsPerSweep; ++j) {
+      acc_t* row = rows + j * w;
+      if (j >= m) {  // past the last row: contributes zero
+        std::fill(row, row + w, acc_t(0));
+        continue;
+      }
+      const input_t* src = g + (i + j) * s0 + c0 * s1;
+      if (s1 == 1) {
+        for (int64_t c = 0; c < w; ++c) {
+          row[c] = static_cast<acc_t>(src[c]);
+        }
+      } else {
+        for (int64_t c = 0; c < w; ++c) {
+          row[c] = static_cast<acc_t>(src[c * s1]);
+        }
+      }
+      if (gram_sum != nullptr) {
+        acc_t* sum_row = gram_sum + (i + j) * n + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          sum_row[c] += row[c];
+        }
+      }
+    }
+    for (int64_t k = 0; k < p; ++k) {
+      for (int64_t j = 0; j < kRowsPerSweep; ++j) {
+        f_cols[k * kRowsPerSweep + j] = j < m ? static_cast<acc_t>(f[k * n + i + j]) : acc_t(0);
+      }
+    }
+    multiply_add_sweep<acc_t>(acc, f_cols, rows, p, w);
+  }
+  emit_panel<factor_t, acc_t>(layer, panel, acc, f_panel);
+}
+
+template <typename input_t, typename factor_t, typename acc_t>
+LORM_EXT_CPU_CLONES void diagonal_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), s0 = layer.gram.stride(0);
+  const int64_t c0 = panel.begin, w = panel.width;
+  const input_t* g = layer.gram.const_data_ptr<input_t>();
+  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  scratch.resize(w + 2 * p * w);
+  acc_t* diag = scratch.data();  // the panel's diagonal, upcast once and contiguous
+  acc_t* acc = diag + w;
+  acc_t* f_panel = acc + p * w;  // for emit_panel
+  for (int64_t c = 0; c < w; ++c) {
+    diag[c] = static_cast<acc_t>(g[(c0 + c) * s0]);
+  }
+  if (layer.gram_sum.defined()) {
+    acc_t* gram_sum = layer.gram_sum.mutable_data_ptr<acc_t>() + c0;
+    for (int64_t c = 0; c < w; ++c) {
+      gram_sum[c] += diag[c];
+    }
+  }
+  for (int64_t k = 0; k < p; ++k) {
+    const factor_t* f_row = f + k * n + c0;
+    for (int64_t c = 0; c < w; ++c) {
+      acc[k * w + c] = static_cast<acc_t>(f_row[c]) * diag[c];
+    }
+  }
+  emit_panel<factor_t, acc_t>(layer, panel, acc, f_panel);
+}
+
+template <typename input_t, typename factor_t, typename acc_t>
+void run_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
+  if (is_diagonal_gram(layer.gram)) {
+    diagonal_panel<input_t, factor_t, acc_t>(layer, panel, scratch);
+  } else {
+    full_panel<input_t, factor_t, acc_t>(layer, panel, scratch);
+  }
+}
+
+// out += F G, or the partials of F G Fᵀ (and ΣG += G where kept) for every layer: one pass over each Gram,
+// all layers' panels in one parallel loop.
+void accumulate_panels(const std::vector<PanelLayer>& layers) {
+  std::vector<Panel> panels;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& layer = layers[l];
+    const int64_t n = layer.gram.size(0);
+    const int64_t w = layer.panel_width();
+    for (int64_t c = 0, index = 0; c < n; c += w, ++index) {
+      panels.push_back({l, index, c, std::min(w, n - c)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch_float;
+    std::vector<double> scratch_double;
+    for (int64_t t = begin; t < end; ++t) {
+      const Panel& panel = panels[t];
+      const PanelLayer& layer = layers[panel.layer];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_panel", [&] {
+        using input_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(layer.factor.scalar_type(), "merge_panel_factor", [&] {
+          using factor_t = scalar_t;
+          if (layer.acc_dtype() == at::kDouble) {
+            run_panel<input_t, factor_t, double>(layer, panel, scratch_double);
+          } else {
+            run_panel<input_t, factor_t, float>(layer, panel, scratch_float);
+          }
+        });
+      });
     }
   });
 }
 
-// Detached copies of the small per-layer matrices in each accumulator's dtype, made once before the
-// parallel region (a no-op view when the dtype already matches).
-std::vector<at::Tensor> in_dtype_of(at::TensorList values, at::TensorList accumulators) {
-  std::vector<at::Tensor> out;
-  out.reserve(values.size());
-  for (size_t i = 0; i < values.size(); ++i) {
-    out.push_back(values[i].detach().to(accumulators[i].scalar_type()));
-  }
-  return out;
+// The small per-layer matrices in the accumulator's dtype, contiguous (no copy when already so).
+at::Tensor as_accumulator(const at::Tensor& t, const at::Tensor& accumulator) {
+  return t.detach().to(accumulator.scalar_type()).contiguous();
+}
+
+// A factor as the panels read it: float32 and float64 as they are, other dtypes in the accumulator's.
+at::Tensor as_panel_factor(const at::Tensor& t, const at::Tensor& accumulator) {
+  const auto dtype = t.scalar_type();
+  return dtype == at::kFloat || dtype == at::kDouble ? t.detach().contiguous() : as_accumulator(t, accumulator);
 }
 
 void gram_weighted_accumulate_cpu(
@@ -71,41 +268,26 @@ void gram_weighted_accumulate_cpu(
   std::vector<at::Tensor> accumulators(gram_sums.begin(), gram_sums.end());
   accumulators.insert(accumulators.end(), weighted_sums.begin(), weighted_sums.end());
   if (gram_sums.size() > 1 && any_overlap(accumulators)) {
-    // Entries share an accumulator: their column blocks must not run in parallel, so one entry at a time.
+    // Entries share an accumulator: their panels must not run in parallel, so one entry at a time.
     for (size_t i = 0; i < gram_sums.size(); ++i) {
       gram_weighted_accumulate_cpu(
           gram_sums[i], weighted_sums[i], grams[i], factors[i], has_lefts ? at::TensorList(lefts[i]) : at::TensorList());
     }
     return;
   }
-  const auto factor = in_dtype_of(factors, gram_sums);
-  const auto left = has_lefts ? in_dtype_of(lefts, gram_sums) : std::vector<at::Tensor>{};
-
-  for_each_column_block(column_blocks(grams), [&](const ColumnBlock& blk) {
-    const size_t i = blk.layer;
-    const auto dtype = gram_sums[i].scalar_type();
-    const at::Tensor g = grams[i].detach().narrow(1, blk.begin, blk.width).to(dtype);
-    gram_sums[i].detach().narrow(1, blk.begin, blk.width).add_(g);
-    const at::Tensor fg = at::mm(factor[i], g);
-    at::Tensor out = weighted_sums[i].detach().narrow(1, blk.begin, blk.width);
-    if (has_lefts) {
-      out.addmm_(left[i], fg);
-    } else {
-      out.add_(fg);
-    }
-  });
-
+  std::vector<PanelLayer> layers;
   for (size_t i = 0; i < grams.size(); ++i) {
-    if (!is_diagonal_gram(grams[i])) {
-      continue;
-    }
-    const at::Tensor g = grams[i].detach().to(gram_sums[i].scalar_type());
-    gram_sums[i].detach().add_(g);
-    const at::Tensor fg = factor[i] * g;
-    if (has_lefts) {
-      weighted_sums[i].detach().addmm_(left[i], fg);
-    } else {
-      weighted_sums[i].detach().add_(fg);
+    const at::Tensor& sum = gram_sums[i];
+    const at::Tensor factor = as_panel_factor(factors[i], sum);
+    // With lefts, F G goes to a scratch first and L (F G) into the weighted sum below.
+    const at::Tensor out = has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options())
+                                     : weighted_sums[i].detach();
+    layers.push_back({grams[i].detach(), factor, sum.detach(), out, at::Tensor()});
+  }
+  accumulate_panels(layers);
+  if (has_lefts) {
+    for (size_t i = 0; i < grams.size(); ++i) {
+      weighted_sums[i].detach().addmm_(as_accumulator(lefts[i], gram_sums[i]), layers[i].out);
     }
   }
 }
@@ -117,28 +299,20 @@ void projected_accumulate_cpu(
     at::TensorList shared_factors,
     at::TensorList factors) {
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
-  const auto shared = in_dtype_of(shared_factors, projection_sums);
-  const auto factor = in_dtype_of(factors, projection_sums);
-
-  // A G for every layer (r × n): the one pass over each full Gram.
-  std::vector<at::Tensor> shared_gram(grams.size());
+  // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
+  std::vector<PanelLayer> layers;
   for (size_t i = 0; i < grams.size(); ++i) {
-    shared_gram[i] = is_diagonal_gram(grams[i])
-        ? shared[i] * grams[i].detach().to(shared[i].scalar_type())
-        : at::empty_like(shared[i]);
+    PanelLayer layer{grams[i].detach(), as_panel_factor(shared_factors[i], projection_sums[i])};
+    const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
+    const int64_t panels = ceil_div(n, panel_width(r, projection_sums[i].element_size()));
+    layer.partials = at::empty({panels, r, r}, projection_sums[i].options());  // every panel writes its own
+    layers.push_back(std::move(layer));
   }
-  for_each_column_block(column_blocks(grams), [&](const ColumnBlock& blk) {
-    const size_t i = blk.layer;
-    const at::Tensor g = grams[i].detach().narrow(1, blk.begin, blk.width).to(shared[i].scalar_type());
-    at::Tensor out = shared_gram[i].narrow(1, blk.begin, blk.width);
-    at::mm_out(out, shared[i], g);
-  });
-
-  // P = (A G) Aᵀ is r × r: the rest is tiny next to the pass above.
+  accumulate_panels(layers);
   for (size_t i = 0; i < grams.size(); ++i) {
-    const at::Tensor projection = at::mm(shared_gram[i], shared[i].t());
+    const at::Tensor projection = layers[i].partials.sum(0);
     projection_sums[i].detach().add_(projection);
-    weighted_sums[i].detach().addmm_(factor[i], projection);
+    weighted_sums[i].detach().addmm_(as_accumulator(factors[i], projection_sums[i]), projection);
   }
 }
 

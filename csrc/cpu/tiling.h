@@ -1,4 +1,4 @@
-// How the CPU kernels cut an n-wide matrix into tiles for at::parallel_for.
+// How the CPU kernels cut an n-wide matrix into tiles for at::parallel_for, and how their hot loops are built.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -6,6 +6,15 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+// The hot loops of the CPU kernels are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and baseline
+// x86-64; the loader picks the best the machine runs (GCC function multiversioning). torch builds
+// extensions for baseline x86-64 only, which leaves most of a modern core's vector width unused.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORM_EXT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LORM_EXT_CPU_CLONES
+#endif
 
 namespace lorm_ext {
 

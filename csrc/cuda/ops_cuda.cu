@@ -424,10 +424,8 @@ void projected_accumulate_cuda(
 
 // -------------------------------------------------------------------------------------------- gram_stats
 
-at::Tensor gram_stats_cuda(const at::Tensor& gram_in) {
+at::Tensor gram_stats_one(const at::Tensor& gram_in) {
   constexpr const char* op = "lorm_ext::gram_stats";
-  check_gram_stats_args(gram_in);
-  const c10::cuda::CUDAGuard guard(gram_in.device());
   const at::Tensor gram = gram_in.detach().contiguous();
   if (gram.dim() == 1) {  // a diagonal: a few elementwise ATen ops are as good as a kernel
     const at::Tensor values = gram.to(at::kDouble);
@@ -449,6 +447,19 @@ at::Tensor gram_stats_cuda(const at::Tensor& gram_in) {
   return at::stack(
       {at::amax(partials.select(1, 0), 0), at::amin(partials.select(1, 1), 0), at::amax(partials.select(1, 2), 0),
        at::sum(partials.select(1, 3), 0)});
+}
+
+at::Tensor gram_stats_cuda(at::TensorList grams) {
+  check_gram_stats_args(grams);
+  if (grams.empty()) {
+    return at::empty({0, 4}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+  }
+  const c10::cuda::CUDAGuard guard(grams[0].device());
+  std::vector<at::Tensor> rows;
+  for (const auto& gram : grams) {
+    rows.push_back(gram_stats_one(gram));
+  }
+  return at::stack(rows);
 }
 
 }  // namespace
