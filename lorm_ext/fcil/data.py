@@ -43,13 +43,25 @@ class InputSpec:
     std: tuple[float, ...]
 
 
+def to_channels(images: Tensor, channels: int) -> Tensor:
+    """Images (..., C, H, W) with the backbone's channels: grey is repeated into RGB, RGB becomes grey
+    (ITU-R 601 luma, as PIL's "L")."""
+    have = images.shape[-3]
+    if have == channels:
+        return images
+    if have == 1:
+        return images.expand(*images.shape[:-3], channels, -1, -1)
+    if have == 3 and channels == 1:
+        return v2.functional.rgb_to_grayscale(images)
+    raise ValueError(f"cannot feed {have}-channel images to a backbone with {channels} input channels")
+
+
 def resize_normalise(images: Tensor, spec: InputSpec, normalise: bool = True) -> Tensor:
     """float images in [0, 1], (N, C, H, W) -> the backbone's size and channels, and its normalisation."""
     if images.shape[-1] != spec.size:
         images = v2.functional.resize(images, [spec.size, spec.size], v2.InterpolationMode.BICUBIC, antialias=True)
         images = images.clamp(0, 1)
-    if images.shape[1] != spec.channels:
-        images = images.expand(-1, spec.channels, -1, -1)
+    images = to_channels(images, spec.channels)
     return v2.functional.normalize(images, list(spec.mean), list(spec.std)) if normalise else images
 
 
@@ -95,8 +107,8 @@ class TransformedImages:
             from PIL import Image
 
             with Image.open(self.source[i]) as file:
-                image = v2.functional.pil_to_tensor(file.convert("RGB"))
-        return image.expand(self.spec.channels, -1, -1) if image.shape[0] != self.spec.channels else image
+                image = v2.functional.pil_to_tensor(file.convert("L" if self.spec.channels == 1 else "RGB"))
+        return to_channels(image, self.spec.channels)
 
     def batch(self, indices: np.ndarray, train: bool) -> Tensor:
         transform = self.train_transform if train else self.test_transform

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorm_ext.fcil.config import ConfigError
-from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks
+from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, to_channels
 from lorm_ext.fcil.driver import participants
 
 
@@ -103,6 +103,8 @@ def test_cifar100_archive_and_folder(tmp_path, tiny_config):
     torch.manual_seed(0)
     assert data.train.batch(np.arange(4), train=True).shape == (4, 3, 24, 24)
     assert data.test.batch(np.arange(4), train=False).dtype == torch.float32
+    grey = load_dataset(tiny_config(dataset="cifar100", data_path=archive), InputSpec(1, 24, (0.5,), (0.5,)))
+    assert grey.train.batch(np.arange(4), train=True).shape == (4, 1, 24, 24)
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path, filter="data")
     extracted = load_dataset(tiny_config(dataset="cifar100", data_path=str(tmp_path)), spec)
@@ -130,6 +132,21 @@ def test_image_folder_with_and_without_split(tmp_path, tiny_config):
     assert (len(flat.train), len(flat.test)) == (12, 3)  # one image in five of each class for testing
     with pytest.raises(ConfigError, match="cannot form 2 tasks"):
         load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "flat"), n_tasks=2), spec)
+    grey = InputSpec(1, 16, (0.5,), (0.5,))  # a 1-channel backbone (the embedded one) reads RGB files as grey
+    grey_split = load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "split"), n_tasks=3), grey)
+    assert grey_split.test.batch(np.arange(3), train=False).shape == (3, 1, 16, 16)
     os.makedirs(tmp_path / "empty" / "c")
     with pytest.raises(ConfigError, match="no images"):
         load_dataset(tiny_config(dataset="imagefolder", data_path=str(tmp_path / "empty")), spec)
+
+
+def test_to_channels_converts_grey_and_rgb_and_rejects_the_rest():
+    rgb = torch.rand(2, 3, 4, 5)
+    grey = to_channels(rgb, 1)
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    assert grey.shape == (2, 1, 4, 5) and torch.allclose(grey[:, 0], luma, atol=1e-3)
+    repeated = to_channels(grey, 3)
+    assert repeated.shape == (2, 3, 4, 5) and all(torch.equal(repeated[:, c], grey[:, 0]) for c in range(3))
+    assert to_channels(rgb, 3) is rgb
+    with pytest.raises(ValueError, match="2-channel images to a backbone with 3 input channels"):
+        to_channels(torch.rand(2, 2, 4, 5), 3)
