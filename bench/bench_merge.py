@@ -4,14 +4,16 @@
 
 Three paths compute the same A-step or B-step for 48 ViT-B/16 layers (36 with 768 inputs, 12 with 3072;
 outputs 2304/768/3072/768) and K clients:
-- fused: lorm_ext's streaming mergers; clients arrive one at a time, one batched solve per layer shape.
+- fused: lorm_ext's streaming mergers; clients arrive one at a time, one batched solve per layer shape; timed
+  as users run them (every client's values checked before it is added) and with the value checks off.
 - reference: lorm_ext.reference (the specification: all clients in lists, torch.pinverse in float64).
 - authors: a per-layer loop in the style of fed-mammoth's LoRM server (clients stacked, torch.pinverse in
   float64, the B-step through out × in products, and α = 0 Grams kept as full diagonal matrices).
 All K clients' Grams of ViT-B do not fit in this machine's memory at K = 50 (27 GB in float32), so the
 reference and authors' paths get one layer's K clients at a time and the fused path one client at a time.
-Times exclude making the inputs. Each path's peak memory is the process's peak resident set above what it
-held when the path started (Linux VmHWM, reset per path). Ceilings — copy bandwidth, float32/float64 matmul
+Times exclude making the inputs; they are medians of --repeats runs for the fused paths and of --slow-repeats
+runs (default one: minutes each at K = 50) for the others. Each path's peak memory is the process's peak
+resident set above what it held when the path started (Linux VmHWM, reset per path). Ceilings — copy bandwidth, float32/float64 matmul
 rates — are measured in the same run, and each fused result is printed next to its floor: the larger of
 (bytes it must move / copy bandwidth) and (FLOPs it must do / float64 matmul rate), per client, plus the
 final solve's FLOPs. The fused results are also checked against the reference (max relative difference).
