@@ -167,6 +167,13 @@ def test_entries_sharing_an_accumulator_add_up_in_order(device):
     ops.gram_weighted_accumulate_([gram_sum] * 3, [weighted_sum] * 3, grams, factors)
     assert_rel_close(gram_sum, sum(g.double() for g in grams), 1e-12)
     assert_rel_close(weighted_sum, sum(f.double() @ g.double() for f, g in zip(factors, grams)), 1e-12)
+    a = torch.randn(4, 300, device=device)
+    bs = [torch.randn(600, 4, device=device) for _ in range(3)]  # several row blocks per entry
+    proj_sum, weighted = torch.zeros(4, 4, device=device, dtype=torch.float64), torch.zeros(600, 4, device=device, dtype=torch.float64)
+    ops.projected_accumulate_([proj_sum] * 3, [weighted] * 3, grams, [a] * 3, bs)
+    projections = [a.double() @ g.double() @ a.double().T for g in grams]
+    assert_rel_close(proj_sum, sum(projections), 1e-12)
+    assert_rel_close(weighted, sum(b.double() @ p for b, p in zip(bs, projections)), 1e-12)
     shared = torch.zeros(20, 20, device=device)
     xs = [torch.randn(50, 20, device=device) for _ in range(2)]
     ops.gram_accumulate_([shared, shared], xs)

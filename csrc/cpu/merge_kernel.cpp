@@ -292,6 +292,90 @@ void gram_weighted_accumulate_cpu(
   }
 }
 
+// P_k = Σ of a layer's panel partials (left in partials[0]); ΣP += P_k.
+template <typename acc_t>
+void reduce_partials(const at::Tensor& partials, const at::Tensor& projection_sum) {
+  const int64_t panels = partials.size(0), rr = partials.size(1) * partials.size(2);
+  acc_t* p = partials.mutable_data_ptr<acc_t>();
+  acc_t* sum = projection_sum.mutable_data_ptr<acc_t>();
+  for (int64_t e = 0; e < rr; ++e) {
+    acc_t total = 0;
+    for (int64_t j = 0; j < panels; ++j) {
+      total += p[j * rr + e];
+    }
+    p[e] = total;
+    sum[e] += total;
+  }
+}
+
+// ΣBP[o0:o1] += B_k[o0:o1] P_k: r² multiply-adds per row, B_k read in its own dtype.
+template <typename factor_t, typename acc_t>
+LORM_EXT_CPU_CLONES void add_projected_rows(
+    acc_t* __restrict__ weighted, const factor_t* __restrict__ b, const acc_t* __restrict__ p, int64_t o0, int64_t o1,
+    int64_t r) {
+  for (int64_t o = o0; o < o1; ++o) {
+    acc_t* w = weighted + o * r;
+    for (int64_t l = 0; l < r; ++l) {
+      const acc_t b_ol = static_cast<acc_t>(b[o * r + l]);
+      const acc_t* p_row = p + l * r;
+      for (int64_t j = 0; j < r; ++j) {
+        w[j] += b_ol * p_row[j];
+      }
+    }
+  }
+}
+
+// The B-step after the Gram pass, by hand: at small r, ATen calls per layer (sum, add, convert, addmm) cost more
+// than their arithmetic. The out × r products of all layers are split over threads by row blocks (one thread
+// when some weighted sums share memory).
+void finish_projections(
+    const std::vector<PanelLayer>& layers,
+    at::TensorList projection_sums,
+    at::TensorList weighted_sums,
+    const std::vector<at::Tensor>& rights,
+    bool shared_sums) {
+  constexpr int64_t kRowBlock = 256;
+  struct RowBlock {
+    size_t layer;
+    int64_t begin;
+    int64_t end;
+  };
+  std::vector<RowBlock> blocks;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype(), "reduce_partials", [&] {
+      if (layers[i].partials.size(0) == 0) {  // an empty Gram: P = 0
+        layers[i].partials.resize_({1, layers[i].partials.size(1), layers[i].partials.size(2)}).zero_();
+      }
+      reduce_partials<scalar_t>(layers[i].partials, projection_sums[i]);
+    });
+    const int64_t rows = rights[i].size(0);
+    for (int64_t o = 0; o < rows; o += kRowBlock) {
+      blocks.push_back({i, o, std::min(rows, o + kRowBlock)});
+    }
+  }
+  const int64_t count = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, count, shared_sums ? std::max<int64_t>(count, 1) : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const RowBlock& block = blocks[t];
+      const size_t i = block.layer;
+      const int64_t r = layers[i].partials.size(1);
+      AT_DISPATCH_FLOATING_TYPES(rights[i].scalar_type(), "add_projected_rows", [&] {
+        using factor_t = scalar_t;
+        const factor_t* b = rights[i].const_data_ptr<factor_t>();
+        if (layers[i].acc_dtype() == at::kDouble) {
+          add_projected_rows<factor_t, double>(
+              weighted_sums[i].mutable_data_ptr<double>(), b, layers[i].partials.const_data_ptr<double>(), block.begin,
+              block.end, r);
+        } else {
+          add_projected_rows<factor_t, float>(
+              weighted_sums[i].mutable_data_ptr<float>(), b, layers[i].partials.const_data_ptr<float>(), block.begin,
+              block.end, r);
+        }
+      });
+    }
+  });
+}
+
 void projected_accumulate_cpu(
     at::TensorList projection_sums,
     at::TensorList weighted_sums,
@@ -309,11 +393,12 @@ void projected_accumulate_cpu(
     layers.push_back(std::move(layer));
   }
   accumulate_panels(layers);
+  std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
-    const at::Tensor projection = layers[i].partials.sum(0);
-    projection_sums[i].detach().add_(projection);
-    weighted_sums[i].detach().addmm_(as_accumulator(factors[i], projection_sums[i]), projection);
+    rights.push_back(as_panel_factor(factors[i], projection_sums[i]));
   }
+  std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());
+  finish_projections(layers, projection_sums, weighted_sums, rights, any_overlap(sums));
 }
 
 }  // namespace
