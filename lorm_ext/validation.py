@@ -3,7 +3,7 @@ before touching any accumulator, so a rejected client leaves the state unchanged
 
 ``check_gram`` / ``check_matrix`` check one tensor's structure (and, by default, its values);
 ``check_values`` checks the values of a whole client at once — one ``gram_stats`` call for all its Grams and
-one reduction for all its other tensors — which is what keeps validation cheap next to the merge itself."""
+other tensors — which is what keeps validation cheap next to the merge itself."""
 
 from __future__ import annotations
 
@@ -75,28 +75,21 @@ def check_gram(
 def check_values(grams: Mapping[str, Tensor], matrices: Iterable[tuple[str, str, Tensor]]) -> None:
     """The values of tensors whose structure was checked: every Gram finite, symmetric (to
     ``symmetry_tolerance``) with a non-negative diagonal; every (layer, what, tensor) of ``matrices`` finite.
-    Grams must share one device; the first problem found is raised."""
-    named = {layer: g for layer, g in grams.items() if g.numel() > 0}
-    if named:
-        for layer, stats in zip(named, ops.gram_stats(list(named.values())).tolist()):
+    One ``gram_stats`` call per device reads them all (a matrix goes in flattened, as a "diagonal": only its
+    count of non-finite entries is used); the first problem found is raised."""
+    entries = [(layer, "gram", g, True) for layer, g in grams.items() if g.numel() > 0]
+    entries += [(layer, what, t.reshape(-1), False) for layer, what, t in matrices if t.numel() > 0]
+    by_device: dict[torch.device, list] = {}
+    for entry in entries:
+        by_device.setdefault(entry[2].device, []).append(entry)
+    for group in by_device.values():
+        for (layer, what, t, is_gram), stats in zip(group, ops.gram_stats([e[2] for e in group]).tolist()):
             asymmetry, min_diagonal, max_diagonal, nonfinite = stats
             if nonfinite:
-                raise LayerError(layer, f"gram contains NaN or Inf ({int(nonfinite)} entries)")
+                raise LayerError(layer, f"{what} contains NaN or Inf ({int(nonfinite)} entries)")
+            if not is_gram:
+                continue
             if min_diagonal < 0:
                 raise LayerError(layer, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
-            if asymmetry > symmetry_tolerance(named[layer].dtype) * max_diagonal:
+            if asymmetry > symmetry_tolerance(t.dtype) * max_diagonal:
                 raise LayerError(layer, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g})")
-    matrices = [(layer, what, t) for layer, what, t in matrices if t.numel() > 0]
-    if not matrices:
-        return
-    # Fast path: a sum is finite when every entry is (only an overflow can make a finite tensor's sum
-    # infinite, so a non-finite sum is confirmed entry by entry before it is reported).
-    device = matrices[0][2].device
-    # (summed in float32 or wider: a float64 upcast of every entry would cost more than the merge step itself)
-    sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(device, torch.float64)
-                        for _, _, t in matrices])
-    if bool(torch.isfinite(sums).all()):
-        return
-    for layer, what, t in matrices:
-        if not bool(torch.isfinite(t).all()):
-            raise LayerError(layer, f"{what} contains NaN or Inf")

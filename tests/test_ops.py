@@ -106,11 +106,12 @@ def test_gram_weighted_accumulate_matches_reference(device, sum_dtype, input_dty
 
 @pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
 @pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (300, 16, 70), (129, 64, 3), (1000, 6, 5)])
+@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (20, 2, 7), (50, 8, 300), (300, 16, 70), (129, 64, 3), (1000, 6, 5)])
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_projected_accumulate_matches_reference(device, sum_dtype, input_dtype, n, r, m, diagonal):
     # n = 1000 spans several column panels, so P is a sum of per-panel partials; r = 6 leaves a remainder after
-    # the kernels' four-at-a-time dot products
+    # the kernels' four-at-a-time dot products; r ∈ {1, 2, 4, 8} take the row kernels (m = 300: several row
+    # blocks), the other ranks at::addmm
     gram = random_gram(n, n + 2, dtype=input_dtype, device=device, diagonal=diagonal)
     a, b = torch.randn(r, n, device=device).to(input_dtype), torch.randn(m, r, device=device).to(input_dtype)
     proj_sum = random_gram(r, 3, dtype=sum_dtype, device=device)

@@ -105,10 +105,11 @@ template <typename scalar_t>
 LORM_EXT_CPU_CLONES Stats diagonal_stats(const scalar_t* g, int64_t n) {
   using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   value_t low = std::numeric_limits<value_t>::infinity(), high = -low, probe = 0;
+#pragma omp simd reduction(min : low) reduction(max : high) reduction(+ : probe)
   for (int64_t i = 0; i < n; ++i) {
     const value_t v = static_cast<value_t>(g[i]);
-    low = v < low ? v : low;
-    high = v > high ? v : high;
+    low = std::min(low, v);
+    high = std::max(high, v);
     probe += v - v;
   }
   Stats s;
