@@ -21,6 +21,10 @@ namespace {
 // Tile pairs of 128 × 128: enough of them to balance the threads, few enough to keep the task list short.
 constexpr int64_t kStatsTile = 128;
 
+// The fast passes compare in float for 16- and 32-bit inputs (enough against a sqrt(eps) tolerance).
+template <typename scalar_t>
+using fast_value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 struct Stats {
   double max_asymmetry = 0.0;
   double min_diagonal = std::numeric_limits<double>::infinity();
@@ -62,13 +66,12 @@ Stats tile_pair_stats_exact(const scalar_t* g, int64_t n, int64_t i0, int64_t ti
   return s;
 }
 
-// The fast pass: max |a − b| over the pair in the input's precision (float for 16- and 32-bit inputs,
-// enough to compare against a sqrt(eps) tolerance) and a finiteness probe (x − x is 0 for finite x, NaN
-// otherwise), without branches. The mirror element G[c, r] is read in 16 × 16 blocks: the 16 rows of G it
+// The fast pass: max |a − b| over the pair in fast_value_t and a finiteness probe (x − x is 0 for finite x,
+// NaN otherwise), without branches. The mirror element G[c, r] is read in 16 × 16 blocks: the 16 rows of G it
 // touches stay in L1 while the block is swept, so no transposed copy is needed.
 template <typename scalar_t>
 LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
-  using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using value_t = fast_value_t<scalar_t>;
   constexpr int64_t kBlock = 16;
   const bool diagonal_tile = i0 == j0;
   value_t asymmetry = 0, probe = 0;
@@ -103,7 +106,7 @@ LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t 
 // exact pass only when the probe finds a non-finite entry.
 template <typename scalar_t>
 LORM_EXT_CPU_CLONES Stats diagonal_stats(const scalar_t* g, int64_t n) {
-  using value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using value_t = fast_value_t<scalar_t>;
   value_t low = std::numeric_limits<value_t>::infinity(), high = -low, probe = 0;
 #pragma omp simd reduction(min : low) reduction(max : high) reduction(+ : probe)
   for (int64_t i = 0; i < n; ++i) {

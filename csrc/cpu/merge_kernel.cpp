@@ -5,7 +5,7 @@
 // ΣG when the op keeps one, and accumulates F G[:, c0:c0+w] in a p × w scratch that stays in cache
 // (four rows per sweep, so each scratch load feeds four multiply-adds). Diagonal Grams are panels too, one
 // elementwise sweep. The B-step's P = A G Aᵀ is finished inside each panel (an r × r partial per panel), so
-// A G is never stored. What is left per layer is small (r × r sums, out × r products) and runs through ATen.
+// A G is never stored; its out × r products B_k P_k run in row kernels at small r and through at::addmm above.
 // The panel sweeps are compiled for several instruction sets, picked at load time (LORM_EXT_CPU_CLONES).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -368,9 +368,6 @@ void finish_projections(
   std::vector<RowBlock> blocks;
   for (size_t i = 0; i < layers.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype(), "reduce_partials", [&] {
-      if (layers[i].partials.size(0) == 0) {  // an empty Gram: P = 0
-        layers[i].partials.resize_({1, layers[i].partials.size(1), layers[i].partials.size(2)}).zero_();
-      }
       reduce_partials<scalar_t>(layers[i].partials, projection_sums[i]);
     });
     const int64_t r = layers[i].partials.size(1);
@@ -415,18 +412,18 @@ void projected_accumulate_cpu(
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
   // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
   std::vector<PanelLayer> layers;
+  std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
     PanelLayer layer{grams[i].detach(), as_panel_factor(shared_factors[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
     const int64_t panels = ceil_div(n, panel_width(r, projection_sums[i].element_size()));
-    layer.partials = at::empty({panels, r, r}, projection_sums[i].options());  // every panel writes its own
+    // Every panel writes its own partial; an empty Gram has no panel and one zero partial (P = 0).
+    const auto options = projection_sums[i].options();
+    layer.partials = n == 0 ? at::zeros({1, r, r}, options) : at::empty({panels, r, r}, options);
     layers.push_back(std::move(layer));
-  }
-  accumulate_panels(layers);
-  std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
-  for (size_t i = 0; i < grams.size(); ++i) {
     rights.push_back(as_panel_factor(factors[i], projection_sums[i]));
   }
+  accumulate_panels(layers);
   std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());
   finish_projections(layers, projection_sums, weighted_sums, rights, any_overlap(sums));
 }
