@@ -79,8 +79,7 @@ class _SolveSums:
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
-        for name in self.slots:
-            (den,), (num,) = self.views([name])
+        for name, (den, num) in self._views.items():
             out[f"{name}.denominator"], out[f"{name}.numerator"] = den, num
         return out
 
@@ -136,6 +135,11 @@ class _StreamingMerger:
         self._sums.load_state_dict(state["sums"], self._device)
         self.num_clients = int(state["num_clients"])
 
+    def _check_values(self, grams: Mapping[str, Tensor], matrices: list[tuple[str, str, Tensor]]) -> None:
+        """A client's values (after its structure passed), unless the merger was made with validate=False."""
+        if self.validate:
+            check_values(grams, matrices)
+
 
 class RegMeanMerger(_StreamingMerger):
     """Streams clients into Σ_k G_k and Σ_k [L_k] F_k G_k per layer; ``merge()`` = (Σ [L_k] F_k G_k)(Σ G_k)⁺.
@@ -171,10 +175,9 @@ class RegMeanMerger(_StreamingMerger):
             else:
                 check_matrix(name, "factor", factors[name], (None, width), values=False)
                 check_matrix(name, "left", lefts[name], (rows, factors[name].shape[0]), values=False)
-        if self.validate:
-            matrices = [(n, "factor", factors[n]) for n in names]
-            matrices += [(n, "left", lefts[n]) for n in names] if lefts is not None else []
-            check_values({n: grams[n] for n in names}, matrices)
+        matrices = [(n, "factor", factors[n]) for n in names]
+        matrices += [(n, "left", lefts[n]) for n in names] if lefts is not None else []
+        self._check_values({n: grams[n] for n in names}, matrices)
         return names
 
     def add_client(
@@ -323,8 +326,7 @@ class BStepMerger(_StreamingMerger):
         for name, a in self.shared_a.items():
             check_gram(name, grams[name], a.shape[1], values=False)
         names = self._check_structure(factors_b, "factor")
-        if self.validate:
-            check_values(grams, [(n, "factor", factors_b[n]) for n in names])
+        self._check_values(grams, [(n, "factor", factors_b[n]) for n in names])
         dens, nums = self._views_after_checks(factors_b, names)
         device = self._sums.device
         ops.projected_accumulate_(
@@ -342,8 +344,7 @@ class BStepMerger(_StreamingMerger):
         for name, a in self.shared_a.items():
             check_gram(name, projections[name], a.shape[0], diagonal=False, values=False)
         names = self._check_structure(weighted, "weighted projection")
-        if self.validate:
-            check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
+        self._check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
         dens, nums = self._views_after_checks(weighted, names)
         device = self._sums.device
         torch._foreach_add_(dens, [projections[n].to(device, self._sums.dtype) for n in names])

@@ -72,8 +72,11 @@ def gram_stats(grams: Sequence[Tensor]) -> Tensor:
     """Validation statistics of many Grams in one read of each: (len(grams), 4) float64, per Gram
     [max |G_ij − G_ji|, min diag(G), max diag(G), number of non-finite entries].
 
-    Non-finite entries are left out of the other three. A 1-D Gram is a diagonal: its asymmetry is 0.
+    Non-finite entries are left out of the other three. A 1-D Gram is a diagonal: its asymmetry is 0. No Grams:
+    a (0, 4) tensor (the native op needs at least one to pick a device).
     """
+    if not grams:
+        return torch.empty(0, 4, dtype=torch.float64)
     return _ops.gram_stats([g.detach() for g in grams])
 
 

@@ -20,3 +20,14 @@ def test_bench_merge_runs_and_paths_agree(tmp_path):
         assert row["max_rel_diff_vs_reference"] < 1e-8, row
     for row in result["gram_accumulation"]:
         assert row["fused_rel_err"] <= 2 * row["reference_rel_err"] + 1e-6, row
+
+
+def test_bench_merge_without_the_authors_path(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_merge.py"), "--layers", "1", "--clients", "2", "--ranks", "2",
+           "--grams", "diagonal", "--gram-widths", "--no-authors", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())  # strict JSON: skipped numbers are null, not NaN
+    assert result["gram_accumulation"] == []
+    for row in result["merge"]:
+        assert row["authors_s"] is None and row["speedup_vs_authors"] is None and row["fused_s"] > 0

@@ -335,7 +335,7 @@ class TestBadInputs:
 
 
 def test_finite_values_whose_sum_overflows_are_accepted():
-    """Validation sums each tensor as a fast finiteness test; an overflowing sum alone is not an error."""
+    """Validation counts non-finite entries (it never sums them): finite values whose sum overflows pass."""
     merger = AStepMerger()
     factor = torch.full((2, 3), 1e308, dtype=torch.float64)  # finite entries, infinite sum
     merger.add_client({"l": factor}, {"l": torch.eye(3, dtype=torch.float64)})

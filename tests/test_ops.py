@@ -155,6 +155,7 @@ def test_gram_stats_matches_reference(device, dtype, n):
     if n > 1:
         broken[0, n // 3] = float("nan")
         broken[n // 3, n // 3] = float("inf")
+    assert ops.gram_stats([]).shape == (0, 4)
     stats, stats_of_diagonal = ops.gram_stats([broken, torch.diagonal(broken).contiguous()]).tolist()
     assert stats == pytest.approx(gram_stats_truth(broken), rel=1e-6)  # |a − b| is taken in float for 32-bit Grams
     assert stats_of_diagonal == pytest.approx(gram_stats_truth(torch.diagonal(broken)), rel=1e-12)

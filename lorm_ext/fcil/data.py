@@ -132,6 +132,10 @@ class Dataset:
     def task_classes(self, task: int) -> np.ndarray:
         return np.arange(task * self.classes_per_task, (task + 1) * self.classes_per_task)
 
+    def class_range(self, task: int) -> tuple[int, int]:
+        """(first class, number of classes) of a task, as a server's instructions carry them."""
+        return task * self.classes_per_task, self.classes_per_task
+
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class, a seeded test_fraction of the samples goes to test. Fixed seed: every run sees the same test set."""

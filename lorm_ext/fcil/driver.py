@@ -102,6 +102,19 @@ def check_run_dir(config: RunConfig, run_dir: str) -> None:
             )
 
 
+def task_test_sets(splits: list[TaskSplit]) -> list[np.ndarray]:
+    """Per task, the indices of its test samples (all clients'), sorted."""
+    return [np.sort(np.concatenate(split.test)) for split in splits]
+
+
+def evaluate_seen(
+    model: AdaptedViT, tensors: Mapping[str, Tensor], dataset: Dataset, task_tests: list[np.ndarray], seen: int
+) -> tuple[np.ndarray, list[int]]:
+    """``correct_predictions`` and, per task seen so far, how many of its test samples are right."""
+    hits = correct_predictions(model, tensors, dataset, task_tests, seen)
+    return hits, [int(hits[t].sum()) for t in task_tests[:seen]]
+
+
 @torch.no_grad()
 def correct_predictions(
     model: AdaptedViT, tensors: Mapping[str, Tensor], dataset: Dataset, task_tests: list[np.ndarray], seen: int
@@ -148,21 +161,15 @@ def _communicate(config, data, model, server, clock, task: int, round_: int | No
         shards = {0: np.sort(np.concatenate(split.train))}
     else:
         shards = {k: split.train[k] for k in participants(config, task)}
-    classes = (int(data.dataset.task_classes(task)[0]), data.dataset.classes_per_task)
-    images = data.dataset.train
-    if round_ == 0:
-        server.start_task(task)
+    instruction = server.open_unit(task, round_, data.dataset.class_range(task))
+    stats = _no_traffic()
+    if instruction is not None:
+        desc = "task Grams" if round_ is None else f"round {round_ + 1}"
+        stats = _exchange(server, instruction, model, data.dataset.train, shards, config, clock, desc)
+    merge_start = clock()
     if round_ is None:
-        instruction = server.open_task_end(classes)
-        stats = _no_traffic()
-        if instruction is not None:
-            stats = _exchange(server, instruction, model, images, shards, config, clock, "task Grams")
-        merge_start = clock()
         server.close_task()
     else:
-        instruction = server.open_round(round_, classes)
-        stats = _exchange(server, instruction, model, images, shards, config, clock, f"round {round_ + 1}")
-        merge_start = clock()
         server.close()
     stats["merge_s"] += clock() - merge_start
     return instruction, stats
@@ -181,7 +188,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     dataset, splits = data.dataset, data.splits
     model = build_model(config, dataset.num_classes, data.weights)
     server = SERVERS[config.strategy](config, model.layer_shapes, model.head_parameters())
-    task_tests = [np.sort(np.concatenate(split.test)) for split in splits]
+    task_tests = task_test_sets(splits)
     total = [len(t) for t in task_tests]
     plan = units(config, dataset.n_tasks)
     checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
@@ -200,13 +207,13 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
         unit="round",
         disable=None,
     )
+    hits = None  # of the last unit run: the final model's, when the run ends with it
     for index in range(state["next_unit"], len(plan)):
         task, round_ = plan[index]
         started = clock()
         instruction, stats = _communicate(config, data, model, server, clock, task, round_)
         eval_start = clock()
-        hits = correct_predictions(model, server.model_tensors(), dataset, task_tests, task + 1)
-        correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
+        hits, correct = evaluate_seen(model, server.model_tensors(), dataset, task_tests, task + 1)
         if round_ is None:
             state["correct"].append(correct + [0] * (dataset.n_tasks - task - 1))
         record = {
@@ -229,7 +236,8 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     bar.close()
 
     final = server.model_tensors()
-    hits = correct_predictions(model, final, dataset, task_tests, dataset.n_tasks)
+    if hits is None:  # resumed after the last unit: nothing was evaluated in this process
+        hits = correct_predictions(model, final, dataset, task_tests, dataset.n_tasks)
     results = _results(config, state, total, hits, splits)
     plot_accuracy_matrices(
         {f"{config.strategy}, seed {config.seed}": as_array(results["accuracy_matrix"])},

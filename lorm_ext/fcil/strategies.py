@@ -95,6 +95,13 @@ class Server(ABC):
         """What clients report at the end of a task; None: nothing."""
         return None
 
+    def open_unit(self, task: int, round: int | None, classes: tuple[int, int]) -> Instruction | None:
+        """Opens one unit of the protocol (``driver.units``): a task's first round also starts the task; round
+        None is the task end."""
+        if round == 0:
+            self.start_task(task)
+        return self.open_task_end(classes) if round is None else self.open_round(round, classes)
+
     def close_task(self) -> None:
         """Keeps the finished task's adapter and folds its update into the running sum."""
         for name in self.shapes:

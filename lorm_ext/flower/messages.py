@@ -26,7 +26,7 @@ from torch import Tensor
 from ..fcil.client import FIT, TASK_GRAMS, ClientReply, Instruction
 from ..fcil.config import RunConfig
 from ..fcil.model import HEAD
-from ..validation import check_gram, check_matrix
+from ..validation import check_gram, check_matrix, check_values
 
 MESSAGE_TYPES = {FIT: MessageType.TRAIN, TASK_GRAMS: f"{MessageType.QUERY}.{TASK_GRAMS}"}
 GRAM_KINDS = ("gram", "BP", "P")  # reply keys that travel in the "grams" record
@@ -92,11 +92,14 @@ def check_message(message: Mapping[str, Tensor], expected: Mapping[str, tuple[in
     samples = message.get("num_samples")
     if samples is None or samples.dtype.is_floating_point or samples.numel() != 1 or int(samples) < 1:
         raise ValueError(f"num-examples must be a positive integer, got {samples}")
+    grams, matrices = {}, []  # checked for shape first, then all values in one pass (check_values)
     for key, shape in expected.items():
         kind, _, name = key.partition("/")
         if kind in ("gram", "P"):
-            check_gram(name, message[key], width=shape[0], diagonal=len(shape) == 1)
-        elif kind == HEAD:
-            check_matrix(HEAD, key, message[key], shape)
+            check_gram(name, message[key], width=shape[0], diagonal=len(shape) == 1, values=False)
+            grams[name] = message[key]  # a layer sends its Gram or its P (pre-reduced), never both
         else:
-            check_matrix(name, kind, message[key], shape)
+            layer, what = (HEAD, key) if kind == HEAD else (name, kind)
+            check_matrix(layer, what, message[key], shape, values=False)
+            matrices.append((layer, what, message[key]))
+    check_values(grams, matrices)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from ..fcil.config import RunConfig
-from ..fcil.driver import check, correct_predictions, prepare
+from ..fcil.driver import check, evaluate_seen, prepare, task_test_sets
 from ..fcil.metrics import seen_accuracy
 from ..fcil.model import build_model
 from .client_app import app as client_app
@@ -27,15 +26,14 @@ def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
     data = prepare(config)
     dataset = data.dataset
     model = build_model(config, dataset.num_classes, data.weights)
-    task_classes = [(int(dataset.task_classes(t)[0]), dataset.classes_per_task) for t in range(dataset.n_tasks)]
+    task_classes = [dataset.class_range(t) for t in range(dataset.n_tasks)]
     strategy = LoRMStrategy(config, model.layer_shapes, task_classes)
-    task_tests = [np.sort(np.concatenate(split.test)) for split in data.splits]
+    task_tests = task_test_sets(data.splits)
     total = [len(t) for t in task_tests]
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         task, round_ = strategy.instruction.task, strategy.instruction.round  # a task end's round: num_comm_rounds
-        hits = correct_predictions(model, arrays.to_torch_state_dict(), dataset, task_tests, task + 1)
-        correct = [int(hits[t].sum()) for t in task_tests[: task + 1]]
+        _, correct = evaluate_seen(model, arrays.to_torch_state_dict(), dataset, task_tests, task + 1)
         return MetricRecord({"task": task, "round": round_, "accuracy": seen_accuracy(correct, total, task + 1)})
 
     head = ArrayRecord({f"head/{k}": v.detach() for k, v in model.head_parameters().items()})

@@ -94,19 +94,14 @@ class LoRMStrategy(Strategy):
         self._connect(grid, timeout)
         result = Result()
         for server_round, (task, round_) in enumerate(units(self.config, len(self.task_classes)), start=1):
-            classes = self.task_classes[task]
-            if round_ == 0:
-                self.server.start_task(task)
+            self.instruction = self.server.open_unit(task, round_, self.task_classes[task])  # LoRM always asks
+            arrays, config = instruction_records(self.instruction, self.config)
             if round_ is None:
-                self.instruction = self.server.open_task_end(classes)
-                arrays, config = instruction_records(self.instruction, self.config)
                 replies = grid.send_and_receive(
                     self.configure_task_grams(server_round, arrays, config, grid), timeout=timeout
                 )
                 metrics = self.aggregate_task_grams(server_round, replies)
             else:
-                self.instruction = self.server.open_round(round_, classes)
-                arrays, config = instruction_records(self.instruction, self.config)
                 replies = grid.send_and_receive(
                     self.configure_train(server_round, arrays, config, grid), timeout=timeout
                 )
