@@ -269,3 +269,22 @@ def test_the_strategy_refuses_other_strategies_and_a_wrong_number_of_nodes():
         strategy = LoRMStrategy(tiny_config(num_clients=4), {"layer": (8, 8)}, [(0, 5)])
         head = ArrayRecord({"head/weight": torch.zeros(5, 8), "head/bias": torch.zeros(5)})
         strategy.start(InProcessGrid(None), head, timeout=0.2)
+
+
+def test_check_message_names_the_layer_and_the_problem_of_each_bad_value():
+    from lorm_ext.flower.messages import check_message
+
+    expected = {"B/l": (3, 2), "P/l": (2, 2), "head/weight": (4, 5)}
+    good = {"num_samples": torch.tensor(7), "B/l": torch.randn(3, 2), "P/l": torch.eye(2), "head/weight": torch.randn(4, 5)}
+    check_message(good, expected)
+    bad = {
+        "layer 'l': B contains NaN or Inf (1 entries)": {"B/l": _with_nan(good["B/l"])},
+        "layer 'head': head/weight contains NaN or Inf (1 entries)": {"head/weight": _with_nan(good["head/weight"])},
+        "layer 'l': gram is not symmetric": {"P/l": torch.tensor([[1.0, 0.5], [0.0, 1.0]])},
+        "layer 'l': gram has a negative diagonal entry": {"P/l": -torch.eye(2)},
+        "layer 'l': B has shape (2, 3), expected (3, 2)": {"B/l": torch.randn(2, 3)},
+        "num-examples must be a positive integer": {"num_samples": torch.tensor(0)},
+    }
+    for problem, change in bad.items():
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            check_message(good | change, expected)
