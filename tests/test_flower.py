@@ -16,12 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr", reason="the Flower tests need `pip install 'flwr[simulation]==1.41.*'` (docs/flower.md)")
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_ext.fcil import RunConfig, run
@@ -258,6 +259,141 @@ def test_a_round_without_usable_replies_fails_naming_every_problem(caplog):
         _start_first_task(tiny_config(), malformed)
     assert str(failure.value) == f"task 0 round 0: no usable reply from the 3 clients ({details})"
     assert sum("dropped the reply" in r.getMessage() for r in caplog.records) == 3
+
+
+def _raw(reply: Message, record: str, key: str, **fields) -> Message:
+    """The reply with some of one array's fields (dtype, shape, stype, data) replaced as they travel: unchecked."""
+    array = reply.content[record][key]
+    fields = {f: fields.get(f, getattr(array, f)) for f in ("dtype", "shape", "stype", "data")}
+    reply.content[record][key] = Array(**fields)
+    return reply
+
+
+def _numpy(reply: Message, record: str, key: str, change) -> Message:
+    """The reply with one array replaced by ``change(the array as NumPy)``, which torch may not convert."""
+    reply.content[record][key] = Array(change(reply.content[record][key].numpy()))
+    return reply
+
+
+def _metric(reply: Message, key: str, value) -> Message:
+    reply.content["metrics"][key] = value
+    return reply
+
+
+def _without(reply: Message, record: str) -> Message:
+    del reply.content[record]
+    return reply
+
+
+QKV, FC2 = "blocks.0.attn.qkv", "blocks.2.mlp.fc2"
+# kind: (round it happens in: 1 training, 2 task end; the change; the start of the problem the log names)
+MALFORMED_KINDS = {
+    "non-numeric dtype": (
+        1,
+        lambda r: _numpy(r, "grams", f"gram/{QKV}", lambda g: np.full(g.shape, "x")),
+        f"'gram/{QKV}' of the 'grams' record cannot be read as a tensor (TypeError: can't convert np.ndarray of "
+        "type numpy.str_",
+    ),
+    "truncated bytes": (
+        1,
+        lambda r: _raw(r, "arrays", f"B/{FC2}", data=r.content["arrays"][f"B/{FC2}"].data[:-7]),
+        f"'B/{FC2}' of the 'arrays' record cannot be read as a tensor (ValueError: EOF: reading array data",
+    ),
+    "no 'arrays' record": (1, lambda r: _without(r, "arrays"), "missing ['B/blocks.0.attn.proj'"),
+    "seconds not a number": (
+        1,
+        lambda r: _metric(r, "train-seconds", [1.0, 2.0]),
+        "train-seconds must be a finite non-negative number, got [1.0, 2.0]",
+    ),
+    "sample count out of range": (
+        1,
+        lambda r: _metric(r, "num-examples", 2**70),
+        "num-examples 1180591620717411303424 cannot be read as a tensor (ValueError: Overflow",
+    ),
+    "other serialisation": (
+        1,
+        lambda r: _raw(r, "grams", "gram/head", stype="torch.save"),
+        "'gram/head' of the 'grams' record cannot be read as a tensor (TypeError: Unsupported serialization type",
+    ),
+    "empty bytes": (
+        2,
+        lambda r: _raw(r, "grams", f"gram/{QKV}", data=b""),
+        f"'gram/{QKV}' of the 'grams' record cannot be read as a tensor (EOFError: No data left in file)",
+    ),
+    "random bytes": (
+        2,
+        lambda r: _raw(r, "grams", f"gram/{FC2}", data=np.random.default_rng(0).bytes(300)),
+        f"'gram/{FC2}' of the 'grams' record cannot be read as a tensor (",
+    ),
+    "integer Gram": (
+        2,
+        lambda r: _changed(r, "grams", f"gram/{QKV}", lambda t: t.to(torch.int64)),
+        f"layer '{QKV}': gram must be floating point, got torch.int64",
+    ),
+    "byte order": (
+        2,
+        lambda r: _numpy(r, "grams", f"gram/{FC2}", lambda g: g.astype(">f4")),
+        f"'gram/{FC2}' of the 'grams' record cannot be read as a tensor (ValueError: given numpy array has byte order",
+    ),
+    "key in both records": (
+        2,
+        lambda r: _with_record(r, "arrays", {f"gram/{QKV}": r.content["grams"][f"gram/{QKV}"]}),
+        f"'gram/{QKV}' is in both the 'arrays' and the 'grams' record",
+    ),
+    "seconds not finite": (
+        2,
+        lambda r: _metric(r, "gram-seconds", float("nan")),
+        "gram-seconds must be a finite non-negative number, got nan",
+    ),
+}
+
+
+def _with_record(reply: Message, record: str, arrays: dict) -> Message:
+    reply.content[record] = ArrayRecord(arrays)
+    return reply
+
+
+@pytest.mark.parametrize("kinds", [list(MALFORMED_KINDS)[i::3] for i in range(3)], ids=lambda k: ", ".join(k))
+def test_every_kind_of_malformed_reply_is_dropped_with_a_log_line(caplog, kinds):
+    """Each server round gets two bad replies of the kinds of that round (clients 0 and 2); the run goes on."""
+    slots = {}
+    for kind in kinds:
+        server_round, change, problem = MALFORMED_KINDS[kind]
+        client = 2 * sum(r == server_round for r, _ in slots)
+        slots[(server_round, client)] = (change, problem)
+
+    def malformed(server_round, client, message, reply):
+        change = slots.get((server_round, client))
+        return reply if change is None else change[0](reply)
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = _start_first_task(tiny_config(), malformed)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    nodes = sorted(NODES)
+    where = {1: "task 0 round 0", 2: "task 0 end (Grams)"}
+    assert len(lines) == len(slots)
+    for line, ((server_round, client), (_, problem)) in zip(lines, sorted(slots.items(), key=lambda s: s[0])):
+        dropped = f"{where[server_round]}: dropped the reply of client {client} (node {nodes[client]}): "
+        assert line.startswith(dropped + problem)
+        assert "\n" not in line
+    merged = [(m["clients"], m["dropped"]) for m in result.train_metrics_clientapp.values()]
+    assert merged == [(3 - sum(r == u for r, _ in slots), sum(r == u for r, _ in slots)) for u in (1, 2)]
+
+
+def test_a_reply_from_a_node_that_was_not_asked_is_ignored(caplog):
+    def impostor(server_round, client, message, reply):
+        if (server_round, client) == (1, 1):
+            reply.metadata.__dict__["_src_node_id"] = 99  # Metadata has no setter: what a forged reply carries
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = _start_first_task(tiny_config(), impostor)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == [
+        "task 0 round 0: ignored a reply from node 99, which was not asked",
+        f"task 0 round 0: dropped the reply of client 1 (node {sorted(NODES)[1]}): no reply before the timeout",
+    ]
+    assert [(m["clients"], m["dropped"]) for m in result.train_metrics_clientapp.values()] == [(2, 1), (3, 0)]
 
 
 def test_the_strategy_refuses_other_strategies_and_a_wrong_number_of_nodes():

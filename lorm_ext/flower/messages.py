@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
@@ -70,17 +71,43 @@ def reply_content(reply: ClientReply) -> RecordDict:
     return RecordDict(records)
 
 
+def _decoded(what: str, decode: Callable[[], Tensor]) -> Tensor:
+    """decode() of a value a client sent, or a ValueError naming it. The decoders (NumPy's .npy reader, torch's
+    conversions) raise many kinds of error on bytes they cannot read (ValueError, TypeError, EOFError,
+    zipfile.BadZipFile, tokenize.TokenError, ...): all of them mean the same here, a malformed reply."""
+    try:
+        return decode()
+    except Exception as error:
+        detail = str(error).partition("\n")[0]
+        raise ValueError(f"{what} cannot be read as a tensor ({type(error).__name__}: {detail})") from error
+
+
 def read_reply(content: RecordDict) -> dict[str, Tensor]:
     """The client's message as ``Server.receive`` takes it; missing records read as empty (``check_message``
-    then names what is missing)."""
+    then names what is missing). A ValueError names an array that is not a readable tensor (corrupt bytes,
+    a dtype torch has no tensor for, ...) or a key sent in both records."""
     message: dict[str, Tensor] = {}
     for name in ("arrays", "grams"):
-        if name in content.array_records:
-            message.update(content.array_records[name].to_torch_state_dict())
+        for key, array in content.array_records.get(name, ArrayRecord()).items():
+            if key in message:
+                raise ValueError(f"{key!r} is in both the 'arrays' and the 'grams' record")
+            message[key] = _decoded(f"{key!r} of the {name!r} record", lambda: torch.from_numpy(array.numpy()))
     metrics = content.metric_records.get("metrics", MetricRecord())
     if "num-examples" in metrics:
-        message["num_samples"] = torch.tensor(metrics["num-examples"])
+        samples = metrics["num-examples"]
+        message["num_samples"] = _decoded(f"num-examples {samples!r}", lambda: torch.tensor(samples))
     return message
+
+
+def reply_seconds(content: RecordDict) -> dict[str, float]:
+    """"train-seconds" and "gram-seconds" of a reply's metrics (0 when absent), for information only; a
+    ValueError unless each is a finite non-negative number."""
+    metrics = content.metric_records.get("metrics", MetricRecord())
+    seconds = {key: metrics.get(key, 0.0) for key in ("train-seconds", "gram-seconds")}
+    for key, value in seconds.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite non-negative number, got {value!r}")
+    return seconds
 
 
 def check_message(message: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:

@@ -8,9 +8,10 @@ in increasing client id, so a Flower run reproduces the in-process ``fcil.run`` 
 
 Clients: the run needs exactly ``num_clients`` nodes; the node with the k-th smallest node id plays FCIL client
 k (its shard of the split, its seeds), which the instruction tells it. A reply that is an error, or whose
-message is not what ``client_step`` sends for the instruction (missing or unexpected tensors, wrong shapes,
-NaN/Inf, a Gram that is not one), is dropped with a WARNING naming the client and the problem; the round
-merges the others. A round without any usable reply raises ``NoUsableReplyError``.
+message is not what ``client_step`` sends for the instruction (missing or unexpected tensors, arrays that are not
+readable tensors, wrong dtypes or shapes, NaN/Inf, a Gram that is not one, bad metrics), is dropped with a WARNING
+naming the client and the problem; the round merges the others; a reply from a node that was not asked is
+ignored with a WARNING. A round without any usable reply raises ``NoUsableReplyError``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .messages import (
     instruction_content,
     instruction_records,
     read_reply,
+    reply_seconds,
 )
 
 NODE_POLL_SECONDS = 0.1
@@ -187,7 +189,13 @@ class LoRMStrategy(Strategy):
         """Checks each reply and hands the usable ones to the server in increasing client id, one at a time."""
         head_shape = tuple(self.server.current["head/weight"].shape)
         expected = message_shapes(self.instruction, self.config, self.layer_shapes, head_shape)
-        by_client = {self._client_of[reply.metadata.src_node_id]: reply for reply in replies}
+        by_client = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if self._client_of.get(node) not in self._asked:
+                log(WARNING, "%s: ignored a reply from node %d, which was not asked", self._where(), node)
+                continue
+            by_client[self._client_of[node]] = reply
         totals = {"num-examples": 0, "train-seconds": 0.0, "gram-seconds": 0.0}  # over the merged clients
         problems = {}
         for client in self._asked:
@@ -198,16 +206,19 @@ class LoRMStrategy(Strategy):
             if reply.has_error():
                 problems[client] = f"the client failed: {reply.error.reason}"
                 continue
-            message = read_reply(reply.content)
             try:
+                message = read_reply(reply.content)
                 check_message(message, expected)
+                seconds = reply_seconds(reply.content)
             except ValueError as error:
                 problems[client] = str(error)
                 continue
+            # not inside the try: a message that passed check_message and still fails here is a bug, and the
+            # server may hold part of it
             self.server.receive(message)
             totals["num-examples"] += int(message["num_samples"])
-            for key in ("train-seconds", "gram-seconds"):  # for information only: not checked
-                totals[key] += reply.content["metrics"].get(key, 0.0)
+            for key, value in seconds.items():
+                totals[key] += value
         for client, problem in problems.items():
             log(WARNING, "%s: dropped the reply of client %d (node %d): %s", self._where(), client,
                 self._node_of[client], problem)  # fmt: skip
