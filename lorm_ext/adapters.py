@@ -10,8 +10,11 @@ Only plain LoRA on linear layers is accepted; every ``adapter_config.json`` fiel
 (``_SCALING_FIELDS``, ``_TARGETING_FIELDS``, ``_MUST_AGREE_FIELDS``, ``_IGNORED_FIELDS``), required to be off
 (``_OFF_VALUES``: DoRA, trained biases, modules_to_save, ...), or an error. See docs/peft.md.
 
-Grams are safetensors files keyed by module name (the name inside the base model, e.g. ``layers.0.q_proj``),
-each (in × in) or its diagonal (in); ``collect_grams`` makes them with ``GramCollector``.
+Adapters and Gram files are opened lazily (``AdapterFile``, ``GramFile``: the safetensors header first, each
+module's tensors memory-mapped when asked for), so that ``lorm_ext.adapter_merge`` can stream module by module.
+A Gram file stores one Gram per distinct layer input (q/k/v of a block share one), full, as its upper
+triangle or as its diagonal, with an index from module names (the names inside the base model, e.g.
+``layers.0.q_proj``) to Grams; ``collect_grams`` makes them with ``GramCollector``.
 """
 
 from __future__ import annotations
@@ -20,18 +23,19 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from re import _parser
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .gram import GramCollector
-from .merge import AdapterMerger
 from .validation import LayerError, check_gram
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,8 +88,6 @@ _KNOWN_FIELDS = _SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNO
 # These initialisations rewrite the base model's weights, so the saved factors are not an update of the base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-MERGE_METHODS = ("exact", "alternating", "average", "svd")
-
 
 class AdapterFileError(ValueError):
     """A problem with one input or output file, and the module it concerns when there is one."""
@@ -96,34 +98,120 @@ class AdapterFileError(ValueError):
         self.path, self.module, self.problem = str(path), module, problem
 
 
-@dataclass
-class LoraAdapter:
-    """A PEFT LoRA adapter with its scaling folded in: ΔW = B A per module, factors in float64."""
+# ---------------------------------------------------------------------------------------------------------
+# rank_pattern / alpha_pattern: PEFT's rule (peft.utils.other.get_pattern_key) with bounded work
 
-    path: Path
-    config: dict
-    factors: dict[str, tuple[Tensor, Tensor]]  # module -> (B out × r, A r × in)
-    dtype: torch.dtype  # as stored on disk
-
-    @property
-    def layout(self) -> dict[str, tuple[int, int, int]]:
-        """{module: (out, r, in)}."""
-        return {m: (b.shape[0], b.shape[1], a.shape[1]) for m, (b, a) in self.factors.items()}
+# At most this many backtracking paths (choices of branches and repeat counts) for one pattern against one name.
+_MAX_PATTERN_PATHS = 10**7
+_REPEATS = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT)
+# Inside a repetition these make the number of ways to match grow exponentially with the name's length.
+_NESTING = (*_REPEATS, _parser.BRANCH, _parser.GROUPREF_EXISTS)
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default):
-    """PEFT's per-module override: the first pattern p with the module name matching (.*\\.)?(p) in full."""
+def _pattern_paths(items, length: int) -> int | None:
+    """An upper bound on the paths Python's backtracking matcher can take for a parsed pattern against a string
+    of ``length`` characters, or None when a repetition holds another repetition or an alternation (the nested
+    quantifiers of catastrophic backtracking, e.g. ``(a+)+``)."""
+    paths = 1
+    for op, av in items:
+        if op is _parser.BRANCH:
+            branches = [_pattern_paths(b, length) for b in av[1]]
+            count = None if None in branches else sum(branches)
+        elif op in _REPEATS:
+            low, high, body = av
+            inner = _pattern_paths(body, length)
+            if inner is None:
+                return None
+            if high <= 1:
+                count = inner + 1
+            elif any(o in _NESTING for o, _ in _walk(body)):
+                return None
+            else:
+                count = max(min(high, length) - min(low, length), 0) + 1
+        elif op is _parser.GROUPREF_EXISTS:
+            yes, no = (_pattern_paths(p, length) if p is not None else 1 for p in av[1:])
+            count = None if yes is None or no is None else yes + no
+        elif op in (_parser.SUBPATTERN, _parser.ATOMIC_GROUP, _parser.ASSERT, _parser.ASSERT_NOT):
+            count = _pattern_paths(_children(op, av)[0], length)
+        else:
+            count = 1
+        if count is None:
+            return None
+        paths *= max(count, 1)
+    return paths
+
+
+def _children(op, av) -> list:
+    """The parsed subpatterns directly inside one item of a parsed pattern."""
+    if op is _parser.BRANCH:
+        return list(av[1])
+    if op is _parser.GROUPREF_EXISTS:
+        return [p for p in av[1:] if p is not None]
+    if op is _parser.ATOMIC_GROUP:
+        return [av]
+    if op in (*_REPEATS, _parser.SUBPATTERN, _parser.ASSERT, _parser.ASSERT_NOT):
+        return [av[-1]]
+    return []
+
+
+def _walk(items):
+    """Every (op, av) of a parsed pattern, nested ones included."""
+    for op, av in items:
+        yield op, av
+        for sub in _children(op, av):
+            yield from _walk(sub)
+
+
+def _parse_pattern(pattern: str, path, field: str):
+    try:
+        parsed = _parser.parse(pattern)
+    except re.error as err:
+        raise AdapterFileError(path, f"{field} key {pattern!r} is not a regular expression: {err}") from None
+    if _pattern_paths(parsed, 1) is None:
+        raise AdapterFileError(
+            path, f"{field} key {pattern!r} nests repetitions (like (a+)+): matching it can take exponential time; "
+            "write it without a repeated group that itself repeats or alternates"
+        )
+    return parsed
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default, path, field: str):
+    """PEFT's per-module override: the value of the first pattern p with ``re.match(rf"(.*\\.)?({p})$", module)``,
+    i.e. p matching in full the name or a suffix of it that starts after a dot. Matched suffix by suffix, each
+    pattern's backtracking bounded by ``_MAX_PATTERN_PATHS`` (a pattern over the bound is an error)."""
+    starts = [0] + [i + 1 for i, c in enumerate(module) if c == "."]
     for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+        paths = _pattern_paths(_parse_pattern(pattern, path, field), len(module))
+        if paths * len(starts) > _MAX_PATTERN_PATHS:
+            raise AdapterFileError(
+                path, f"{field} key {pattern!r} has too many repetitions and alternatives to match "
+                f"{module!r} in bounded time (over {_MAX_PATTERN_PATHS:.0e} paths); simplify it"
+            )
+        compiled = re.compile(pattern)
+        if any(compiled.fullmatch(module, start) for start in starts):
             return value
     return default
 
 
-def lora_scaling(config: Mapping, module: str) -> tuple[int, float]:
+def lora_scaling(config: Mapping, module: str, path: str | os.PathLike = CONFIG_NAME) -> tuple[int, float]:
     """(r, s) that PEFT uses for ``module``: s = lora_alpha / r, or lora_alpha / √r with use_rslora."""
-    rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"], path, "rank_pattern")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"], path, "alpha_pattern")
     return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+# Larger lora_alpha values are no trained adapter's, and scaling factors by them can overflow float32.
+_MAX_ALPHA = 1e6
+
+
+def _check_rank(value, path, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFileError(path, f"{field} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(value, path, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= _MAX_ALPHA:
+        raise AdapterFileError(path, f"{field} must be a finite number in (0, {_MAX_ALPHA:g}], got {value!r}")
 
 
 def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
@@ -151,20 +239,15 @@ def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
             "update of the base model; save the adapter converted to plain LoRA "
             "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
-    for field, kinds in (("r", int), ("lora_alpha", (int, float))):
-        value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-            raise AdapterFileError(path, f"{field} must be a positive {'integer' if kinds is int else 'number'}, "
-                                   f"got {value!r}")
-    for field in ("rank_pattern", "alpha_pattern"):
+    _check_rank(config.get("r"), path, "r")
+    _check_alpha(config.get("lora_alpha"), path, "lora_alpha")
+    for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         patterns = config.get(field) or {}
         if not isinstance(patterns, Mapping):
             raise AdapterFileError(path, f"{field} must be a mapping of module patterns, got {patterns!r}")
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise AdapterFileError(path, f"{field} key {pattern!r} is not a regular expression: {err}") from None
+        for pattern, value in patterns.items():
+            _parse_pattern(pattern, path, field)
+            check(value, path, f"{field}[{pattern!r}]")
 
 
 def _read_json(path: Path) -> dict:
@@ -173,61 +256,334 @@ def _read_json(path: Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise AdapterFileError(path, "not found (a PEFT adapter folder has adapter_config.json)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(path, f"invalid JSON: {err}") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
+def _open_safetensors(path: Path):
+    """A lazy (memory-mapped) safetensors handle; only the header is read here."""
     try:
-        return load_file(path)
+        return safe_open(path, framework="pt")
     except FileNotFoundError:
         raise AdapterFileError(path, "not found") from None
     except (SafetensorError, OSError) as err:
         raise AdapterFileError(path, f"cannot be read as safetensors: {err}") from None
 
 
-def read_lora_adapter(adapter_dir: str | os.PathLike) -> LoraAdapter:
-    """Load a PEFT LoRA adapter folder, check it, and fold each module's scaling into B."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
-    config = _read_json(config_path)
-    check_lora_config(config, config_path)
-    tensors = _read_safetensors(weights_path)
-    pairs: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _FACTOR_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
-        if match is None:
-            raise AdapterFileError(
-                weights_path, f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / lora_B.weight "
-                "of linear layers can be merged"
-            )
-        pairs.setdefault(match["module"], {})[match["factor"]] = tensor
-    if not pairs:
-        raise AdapterFileError(weights_path, "holds no LoRA factors")
-    factors, dtypes = {}, set()
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            absent = "".join(sorted({"A", "B"} - set(pair)))
-            raise AdapterFileError(weights_path, f"lora_{absent}.weight is missing", module)
-        a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or not a.is_floating_point() or not b.is_floating_point():
-            raise AdapterFileError(
-                weights_path, f"lora_A {tuple(a.shape)} {a.dtype} and lora_B {tuple(b.shape)} {b.dtype} must be "
-                "floating-point matrices (LoRA on a linear layer)", module
-            )
-        rank, scaling = lora_scaling(config, module)
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise AdapterFileError(
-                weights_path, f"rank mismatch: the config gives r={rank} but lora_A is {tuple(a.shape)} and "
-                f"lora_B is {tuple(b.shape)}", module
-            )
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise AdapterFileError(weights_path, "lora_A or lora_B contains NaN or Inf", module)
-        factors[module] = (b.to(torch.float64) * scaling, a.to(torch.float64))
-        dtypes.update((a.dtype, b.dtype))
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return LoraAdapter(adapter_dir, config, factors, dtype)
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
+
+def _tensor_info(handle, key: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+    """(shape, torch dtype) from the header; the dtype's safetensors name when it is not floating point."""
+    view = handle.get_slice(key)
+    return tuple(view.get_shape()), _DTYPES.get(view.get_dtype(), view.get_dtype())
+
+
+def _read_tensor(handle, path: Path, key: str, module: str | None, rows: slice | None = None) -> Tensor:
+    try:
+        return handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
+    except (SafetensorError, OSError) as err:
+        raise AdapterFileError(path, f"tensor {key!r} cannot be read: {err}", module) from None
+
+
+class AdapterFile:
+    """A PEFT LoRA adapter opened lazily: its checked config and, from the safetensors header, its layout;
+    ``factors(module)`` reads one module's pair (memory-mapped) and folds the scaling into B in float64."""
+
+    def __init__(self, adapter_dir: str | os.PathLike):
+        self.path = Path(adapter_dir)
+        config_path, self.weights_path = self.path / CONFIG_NAME, self.path / WEIGHTS_NAME
+        self.config = _read_json(config_path)
+        check_lora_config(self.config, config_path)
+        self._handle = _open_safetensors(self.weights_path)
+        pairs: dict[str, dict[str, str]] = {}
+        for key in self._handle.keys():
+            match = _FACTOR_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
+            if match is None:
+                raise AdapterFileError(
+                    self.weights_path, f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / "
+                    "lora_B.weight of linear layers can be merged"
+                )
+            pairs.setdefault(match["module"], {})[match["factor"]] = key
+        if not pairs:
+            raise AdapterFileError(self.weights_path, "holds no LoRA factors")
+        self.keys: dict[str, tuple[str, str]] = {}  # module -> (lora_B key, lora_A key)
+        self.layout: dict[str, tuple[int, int, int]] = {}  # module -> (out, r, in)
+        self.scaling: dict[str, float] = {}
+        dtypes = set()
+        for module in sorted(pairs):
+            pair = pairs[module]
+            if set(pair) != {"A", "B"}:
+                absent = "".join(sorted({"A", "B"} - set(pair)))
+                raise AdapterFileError(self.weights_path, f"lora_{absent}.weight is missing", module)
+            (a_shape, a_dtype), (b_shape, b_dtype) = (_tensor_info(self._handle, pair[f]) for f in "AB")
+            if len(a_shape) != 2 or len(b_shape) != 2 or not all(isinstance(d, torch.dtype) for d in (a_dtype, b_dtype)):
+                raise AdapterFileError(
+                    self.weights_path, f"lora_A {a_shape} {a_dtype} and lora_B {b_shape} {b_dtype} must be "
+                    "floating-point matrices (LoRA on a linear layer)", module
+                )
+            rank, self.scaling[module] = lora_scaling(self.config, module, config_path)
+            if a_shape[0] != rank or b_shape[1] != rank:
+                raise AdapterFileError(
+                    self.weights_path, f"rank mismatch: the config gives r={rank} but lora_A is {a_shape} and "
+                    f"lora_B is {b_shape}", module
+                )
+            self.keys[module] = (pair["B"], pair["A"])
+            self.layout[module] = (b_shape[0], rank, a_shape[1])
+            dtypes.update((a_dtype, b_dtype))
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # as stored on disk
+
+    def nbytes(self, module: str) -> int:
+        out, rank, width = self.layout[module]
+        return (out + width) * rank * self.dtype.itemsize
+
+    def factors(self, module: str, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """(B · s, A) of one module in float64 on ``device``; NaN or Inf is an error naming file and module."""
+        b, a = (_read_tensor(self._handle, self.weights_path, key, module) for key in self.keys[module])
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise AdapterFileError(self.weights_path, "lora_A or lora_B contains NaN or Inf", module)
+        return _to_device(b, device).double() * self.scaling[module], _to_device(a, device).double()
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, so the copy overlaps work queued earlier."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter with its scaling folded in: ΔW = B A per module, factors in float64."""
+
+    path: Path
+    config: dict
+    factors: dict[str, tuple[Tensor, Tensor]]  # module -> (B out × r, A r × in)
+    dtype: torch.dtype  # as stored on disk
+
+    @property
+    def layout(self) -> dict[str, tuple[int, int, int]]:
+        """{module: (out, r, in)}."""
+        return {m: (b.shape[0], b.shape[1], a.shape[1]) for m, (b, a) in self.factors.items()}
+
+
+def read_lora_adapter(adapter_dir: str | os.PathLike) -> LoraAdapter:
+    """Load a whole PEFT LoRA adapter folder, check it, and fold each module's scaling into B."""
+    adapter = AdapterFile(adapter_dir)
+    factors = {m: adapter.factors(m) for m in adapter.layout}
+    return LoraAdapter(adapter.path, adapter.config, factors, adapter.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gram files
+
+# Version 2 keeps its index in this safetensors metadata entry; a file without it is the first format.
+GRAM_INDEX_KEY = "lorm_ext.grams"
+GRAM_LAYOUTS = ("full", "triangle", "diagonal")
+GRAM_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Rows of a Gram folded per step: a panel of at most this many entries (32 MB in float64).
+_PANEL_ENTRIES = 1 << 22
+
+
+def _triangle_offset(row: int, width: int) -> int:
+    """Where row ``row`` starts in the packed upper triangle (rows of n, n−1, ..., 1 entries)."""
+    return row * width - row * (row - 1) // 2
+
+
+@dataclass
+class GramPanel:
+    """Rows [start, stop) of one Gram G. ``mirrored``: the panel holds columns start.. of the upper triangle
+    (zeros below the diagonal) and its strictly upper part stands for the lower part too; otherwise it is
+    the full rows."""
+
+    start: int
+    stop: int
+    values: Tensor
+    mirrored: bool
+
+
+class GramFile:
+    """A Gram file opened lazily. ``index`` maps each module to the stored Gram of its input (modules fed the
+    same input share one), ``kinds`` each stored Gram to (layout, width).
+
+    Format 2 (``save_grams``): one tensor per distinct input, its layout — "full" (n × n), "triangle" (the
+    upper triangle packed row by row, n(n+1)/2 entries) or "diagonal" (n) — and the module index in the JSON
+    metadata entry ``GRAM_INDEX_KEY``; float32, bfloat16, float16 or float64. The first format (no index)
+    is read too: each key a module, (n × n) full or (n) diagonal.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handle = _open_safetensors(self.path)
+        info = {key: _tensor_info(self._handle, key) for key in self._handle.keys()}
+        index_text = (self._handle.metadata() or {}).get(GRAM_INDEX_KEY)
+        if index_text is None:
+            self.index = {key: key for key in info}
+            self.kinds = {key: ("diagonal" if len(shape) == 1 else "full", shape[0] if shape else 0)
+                          for key, (shape, _) in info.items()}
+        else:
+            try:
+                index = json.loads(index_text)
+                self.index, self.kinds = dict(index["modules"]), {k: (v["layout"], int(v["width"]))
+                                                                  for k, v in index["grams"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise AdapterFileError(self.path, f"the {GRAM_INDEX_KEY!r} metadata is not a Gram index: {err!r}") from None
+        self._info = info
+        missing = sorted({g for g in self.index.values() if g not in self.kinds})
+        if missing:
+            raise AdapterFileError(self.path, f"the index points module(s) at Gram(s) {missing} it does not describe")
+
+    def _check_stored(self, key: str, module: str) -> None:
+        """The stored tensor has the shape of its layout and a Gram storage dtype (checked for used Grams only:
+        a first-format file may hold other tensors)."""
+        layout, width = self.kinds[key]
+        if key not in self._info:
+            raise AdapterFileError(self.path, f"the index names a Gram {key!r} that the file does not hold", module)
+        shape, dtype = self._info[key]
+        expected = {"full": (width, width), "triangle": (width * (width + 1) // 2,), "diagonal": (width,)}.get(layout)
+        if expected is None:
+            raise AdapterFileError(self.path, f"Gram {key!r} has an unknown layout {layout!r}", module)
+        if shape != expected:
+            raise AdapterFileError(self.path, f"gram must be square (n, n) or a diagonal (n,), got shape {shape}"
+                                   if key == module and GRAM_INDEX_KEY not in (self._handle.metadata() or {})
+                                   else f"Gram {key!r} has shape {shape}, but a {layout} Gram of width {width} "
+                                   f"has {expected}", module)
+        if dtype not in GRAM_STORAGE_DTYPES:
+            raise AdapterFileError(self.path, f"gram is {dtype}; Grams are stored as one of "
+                                   f"{[str(d).removeprefix('torch.') for d in GRAM_STORAGE_DTYPES]}", module)
+
+    def check_modules(self, widths: Mapping[str, int]) -> None:
+        """Every module of ``widths`` ({module: in}) has a Gram of that width."""
+        missing = sorted(set(widths) - set(self.index))
+        if missing:
+            raise AdapterFileError(self.path, f"has no Gram for module(s) {missing} (keys are module names, e.g. "
+                                   f"{sorted(widths)[0]!r})")
+        for module, width in widths.items():
+            self._check_stored(self.index[module], module)
+            stored = self.kinds[self.index[module]][1]
+            if stored != width:
+                raise AdapterFileError(self.path, f"gram is for {stored} features, expected {width}", module)
+
+    def is_diagonal(self, module: str) -> bool:
+        return self.kinds[self.index[module]][0] == "diagonal"
+
+    def nbytes(self, key: str) -> int:
+        layout, width = self.kinds[key]
+        entries = {"full": width * width, "triangle": width * (width + 1) // 2, "diagonal": width}[layout]
+        return entries * self._info[key][1].itemsize
+
+    def _problem(self, key: str, modules: Sequence[str], problem: str) -> AdapterFileError:
+        return AdapterFileError(self.path, problem, modules[0] if len(modules) == 1 else f"{key} (input of {list(modules)})")
+
+    def diagonal(self, key: str, modules: Sequence[str]) -> Tensor:
+        """A diagonal Gram, checked: finite and non-negative."""
+        g = _read_tensor(self._handle, self.path, key, modules[0])
+        if not bool(torch.isfinite(g).all()):
+            raise self._problem(key, modules, f"gram contains NaN or Inf ({int((~torch.isfinite(g)).sum())} entries)")
+        if bool((g < 0).any()):
+            raise self._problem(key, modules, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+        return g
+
+    def panels(self, key: str, modules: Sequence[str]) -> Iterable[GramPanel]:
+        """A full Gram as row panels in its stored dtype, each checked (finite, non-negative diagonal; a "full"
+        Gram is checked whole first, symmetry included, as ``validation.check_gram``)."""
+        layout, width = self.kinds[key]
+        step = max(1, min(width, _PANEL_ENTRIES // max(width, 1)))
+        if layout == "full":
+            gram = _read_tensor(self._handle, self.path, key, modules[0])
+            try:  # gram_stats reads float32 and float64
+                check_gram(modules[0], gram if gram.dtype in (torch.float32, torch.float64) else gram.float(), width)
+            except LayerError as err:
+                raise self._problem(key, modules, err.problem) from None
+            for start in range(0, width, step):
+                yield GramPanel(start, min(start + step, width), gram[start:start + step], False)
+            return
+        for start in range(0, width, step):
+            stop = min(start + step, width)
+            packed = _read_tensor(self._handle, self.path, key, modules[0],
+                                  slice(_triangle_offset(start, width), _triangle_offset(stop, width)))
+            if not bool(torch.isfinite(packed).all()):
+                raise self._problem(key, modules, f"gram contains NaN or Inf in rows {start}..{stop - 1}")
+            values = torch.zeros(stop - start, width - start, dtype=packed.dtype)
+            values.masked_scatter_(torch.ones(values.shape, dtype=torch.bool).triu_(), packed)
+            if bool((values.diagonal() < 0).any()):
+                raise self._problem(key, modules, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+            yield GramPanel(start, stop, values, True)
+
+    def dense(self, module: str) -> Tensor:
+        """One module's Gram, (n × n) or (n), in its stored dtype (the in-memory API; merging streams panels)."""
+        key = self.index[module]
+        if self.is_diagonal(module):
+            return self.diagonal(key, [module])
+        width = self.kinds[key][1]
+        gram = torch.zeros(width, width, dtype=self._info[key][1])
+        for panel in self.panels(key, [module]):
+            gram[panel.start:panel.stop, -panel.values.shape[1]:] = panel.values
+            if panel.mirrored:
+                strict = panel.values.triu(1)
+                gram[panel.start:, panel.start:panel.stop] += strict.mT
+        return gram
+
+
+def read_grams(path: str | os.PathLike, widths: Mapping[str, int]) -> dict[str, Tensor]:
+    """The Grams of the modules in ``widths`` ({module: in}) from a Gram file (either format), dense in their
+    stored dtype; other modules are ignored. Each is checked: finite, symmetric, non-negative diagonal. Modules
+    that share an input get the same tensor object."""
+    grams = GramFile(path)
+    grams.check_modules(widths)
+    by_key: dict[str, Tensor] = {}
+    for module in widths:
+        if grams.index[module] not in by_key:
+            by_key[grams.index[module]] = grams.dense(module)
+    return {module: by_key[grams.index[module]] for module in widths}
+
+
+def save_grams(
+    path: str | os.PathLike,
+    grams: Mapping[str, Tensor],
+    *,
+    layout: str = "triangle",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write {module: Gram} as a Gram file (format 2, see ``GramFile``), atomically.
+
+    Modules whose Gram is the same tensor object (``collect_grams`` gives q/k/v of a block one) share one
+    stored Gram. Full Grams are stored as ``layout`` "triangle" (half the size) or "full"; ``dtype`` (float32,
+    bfloat16, float16 or float64; default: each Gram's own) is the storage dtype — bfloat16 halves the size
+    again and reads back exactly into a float64 accumulator, but rounds the Gram to 8 significant bits.
+    """
+    if layout not in ("full", "triangle"):
+        raise ValueError(f"layout must be 'full' or 'triangle', got {layout!r}")
+    if dtype is not None and dtype not in GRAM_STORAGE_DTYPES:
+        raise ValueError(f"Gram storage dtype must be one of {GRAM_STORAGE_DTYPES}, got {dtype}")
+    keys: dict[int, str] = {}
+    index, kinds, tensors = {}, {}, {}
+    for module in sorted(grams):
+        gram = grams[module]
+        check_gram(module, gram)
+        key = keys.setdefault(id(gram), module)
+        index[module] = key
+        if key != module:
+            continue
+        stored = gram.detach().to("cpu", dtype or gram.dtype)
+        if not bool(torch.isfinite(stored).all()):
+            raise LayerError(module, f"gram does not fit in {stored.dtype} (an entry overflows); store it in a wider dtype")
+        if gram.dim() == 1:
+            kinds[key] = {"layout": "diagonal", "width": gram.shape[0]}
+        elif layout == "triangle":
+            kinds[key] = {"layout": "triangle", "width": gram.shape[0]}
+            stored = stored.masked_select(torch.ones(stored.shape, dtype=torch.bool).triu_())
+        else:
+            kinds[key] = {"layout": "full", "width": gram.shape[0]}
+        tensors[key] = stored.contiguous()
+    metadata = {GRAM_INDEX_KEY: json.dumps({"version": 2, "modules": index, "grams": kinds}, sort_keys=True)}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing: files atomically, adapters streamed into a temporary folder renamed into place
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """write(temporary path) in path's folder, then os.replace: readers see the old file or the new one."""
@@ -243,11 +599,133 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _check_not_an_input(outputs: Iterable[Path], inputs: Sequence[str | os.PathLike]) -> None:
-    for out in outputs:
-        # samefile also catches symlinks and hard links; an output that does not exist yet overwrites nothing.
-        if out.exists() and any(Path(p).exists() and os.path.samefile(out, p) for p in inputs):
-            raise AdapterFileError(out, "is one of the inputs; refusing to overwrite it (choose another output)")
+def check_output_file(path: str | os.PathLike) -> Path:
+    """A file that can be written: not a folder, and its folder exists and is writable. One-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFileError(path, "is a folder; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise AdapterFileError(path, f"its folder {parent} does not exist" if not parent.exists() else
+                               f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AdapterFileError(path, f"its folder {parent} is not writable")
+    return path
+
+
+class OutputFolder:
+    """Where a merged adapter goes: checked before any work (never an input, never a file, a writable place),
+    written into a temporary folder beside it, and renamed into place by ``commit``; leaving the ``with``
+    block with an error removes the temporary folder, so the target is either untouched or complete.
+
+    An existing target is replaced only when it holds nothing but a PEFT adapter's two files."""
+
+    def __init__(self, target: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()):
+        self.target = Path(os.path.abspath(target))
+        resolved = self.target.resolve()
+        for p in inputs:
+            p = Path(p).resolve()
+            if p == resolved or resolved in p.parents:
+                raise AdapterFileError(self.target, f"holds the input {p}; refusing to overwrite it (choose another output)")
+        if self.target.exists() or self.target.is_symlink():
+            if not self.target.is_dir():
+                raise AdapterFileError(self.target, "exists and is not a folder; choose a folder for the merged adapter")
+            others = sorted(p.name for p in self.target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+            if others:
+                raise AdapterFileError(self.target, f"exists and holds other files than a PEFT adapter ({others[:3]}); "
+                                       "choose a new folder")
+            self.target = resolved
+        ancestor = self.target.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise AdapterFileError(self.target, f"cannot be created: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise AdapterFileError(self.target, f"cannot be created: {ancestor} is not writable")
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> OutputFolder:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
+        except OSError as err:
+            raise AdapterFileError(self.target, f"cannot be created: {err.strerror}") from None
+        return self
+
+    def commit(self) -> None:
+        for name in os.listdir(self.tmp):
+            with open(self.tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if self.target.exists():
+            old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"))
+            os.replace(self.target, old)  # old is an empty folder: rename over it is allowed
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.tmp, self.target)
+        self.tmp = None
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+class StreamedSafetensors:
+    """A safetensors file whose header is written first (every tensor's name, dtype and shape known) and whose
+    tensors are written at their offsets as they are ready, from any thread: only one tensor is in memory."""
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self._offsets, offset = {}, 0
+        for key in sorted(specs):
+            dtype, shape = specs[key]
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._offsets[key] = (offset, size, dtype, tuple(shape))
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._data_start = 8 + len(text)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
+        os.ftruncate(self._fd, self._data_start + offset)
+
+    def write(self, key: str, tensor: Tensor) -> None:
+        offset, size, dtype, shape = self._offsets[key]
+        data = tensor.detach().to("cpu", dtype).contiguous()
+        if tuple(data.shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(data.shape)}, the header says {shape}")
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        while view:
+            written = os.pwrite(self._fd, view, self._data_start + offset)
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def adapter_config(like: Mapping, modules: Iterable[str], rank: int) -> dict:
+    """The adapter_config.json of a merged adapter: ``like``'s ``_MUST_AGREE_FIELDS``, lora_alpha = r (s = 1)
+    and target_modules a full-match regex of exactly ``modules``."""
+    config = {field: like[field] for field in sorted(_MUST_AGREE_FIELDS) if field in like}
+    config.update(
+        peft_type="LORA",
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        target_modules="|".join(f"(?:{re.escape(m)})" for m in sorted(modules)),
+        bias="none",
+        inference_mode=True,
+    )
+    return config
+
+
+def factor_keys(module: str) -> tuple[str, str]:
+    """The safetensors keys of a module's (lora_B, lora_A)."""
+    return f"{KEY_PREFIX}{module}.lora_B.weight", f"{KEY_PREFIX}{module}.lora_A.weight"
 
 
 def write_lora_adapter(
@@ -258,63 +736,34 @@ def write_lora_adapter(
     dtype: torch.dtype = torch.float32,
     protect: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Write {module: (B, A)} (ΔW = B A) as a PEFT LoRA adapter with lora_alpha = r, so s = 1 exactly.
-
-    The config keeps ``like``'s (an input's adapter_config.json) fields in ``_MUST_AGREE_FIELDS`` and names the
-    modules exactly (target_modules is a full-match regex of their names). Each file is written to a
-    temporary name and moved into place; ``protect`` lists input files that must not be overwritten.
-    """
-    output_dir = Path(output_dir)
+    """Write {module: (B, A)} (ΔW = B A) as a PEFT LoRA adapter folder with lora_alpha = r, so s = 1 exactly,
+    atomically (``OutputFolder``); ``protect`` lists input files that must not be overwritten."""
     ranks = {b.shape[1] for b, _ in factors.values()}
     if len(ranks) != 1:
         raise ValueError(f"all modules of a written adapter must have one rank, got ranks {sorted(ranks)}")
     rank = ranks.pop()
-    config_path, weights_path = output_dir / CONFIG_NAME, output_dir / WEIGHTS_NAME
-    _check_not_an_input([config_path, weights_path], protect)
-    config = {field: like[field] for field in sorted(_MUST_AGREE_FIELDS) if field in like}
-    config.update(
-        peft_type="LORA",
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        target_modules="|".join(f"(?:{re.escape(m)})" for m in sorted(factors)),
-        bias="none",
-        inference_mode=True,
-    )
-    tensors = {}
+    output = OutputFolder(output_dir, protect)
+    specs = {}
     for module, (b, a) in factors.items():
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return output_dir
-
-
-def read_grams(path: str | os.PathLike, widths: Mapping[str, int]) -> dict[str, Tensor]:
-    """The Grams of the modules in ``widths`` ({module: in}) from a safetensors file keyed by module name;
-    other keys are ignored. Each is (in × in) or a diagonal (in), finite, symmetric, non-negative diagonal."""
-    grams = _read_safetensors(Path(path))
-    missing = sorted(set(widths) - set(grams))
-    if missing:
-        raise AdapterFileError(path, f"has no Gram for module(s) {missing} (keys are module names, e.g. "
-                               f"{sorted(widths)[0]!r})")
-    out = {}
-    for module, width in widths.items():
+        key_b, key_a = factor_keys(module)
+        specs[key_b], specs[key_a] = (dtype, tuple(b.shape)), (dtype, tuple(a.shape))
+    with output:
+        writer = StreamedSafetensors(output.tmp / WEIGHTS_NAME, specs, {"format": "pt"})
         try:
-            check_gram(module, grams[module], width)
-        except LayerError as err:
-            raise AdapterFileError(path, err.problem, module) from None
-        out[module] = grams[module]
-    return out
+            for module, (b, a) in factors.items():
+                key_b, key_a = factor_keys(module)
+                writer.write(key_b, b)
+                writer.write(key_a, a)
+        finally:
+            writer.close()
+        text = json.dumps(adapter_config(like, factors, rank), indent=2, sort_keys=True) + "\n"
+        (output.tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        output.commit()
+    return output.target
 
 
-def save_grams(path: str | os.PathLike, grams: Mapping[str, Tensor]) -> None:
-    """Write {module: Gram} as safetensors, atomically."""
-    tensors = {m: g.detach().to("cpu").contiguous() for m, g in grams.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
-
+# ---------------------------------------------------------------------------------------------------------
+# Collecting Grams
 
 def _forward(model: nn.Module, batch) -> None:
     if isinstance(batch, Tensor):
@@ -334,14 +783,18 @@ def collect_grams(
     *,
     diagonal: bool = False,
     dtype: torch.dtype = torch.float32,
+    share_inputs: bool = True,
 ) -> dict[str, Tensor]:
     """Σ XᵀX of the inputs of the named modules (names inside ``model``) over ``batches``, without gradients.
 
     A batch is passed as ``model(batch)`` (a Tensor), ``model(**batch)`` (a mapping) or ``model(*batch)``.
     For a PEFT model pass ``peft_model.get_base_model()``: its LoRA layers keep the base module names.
+    With ``share_inputs`` modules fed the same input tensor (q/k/v of a block) get one Gram: the same tensor
+    object, which ``save_grams`` stores once.
     """
     names = sorted(modules)
-    collector = GramCollector(model, "^(?:" + "|".join(map(re.escape, names)) + ")$", diagonal=diagonal, dtype=dtype)
+    collector = GramCollector(model, "^(?:" + "|".join(map(re.escape, names)) + ")$", diagonal=diagonal, dtype=dtype,
+                              share_inputs=share_inputs)
     missing = sorted(set(names) - set(collector.layers))
     if missing:
         raise ValueError(f"the model has no linear module named {missing}")
@@ -352,143 +805,3 @@ def collect_grams(
     if unreached:
         raise ValueError(f"no input reached module(s) {unreached}: no batches, or they bypass these modules")
     return dict(collector.grams)
-
-
-@dataclass
-class MergeResult:
-    """The merged adapter of the chosen method and the objective Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² of every method
-    per module; ``objectives["zero"]`` scores ΔW = 0. A method that does not apply is absent (average with
-    different ranks)."""
-
-    factors: dict[str, tuple[Tensor, Tensor]]
-    objectives: dict[str, dict[str, float]]  # method -> module -> objective
-
-
-class _Baselines:
-    """Streaming Σ_k B_k, Σ_k A_k (plain averaging, same ranks only) and Σ_k B_k A_k (PEFT's svd merge)."""
-
-    def __init__(self):
-        self.count = 0
-        self.sum_b: dict[str, Tensor] | None = {}
-        self.sum_a: dict[str, Tensor] = {}
-        self.sum_delta: dict[str, Tensor] = {}
-
-    def add(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-        if self.sum_b is not None and self.count and any(
-            b.shape != self.sum_b[m].shape for m, (b, _) in factors.items()
-        ):
-            self.sum_b = None  # ranks differ: averaging factors is undefined
-        for module, (b, a) in factors.items():
-            if self.sum_b is not None:
-                self.sum_b[module] = self.sum_b.get(module, 0) + b
-                self.sum_a[module] = self.sum_a.get(module, 0) + a
-            self.sum_delta[module] = self.sum_delta.get(module, 0) + b @ a
-        self.count += 1
-
-    def average(self) -> dict[str, tuple[Tensor, Tensor]] | None:
-        """B = mean B_k, A = mean A_k (FedAvg of the factors)."""
-        if self.sum_b is None:
-            return None
-        return {m: (self.sum_b[m] / self.count, self.sum_a[m] / self.count) for m in self.sum_b}
-
-    def svd(self, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
-        """Rank-r truncated SVD of mean_k ΔW_k, B = U S, A = Vᵀ: PEFT's add_weighted_adapter with
-        combination_type="svd" and weights 1/N."""
-        out = {}
-        for module, total in self.sum_delta.items():
-            U, S, Vh = torch.linalg.svd(total / self.count, full_matrices=False)
-            out[module] = (U[:, :rank] * S[:rank], Vh[:rank])
-        return out
-
-
-def merge_lora_adapters(
-    adapter_dirs: Sequence[str | os.PathLike],
-    gram_files: Sequence[str | os.PathLike],
-    rank: int,
-    *,
-    method: str = "exact",
-    output_dir: str | os.PathLike | None = None,
-    max_iters: int = 500,
-    tol: float = 1e-12,
-) -> MergeResult:
-    """Merge PEFT LoRA adapters, adapter k with the Grams of its data (``gram_files[k]``), into one
-    rank-``rank`` adapter minimising Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖²; every method is scored per module.
-
-    Methods: "exact" (the closed-form rank-r optimum), "alternating" (LoRM's exact B- and A-steps),
-    "average" (mean of the B_k and of the A_k; needs equal ranks, and ``rank`` equal to them) and "svd"
-    (PEFT's add_weighted_adapter svd merge with weights 1/N). Adapters are read one at a time (memory does
-    not grow with N). With ``output_dir`` the chosen method's adapter is written there (never over an input).
-    """
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {MERGE_METHODS}")
-    if len(adapter_dirs) == 0 or len(adapter_dirs) != len(gram_files):
-        raise ValueError(f"give one Gram file per adapter: {len(adapter_dirs)} adapters, {len(gram_files)} Gram files")
-    inputs = [p for d in adapter_dirs for p in (Path(d) / CONFIG_NAME, Path(d) / WEIGHTS_NAME)] + list(gram_files)
-    if output_dir is not None:
-        _check_not_an_input([Path(output_dir) / CONFIG_NAME, Path(output_dir) / WEIGHTS_NAME], inputs)
-
-    merger, baselines = AdapterMerger(rank, validate=False), _Baselines()  # inputs are validated on reading
-    first: LoraAdapter | None = None
-    gram_kinds: dict[str, int] = {}
-    for adapter_dir, gram_file in zip(adapter_dirs, gram_files):
-        adapter = read_lora_adapter(adapter_dir)
-        weights_path = adapter.path / WEIGHTS_NAME
-        if first is None:
-            first = adapter
-            for module, (out, _, width) in adapter.layout.items():
-                if rank > min(out, width):
-                    raise AdapterFileError(weights_path, f"rank {rank} exceeds the layer's size {out} × {width}", module)
-        else:
-            _check_same_adapter_kind(first, adapter)
-        grams = read_grams(gram_file, {m: width for m, (_, _, width) in adapter.layout.items()})
-        for module, gram in grams.items():
-            if gram_kinds.setdefault(module, gram.dim()) != gram.dim():
-                kinds = {1: "diagonal", 2: "full"}
-                raise AdapterFileError(gram_file, f"Gram is {kinds[gram.dim()]} but the first Gram file's is "
-                                       f"{kinds[gram_kinds[module]]}", module)
-        merger.add_client(
-            {m: b for m, (b, _) in adapter.factors.items()}, {m: a for m, (_, a) in adapter.factors.items()}, grams
-        )
-        baselines.add(adapter.factors)
-
-    candidates = {
-        "exact": merger.merge("exact"),
-        "alternating": merger.merge("alternating", max_iters=max_iters, tol=tol),
-        "average": baselines.average(),
-        "svd": baselines.svd(rank),
-    }
-    if method == "average":
-        if candidates["average"] is None:
-            raise ValueError("method 'average' needs adapters of equal ranks; these differ")
-        average_ranks = sorted({b.shape[1] for b, _ in candidates["average"].values()})
-        if average_ranks != [rank]:
-            raise ValueError(f"method 'average' keeps the adapters' rank {average_ranks}; pass that rank")
-    zero = {m: (torch.zeros(out, 1, dtype=torch.float64), torch.zeros(1, width, dtype=torch.float64))
-            for m, (out, _, width) in first.layout.items()}
-    objectives = {name: merger.objective(f) for name, f in candidates.items() if f is not None}
-    objectives["zero"] = merger.objective(zero)
-    if output_dir is not None:
-        write_lora_adapter(output_dir, candidates[method], first.config, dtype=first.dtype, protect=inputs)
-    return MergeResult(candidates[method], objectives)
-
-
-def _check_same_adapter_kind(first: LoraAdapter, other: LoraAdapter) -> None:
-    """Same modules, same layer shapes and the same base model as the first adapter; ranks may differ."""
-    weights_path = other.path / WEIGHTS_NAME
-    missing, extra = sorted(set(first.factors) - set(other.factors)), sorted(set(other.factors) - set(first.factors))
-    if missing or extra:
-        parts = ([f"lacks module(s) {missing}"] if missing else []) + ([f"has extra module(s) {extra}"] if extra else [])
-        raise AdapterFileError(weights_path, " and ".join(parts) + f" compared with {first.path / WEIGHTS_NAME}")
-    for module, (out, _, width) in other.layout.items():
-        first_out, _, first_width = first.layout[module]
-        if (out, width) != (first_out, first_width):
-            raise AdapterFileError(
-                weights_path, f"shape mismatch: ΔW is {out} × {width} here but {first_out} × {first_width} in "
-                f"{first.path / WEIGHTS_NAME}", module
-            )
-    for field in sorted(_MUST_AGREE_FIELDS):
-        if first.config.get(field) != other.config.get(field):
-            raise AdapterFileError(
-                other.path / CONFIG_NAME, f"{field}={other.config.get(field)!r} differs from "
-                f"{first.config.get(field)!r} in {first.path / CONFIG_NAME}"
-            )

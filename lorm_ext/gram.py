@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -43,6 +44,11 @@ class GramCollector:
     ``grams[name]``, created on the input's device in ``dtype`` (float32 as the authors; float64 on request).
     ``diagonal`` (a bool, or a predicate on the layer name) keeps only the diagonal: the fast path when the
     shrinkage α is 0. Hooks exist only inside the ``with`` block.
+
+    ``share_inputs``: layers fed the same input tensor object (q/k/v of an attention block, gate/up of a
+    gated MLP) get one Gram, computed once per batch: ``grams`` then maps each of them to the same tensor and
+    ``shared_input[layer]`` names the first layer (in call order) that read it. Which layers share must be the
+    same in every forward pass (else a RuntimeError says which layer changed).
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class GramCollector:
         *,
         diagonal: bool | Callable[[str], bool] = False,
         dtype: torch.dtype = torch.float32,
+        share_inputs: bool = False,
     ):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Grams accumulate in float32 or float64, got {dtype}")
@@ -63,17 +70,51 @@ class GramCollector:
         self.dtype = dtype
         self.grams: dict[str, Tensor] = {}
         self.num_tokens: dict[str, int] = {}
+        self.share_inputs = share_inputs
+        self.shared_input: dict[str, str] = {}  # layer -> first layer that read its input
+        # id(input) -> (weak reference, first layer that read it, diagonal?): weak, so that a freed input
+        # whose address is reused by another tensor is never taken for it
+        self._inputs: dict[int, tuple[weakref.ref, str, bool]] = {}
         self._handles: list = []
+
+    def _reader(self, name: str, x: Tensor) -> str:
+        """The layer whose Gram ``x`` goes into: the first layer that read this very tensor, or ``name``."""
+        key, seen = id(x), self._inputs.get(id(x))
+        alive = seen is not None and seen[0]() is x
+        if alive and seen[2] == self.diagonal[name]:
+            first = seen[1]
+        else:
+            first = name
+            if not alive:  # a new tensor, or a dead entry whose address was reused
+
+                def forget(ref, key=key):
+                    if self._inputs.get(key, (None,))[0] is ref:
+                        del self._inputs[key]
+
+                self._inputs[key] = (weakref.ref(x, forget), name, self.diagonal[name])
+        expected = self.shared_input.setdefault(name, first)
+        if expected != first:
+            now = "its own input" if first == name else f"the input of {first!r}"
+            raise RuntimeError(
+                f"GramCollector(share_inputs=True): layer {name!r} read the input of {expected!r} in an earlier "
+                f"forward pass but {now} in this one; use share_inputs=False for this model"
+            )
+        return first
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
             x = args[0]
             width = x.shape[-1]
+            first = self._reader(name, x) if self.share_inputs else name
             if name not in self.grams:
-                shape = (width,) if self.diagonal[name] else (width, width)
-                self.grams[name] = torch.zeros(shape, dtype=self.dtype, device=x.device)
+                if first != name:
+                    self.grams[name] = self.grams[first]
+                else:
+                    shape = (width,) if self.diagonal[name] else (width, width)
+                    self.grams[name] = torch.zeros(shape, dtype=self.dtype, device=x.device)
                 self.num_tokens[name] = 0
-            ops.gram_accumulate_([self.grams[name]], [x])
+            if first == name:
+                ops.gram_accumulate_([self.grams[name]], [x])
             self.num_tokens[name] += x.numel() // width
 
         return hook
@@ -93,6 +134,7 @@ class GramCollector:
         """Forget the Grams collected so far."""
         self.grams.clear()
         self.num_tokens.clear()
+        self.shared_input.clear()
 
     def shrunk(self, alpha: float | Mapping[str, float] | Callable[[str], float]) -> dict[str, Tensor]:
         """The Grams after shrinkage α G + (1 − α) diag(G), α per layer (a number, a dict or a function)."""

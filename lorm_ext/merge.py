@@ -83,13 +83,21 @@ class _SolveSums:
             out[f"{name}.denominator"], out[f"{name}.numerator"] = den, num
         return out
 
-    def load_state_dict(self, state: Mapping[str, Tensor], device=None) -> None:
-        names = [k.removesuffix(".numerator") for k in state if k.endswith(".numerator")]
-        if not names:  # the state of a merger that had no client yet
+    def load_state_dict(
+        self,
+        state: Mapping[str, Tensor],
+        device=None,
+        *,
+        values: bool = True,
+        expected: Mapping[str, tuple[tuple[int | None, int | None], tuple[int, ...] | None]] | None = None,
+    ) -> None:
+        """Replaces the sums with ``state_dict()`` output, checked whole before anything changes (``_check_state``).
+        An empty state (no client yet) leaves the sums unallocated."""
+        names = self._check_state(state, values, expected)
+        if not names:
+            self.groups, self.slots, self._views = {}, {}, {}
             return
-        if self.allocated:
-            check_layer_names(self.slots, dict.fromkeys(names), "load_state_dict")
-        else:
+        if not self.allocated:
             self.allocate(
                 {n: (tuple(state[f"{n}.numerator"].shape), tuple(state[f"{n}.denominator"].shape)) for n in names},
                 device if device is not None else state[f"{names[0]}.numerator"].device,
@@ -98,6 +106,46 @@ class _SolveSums:
         for name, den, num in zip(names, dens, nums):
             den.copy_(state[f"{name}.denominator"])
             num.copy_(state[f"{name}.numerator"])
+
+    def _check_state(self, state, values: bool, expected) -> list[str]:
+        """The layer names of a valid state; else a ValueError naming the first problem: keys not in pairs
+        ("<layer>.numerator", "<layer>.denominator"), other layers than the allocated ones (or than ``expected``'s),
+        a tensor not of the sums' dtype, shapes other than the allocated ones, or than an (m, n) numerator with
+        an (n, n) or (n,) denominator matching ``expected`` ({layer: (numerator shape, denominator shape or
+        None)}, None matching any size; no broadcasting), and unless values=False a NaN or Inf."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"load_state_dict: the sums must be a dict of tensors, got {type(state).__name__}")
+        parts = (".numerator", ".denominator")
+        odd = sorted(str(k) for k in state if not isinstance(k, str) or not k.endswith(parts))
+        if odd:
+            raise ValueError(f"load_state_dict: the sums have keys {odd} that end in neither {' nor '.join(parts)}")
+        names = list(dict.fromkeys(k.rpartition(".")[0] for k in state))
+        unpaired = sorted(f"{n}{part}" for n in names for part in parts if f"{n}{part}" not in state)
+        if unpaired:
+            raise ValueError(f"load_state_dict: the sums lack {unpaired} (every layer has a numerator and a denominator)")
+        if self.allocated:
+            expected = {n: self.shapes(n) for n in self.slots}
+        if expected is not None and names:
+            check_layer_names(expected, dict.fromkeys(names), "load_state_dict")
+        try:
+            for name in names:
+                num, den = state[f"{name}.numerator"], state[f"{name}.denominator"]
+                for what, t in (("numerator", num), ("denominator", den)):
+                    if not isinstance(t, Tensor) or t.dtype != self.dtype:
+                        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                        raise LayerError(name, f"{what} must be a {self.dtype} tensor like the sums, got {got}")
+                num_shape, den_shape = expected[name] if expected is not None else ((None, None), None)
+                if den_shape is None:  # any (n, n) or its diagonal (n,), n the numerator's width
+                    if den.dim() != 1 and (den.dim() != 2 or den.shape[0] != den.shape[1]):
+                        raise LayerError(name, f"denominator must be (n, n) or a diagonal (n,), got {tuple(den.shape)}")
+                    den_shape = (num_shape[1],) * den.dim()
+                check_matrix(name, "denominator", den, den_shape, values=False)
+                check_matrix(name, "numerator", num, (num_shape[0], den.shape[0]), values=False)
+            if values:
+                check_values({}, [(n, what, state[f"{n}.{what}"]) for n in names for what in ("numerator", "denominator")])
+        except LayerError as error:
+            raise ValueError(f"load_state_dict: {error}") from None
+        return names
 
 
 def _first_device(tensors: Mapping[str, Tensor], device):
@@ -132,8 +180,32 @@ class _StreamingMerger:
         return {"sums": self._sums.state_dict(), "num_clients": self.num_clients}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._sums.load_state_dict(state["sums"], self._device)
-        self.num_clients = int(state["num_clients"])
+        """Replaces the state with ``state_dict()`` output. All of it is checked before anything changes — keys,
+        client count, layer names, dtypes, exact shapes (no broadcasting) and, unless validate=False, finite
+        values — so a ValueError leaves the merger as it was."""
+        self._check_state(state)
+        self._sums.load_state_dict(state["sums"], self._device, values=self.validate, expected=self._expected_sums())
+        self._set_state(state)
+
+    _STATE_KEYS: tuple[str, ...] = ("sums", "num_clients")
+
+    def _check_state(self, state) -> None:
+        """The keys and scalars of a state to load (``_SolveSums.load_state_dict`` checks the sums)."""
+        if not isinstance(state, Mapping) or set(state) != set(self._STATE_KEYS):
+            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"load_state_dict: expected a dict with the keys {list(self._STATE_KEYS)}, got {got}")
+        clients, sums = state["num_clients"], state["sums"]
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 0:
+            raise ValueError(f"load_state_dict: num_clients must be a non-negative integer, got {clients!r}")
+        if isinstance(sums, Mapping) and bool(sums) != (clients > 0):
+            raise ValueError(f"load_state_dict: num_clients is {clients} but the sums hold {len(sums)} tensors")
+
+    def _expected_sums(self) -> Mapping[str, tuple] | None:
+        """What a state loaded before the first client must match (see ``_SolveSums._check_state``)."""
+        return None
+
+    def _set_state(self, state: Mapping) -> None:
+        self.num_clients = state["num_clients"]
 
     def _check_values(self, grams: Mapping[str, Tensor], matrices: list[tuple[str, str, Tensor]]) -> None:
         """A client's values (after its structure passed), unless the merger was made with validate=False."""
@@ -206,8 +278,19 @@ class RegMeanMerger(_StreamingMerger):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "uses_lefts": self._uses_lefts}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
+    _STATE_KEYS = (*_StreamingMerger._STATE_KEYS, "uses_lefts")
+
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        uses_lefts, clients = state["uses_lefts"], state["num_clients"]
+        if (uses_lefts is None) != (clients == 0) or not (uses_lefts is None or isinstance(uses_lefts, bool)):
+            raise ValueError(
+                f"load_state_dict: uses_lefts must be None without clients and True or False with them, got "
+                f"{uses_lefts!r} with {clients} clients"
+            )
+
+    def _set_state(self, state: Mapping) -> None:
+        super()._set_state(state)
         self._uses_lefts = state["uses_lefts"]
 
 
@@ -241,6 +324,20 @@ class AStepMerger(RegMeanMerger):
             for name, b in factors_b.items():
                 check_matrix(name, "factors_b", b, tuple(self.shared_b[name].shape), values=False)
         super().add_client(factors, grams, lefts=factors_b)
+
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        if state["uses_lefts"] not in (None, self.shared_b is not None):
+            had, has = ("with", "has no") if state["uses_lefts"] else ("without", "has a")
+            raise ValueError(
+                f"load_state_dict: the state is of an A-step {had} per-client B factors (factors_b); this merger {has} "
+                f"shared_b"
+            )
+
+    def _expected_sums(self) -> Mapping[str, tuple] | None:
+        if self.shared_b is None:
+            return None
+        return {n: ((b.shape[0], None), None) for n, b in self.shared_b.items()}  # B_k A_k G_k is out × in
 
     def merge(self) -> dict[str, Tensor]:
         merged = super().merge()
@@ -314,6 +411,10 @@ class BStepMerger(_StreamingMerger):
             self._sums.allocate({n: ((factors_b[n].shape[0], rank[n]), (rank[n], rank[n])) for n in names}, self._device)
         return self._sums.views(names)
 
+    def _expected_sums(self) -> Mapping[str, tuple]:
+        rank = {n: a.shape[0] for n, a in self.shared_a.items()}
+        return {n: ((None, r), (r, r)) for n, r in rank.items()}  # Σ B_k P_k is out × r, Σ P_k r × r
+
     def _shared_a_like_sums(self) -> list[Tensor]:
         """A in the sums' dtype and on their device, converted once: the op reads it for every client."""
         if self._shared_a_as_sums is None:
@@ -364,17 +465,66 @@ def excess_objective(numerator: Tensor, gram: Tensor, B: Tensor, A: Tensor) -> T
     return ((B.mT @ B) * projected).sum((-2, -1)) - 2 * (B * (numerator @ A.mT)).sum((-2, -1))
 
 
-def low_rank_exact(numerator: Tensor, gram: Tensor, rank: int, rcond: float = DEFAULT_RCOND) -> tuple[Tensor, Tensor]:
+# Pivots at or below this fraction of max_j G_jj count as singular to working precision (as psd_right_solve).
+_CHOLESKY_PIVOT_TOLERANCE = 1e-12
+# Oversampling of the range sketch in _top_singular: more columns than rank(X) keep the sketch well conditioned.
+_SKETCH_OVERSAMPLING = 8
+
+
+def _top_singular(x: Tensor, rank: int, rank_bound: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets (U, S, Vh) of x (batched m × n).
+
+    With ``rank_bound`` ≥ rank(x) (an adapter merge knows one: rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next
+    to min(m, n), x = Q Qᵀ x for Q an orthonormal basis of x Ω with Ω a Gaussian n × (bound + oversampling):
+    the SVD of the small Qᵀ x is then the SVD of x, exact up to rounding, at O(m n bound) instead of O(m n²).
+    """
+    m, n = x.shape[-2:]
+    width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
+    if width is None or 2 * width >= min(m, n):
+        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    generator = torch.Generator(device=x.device).manual_seed(0)  # reproducible merges
+    omega = torch.randn(n, width, generator=generator, dtype=x.dtype, device=x.device)
+    Q = torch.linalg.qr(x @ omega).Q
+    U, S, Vh = torch.linalg.svd(Q.mT @ x, full_matrices=False)
+    return (Q @ U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
+
+
+def _cholesky_factor(gram: Tensor) -> Tensor | None:
+    """L with G = L Lᵀ for every layer of a batch of full Grams, or None when one is not numerically positive
+    definite (Cholesky fails, or a pivot L_ii² ≤ 1e-12 · max_j G_jj)."""
+    L, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        return None
+    pivots = L.diagonal(dim1=-2, dim2=-1).square()
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+    return None if bool((pivots <= _CHOLESKY_PIVOT_TOLERANCE * scale).any()) else L
+
+
+def low_rank_exact(
+    numerator: Tensor, gram: Tensor, rank: int, rcond: float = DEFAULT_RCOND, *, rank_bound: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The rank-``rank`` minimiser in closed form, batched over layers (reference.rank_r_optimum_ref):
-    B A = [M L]_r L⁺ with G = L Lᵀ; returns B = U_r S_r and A = V_rᵀ L⁺ (so A G Aᵀ = I)."""
+    B A = [M L]_r L⁺ with G = L Lᵀ and M = N G⁺; returns B = U_r S_r and A = V_rᵀ L⁺ (so A G Aᵀ = I).
+
+    L is the Cholesky factor when every G of the batch is numerically positive definite: then M L = N L⁻ᵀ and
+    A = V_rᵀ L⁻¹, two triangular solves. Otherwise (and for a non-default ``rcond``, which only the
+    eigendecomposition honours exactly) L = U Λ^½ on the eigenvalues above rcond·λ_max, as the reference.
+    A diagonal G is its own factor. ``rank_bound`` ≥ rank(N) lets the SVD run on a sketch (``_top_singular``).
+    """
     diagonal = gram.dim() == numerator.dim() - 1
+    L = None if diagonal or rcond != DEFAULT_RCOND else _cholesky_factor(gram)
+    if L is not None:
+        ml = torch.linalg.solve_triangular(L.mT, numerator, upper=True, left=False)
+        U, S, Vh = _top_singular(ml, rank, rank_bound)
+        return U * S.unsqueeze(-2), torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
     eigenvalues, eigenvectors = (gram, None) if diagonal else torch.linalg.eigh(gram)
     keep = eigenvalues > rcond * eigenvalues.abs().amax(-1, keepdim=True)
     root_inv = torch.where(keep, eigenvalues.clamp_min(0).rsqrt(), torch.zeros_like(eigenvalues)).unsqueeze(-2)
     ml = numerator * root_inv if diagonal else (numerator @ eigenvectors) * root_inv
-    U, S, Vh = torch.linalg.svd(ml, full_matrices=False)
-    A = Vh[..., :rank, :] * root_inv
-    return U[..., :rank] * S[..., None, :rank], A if diagonal else A @ eigenvectors.mT
+    U, S, Vh = _top_singular(ml, rank, rank_bound)
+    A = Vh * root_inv
+    return U * S.unsqueeze(-2), A if diagonal else A @ eigenvectors.mT
 
 
 def low_rank_alternating(

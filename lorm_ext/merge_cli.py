@@ -1,7 +1,7 @@
 """``lorm-merge``: merge PEFT LoRA adapters with LoRM, and collect the Grams it needs.
 
     lorm-merge grams --adapter DIR --model FILE.py:build_model --batches FILE.py:batches -o grams.safetensors
-    lorm-merge peft DIR1 DIR2 ... --grams G1 G2 ... --rank 8 [--method exact] [-o MERGED_DIR]
+    lorm-merge peft DIR1 DIR2 ... --grams G1 G2 ... --rank 8 [--method exact] [--report] [-o MERGED_DIR]
 
 The same runs as ``python -m lorm_ext.merge_cli ...``. See docs/peft.md.
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from .adapters import MERGE_METHODS, MergeResult, collect_grams, merge_lora_adapters, read_lora_adapter, save_grams
+from .adapter_merge import MERGE_METHODS, MergeResult, merge_device, merge_lora_adapters
+from .adapters import AdapterFile, check_output_file, collect_grams, save_grams
 
 
 def load_callable(spec: str) -> Callable:
@@ -52,20 +54,22 @@ def _to_device(batch, device: torch.device):
 def run_grams(args: argparse.Namespace) -> None:
     from peft import PeftModel  # only this subcommand needs PEFT installed
 
-    device = torch.device(args.device)
-    modules = read_lora_adapter(args.adapter).factors  # validates the adapter before the model is built
+    check_output_file(args.output)  # before the model runs over all the data
+    device = merge_device(args.device)
+    modules = AdapterFile(args.adapter).layout  # validates the adapter before the model is built
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
-    grams = collect_grams(
-        model.get_base_model(), modules, batches, diagonal=args.diagonal, dtype=getattr(torch, args.dtype)
-    )
-    save_grams(args.output, grams)
-    kind = "diagonal" if args.diagonal else "full"
-    print(f"wrote {kind} {args.dtype} Grams of {len(grams)} modules to {args.output}")
+    grams = collect_grams(model.get_base_model(), modules, batches, diagonal=args.diagonal,
+                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing)
+    save_grams(args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None)
+    kind = "diagonal" if args.diagonal else f"full ({args.layout})"
+    stored = len({id(g) for g in grams.values()})
+    print(f"wrote {kind} {args.store_dtype or args.dtype} Grams of {len(grams)} modules ({stored} distinct inputs) "
+          f"to {args.output}")
 
 
 def format_objectives(result: MergeResult, written: str | None) -> str:
-    """Per module, Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² of every method; 'zero' is ΔW = 0, '*' marks the written one."""
+    """Per module, Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² of each method computed; 'zero' is ΔW = 0, '*' marks the written one."""
     methods = list(result.objectives)
     modules = sorted(result.objectives["zero"])
     width = max(12, *(len(m) for m in modules))
@@ -91,8 +95,12 @@ def run_peft(args: argparse.Namespace) -> None:
         args.rank,
         method=args.method,
         output_dir=args.output,
+        report=args.report,
         max_iters=args.max_iters,
         tol=args.tol,
+        workers=args.workers,
+        device=args.device,
+        keep_factors=False,
     )
     print(format_objectives(result, args.method if args.output else None))
     if args.output:
@@ -113,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what to write: exact rank-r optimum (default), alternating LoRM steps, "
                       "average of the factors, or PEFT's svd merge")
     peft.add_argument("-o", "--output", help="folder for the merged adapter; without it only the table is printed")
+    peft.add_argument("--report", action="store_true",
+                      help="also compute and score every other method (the per-module objective table)")
     peft.add_argument("--max-iters", type=int, default=500, help="alternating: most B/A step pairs")
     peft.add_argument("--tol", type=float, default=1e-12, help="alternating: stop at this relative decrease")
+    peft.add_argument("--workers", type=int, default=2, help="module groups merged at once (threads)")
+    peft.add_argument("--device", default="cpu", help="where the sums and solves run: cpu or cuda")
     peft.set_defaults(run=run_peft)
 
     grams = commands.add_parser("grams", help="collect one adapter's Grams over its data (needs peft)")
@@ -126,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     grams.add_argument("-o", "--output", required=True, help="safetensors file to write, keyed by module name")
     grams.add_argument("--diagonal", action="store_true", help="keep only diag(XᵀX) (Gram shrinkage α = 0)")
     grams.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
+    grams.add_argument("--layout", choices=("triangle", "full"), default="triangle",
+                       help="full Grams stored as their upper triangle (default, half the size) or in full")
+    grams.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                       help="storage dtype of the Grams (default: the accumulation dtype); read back exactly")
+    grams.add_argument("--no-sharing", action="store_true",
+                       help="one Gram per module even where modules read the same input (q/k/v)")
     grams.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda")
     grams.set_defaults(run=run_grams)
     return parser
@@ -133,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("lorm_ext")
+    if not log.handlers:  # progress lines where no terminal shows a bar
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         args.run(args)
-    except ValueError as err:  # AdapterFileError, LayerError and bad arguments: a message, not a traceback
+    except (ValueError, OSError) as err:  # AdapterFileError, LayerError, bad arguments, I/O: a message, not a traceback
         print(f"lorm-merge {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

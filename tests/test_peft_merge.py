@@ -19,7 +19,8 @@ peft = pytest.importorskip("peft", reason="the PEFT tests need `pip install peft
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from lorm_ext import adapters, merge_cli, reference  # noqa: E402
-from lorm_ext.adapters import AdapterFileError, collect_grams, merge_lora_adapters, read_lora_adapter  # noqa: E402
+from lorm_ext.adapter_merge import merge_lora_adapters  # noqa: E402
+from lorm_ext.adapters import AdapterFileError, collect_grams, read_lora_adapter  # noqa: E402
 
 WIDTH, IN_FEATURES, CLASSES = 8, 6, 3
 TARGETS = ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
@@ -137,7 +138,7 @@ def test_exact_merge_loads_in_peft_and_matches_reference(clients, tmp_path):
 
 def test_every_method_scored_like_reference(clients):
     dirs, gram_files, deltas, grams = clients
-    result = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating")
+    result = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating", report=True)
     assert set(result.objectives) == {"exact", "alternating", "average", "svd", "zero"}
     reads = [read_lora_adapter(d) for d in dirs]
     mean_factors = {
@@ -220,17 +221,17 @@ def test_cli_collects_grams_and_merges(clients, tmp_path, capsys):
         "--batches", f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors"),
     ])
     assert status == 0
-    collected = load_file(tmp_path / "g.safetensors")
+    collected = adapters.read_grams(tmp_path / "g.safetensors", {m: grams[0][m].shape[0] for m in TARGETS})
     for m in TARGETS:
         torch.testing.assert_close(collected[m], grams[0][m], rtol=1e-12, atol=1e-12)
 
     status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", str(MERGED_RANK),
-                             "--method", "alternating", "-o", str(tmp_path / "merged")])
+                             "--method", "alternating", "--report", "-o", str(tmp_path / "merged")])
     out = capsys.readouterr().out
     assert status == 0
     header = next(line for line in out.splitlines() if line.startswith("module"))
     assert header.split() == ["module", "exact", "alternating*", "average", "svd", "zero"]
-    expected = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating")
+    expected = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="alternating", report=True)
     for m in TARGETS + ["total"]:
         row = next(line for line in out.splitlines() if line.split()[0] == m).split()
         values = expected.objectives["exact"]
@@ -317,24 +318,27 @@ def test_mismatches_between_adapters_and_grams(clients, tmp_path):
 def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, capsys):
     dirs, gram_files, _, _ = clients
     before = (dirs[0] / adapters.WEIGHTS_NAME).read_bytes()
-    with pytest.raises(AdapterFileError, match="is one of the inputs"):
+    with pytest.raises(AdapterFileError, match="holds the input .*adapter_config.json; refusing to overwrite it"):
         merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=dirs[0])
+    with pytest.raises(AdapterFileError, match="holds the input"):  # a folder above an input
+        merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=dirs[0].parent)
     os.symlink(dirs[1], tmp_path / "alias")
     status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", "3",
                              "-o", str(tmp_path / "alias")])
-    assert status == 1 and "is one of the inputs" in capsys.readouterr().err
+    assert status == 1 and "refusing to overwrite it" in capsys.readouterr().err
     assert (dirs[0] / adapters.WEIGHTS_NAME).read_bytes() == before
 
     out = tmp_path / "merged"
     merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=out)
     first = (out / adapters.WEIGHTS_NAME).read_bytes()
 
-    def failing_save(tensors, path, metadata=None):
-        Path(path).write_bytes(b"half a file")
+    def failing_write(self, key, tensor):
+        os.pwrite(self._fd, b"half a tensor", self._data_start)
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters, "save_file", failing_save)
+    monkeypatch.setattr(adapters.StreamedSafetensors, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         merge_lora_adapters(dirs, gram_files, 2, output_dir=out)
     assert (out / adapters.WEIGHTS_NAME).read_bytes() == first  # the old adapter is intact
     assert sorted(p.name for p in out.iterdir()) == [adapters.CONFIG_NAME, adapters.WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "merged"]  # no temporary folder left

@@ -1,0 +1,407 @@
+"""Merge N PEFT LoRA adapters into one, streaming module group by module group (DESIGN.md §5).
+
+For each group of modules — one module, or the modules that read one input and so share a Gram (q/k/v of a
+block, gate/up) — every adapter's factors of those modules and every Gram file's Grams of their inputs are
+read (memory-mapped, each Gram once, in row panels), folded into that group's sums
+
+    G = Σ_k G_k,   N = Σ_k B_k A_k G_k,   c = Σ_k ‖X_k (B_k A_k)ᵀ‖²   (+ Σ B_k, Σ A_k or Σ B_k A_k when asked),
+
+solved, written at its place in the output file, and released. Memory is one group's sums per worker
+thread, whatever the number of adapters or the size of the model. ``lorm_ext.reference`` states the math.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapters import (
+    _MUST_AGREE_FIELDS,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFile,
+    AdapterFileError,
+    GramFile,
+    OutputFolder,
+    StreamedSafetensors,
+    _to_device,
+    adapter_config,
+    factor_keys,
+)
+from .merge import _top_singular, excess_objective, low_rank_alternating, low_rank_exact
+from .reference import DEFAULT_RCOND
+
+MERGE_METHODS = ("exact", "alternating", "average", "svd")
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter of the chosen method ({module: (B, A)} in float64; empty with keep_factors=False)
+    and the objective Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² per module of the chosen method and ``zero`` (ΔW = 0), or of every
+    method with ``report``. A method that does not apply is absent (average with different ranks)."""
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    objectives: dict[str, dict[str, float]]  # method -> module -> objective
+
+
+@dataclass
+class _Input:
+    """Modules that have the same stored Gram in every file: one running ΣG serves them all."""
+
+    modules: list[str]
+    width: int
+    diagonal: bool
+
+
+@dataclass
+class _Group:
+    """Modules linked by a shared Gram in some file: folded together, so that each Gram is read once."""
+
+    modules: list[str]
+    inputs: list[_Input] = field(default_factory=list)
+
+
+def plan_groups(layout: dict[str, tuple[int, int, int]], gram_files: Sequence[GramFile]) -> list[_Group]:
+    """The module groups and their inputs, from the Gram files' indexes; a module's Grams must be all full or
+    all diagonal."""
+    parent = {m: m for m in layout}
+
+    def root(m: str) -> str:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for grams in gram_files:
+        first_reader: dict[str, str] = {}
+        for module in sorted(layout):
+            other = first_reader.setdefault(grams.index[module], module)
+            parent[root(module)] = root(other)
+    first = gram_files[0]
+    for grams in gram_files[1:]:
+        for module in sorted(layout):
+            if grams.is_diagonal(module) != first.is_diagonal(module):
+                kinds = {True: "diagonal", False: "full"}
+                raise AdapterFileError(grams.path, f"Gram is {kinds[grams.is_diagonal(module)]} but the first Gram "
+                                       f"file's is {kinds[first.is_diagonal(module)]}", module)
+    groups: dict[str, _Group] = {}
+    inputs: dict[tuple, _Input] = {}
+    for module in sorted(layout):
+        group = groups.setdefault(root(module), _Group([]))
+        group.modules.append(module)
+        keys = (root(module),) + tuple(grams.index[module] for grams in gram_files)
+        if keys not in inputs:
+            inputs[keys] = _Input([], layout[module][2], first.is_diagonal(module))
+            group.inputs.append(inputs[keys])
+        inputs[keys].modules.append(module)
+    return list(groups.values())
+
+
+class _GroupSums:
+    """One group's running sums on ``device``, in float64. Numerators of modules with one input and one output
+    width are stacked, so that one factorisation of their ΣG serves all of them."""
+
+    def __init__(self, group: _Group, layout, device, *, average: bool, svd: bool):
+        self.group, self.layout, self.device = group, layout, device
+        self.gram: dict[str, Tensor] = {}  # module -> ΣG (one tensor per input)
+        self.batches: list[tuple[list[str], Tensor, Tensor]] = []  # (modules, stacked N, ΣG)
+        self.numerator: dict[str, Tensor] = {}
+        zeros = dict(dtype=torch.float64, device=device)
+        for inp in group.inputs:
+            gram = torch.zeros((inp.width,) if inp.diagonal else (inp.width, inp.width), **zeros)
+            by_out: dict[int, list[str]] = {}
+            for module in inp.modules:
+                self.gram[module] = gram
+                by_out.setdefault(layout[module][0], []).append(module)
+            for out, modules in by_out.items():
+                stacked = torch.zeros(len(modules), out, inp.width, **zeros)
+                self.batches.append((modules, stacked, gram))
+                self.numerator.update(zip(modules, stacked.unbind(0)))
+        self.constant = {m: torch.zeros((), **zeros) for m in group.modules}
+        self.rank_sum = dict.fromkeys(group.modules, 0)
+        self.sum_b = {m: torch.zeros(layout[m][:2], **zeros) for m in group.modules} if average else None
+        self.sum_a = {m: torch.zeros(layout[m][1:], **zeros) for m in group.modules} if average else None
+        self.sum_delta = {m: torch.zeros(layout[m][0], layout[m][2], **zeros) for m in group.modules} if svd else None
+        self.count = 0
+
+    def fold(self, adapter: AdapterFile, grams: GramFile, progress: _Progress) -> None:
+        """Add one adapter and its Grams: every Gram is read once, in panels of rows."""
+        factors = {m: adapter.factors(m, self.device) for m in self.group.modules}
+        progress.read(sum(adapter.nbytes(m) for m in self.group.modules))
+        readers: dict[str, list[str]] = {}
+        for module in self.group.modules:
+            readers.setdefault(grams.index[module], []).append(module)
+        for key, modules in readers.items():
+            a = torch.cat([factors[m][1] for m in modules])  # the factors A of every reader, stacked
+            sums = list({id(self.gram[m]): self.gram[m] for m in modules}.values())
+            if grams.is_diagonal(modules[0]):
+                g = _to_device(grams.diagonal(key, modules), self.device).double()
+                for total in sums:
+                    total += g
+                ag = a * g
+            else:
+                ag = torch.zeros_like(a)
+                for panel in grams.panels(key, modules):
+                    p = _to_device(panel.values, self.device).double()
+                    start, stop = panel.start, panel.stop
+                    if panel.mirrored:  # G = U + Uᵀ − diag(U): the strict upper part stands for the lower too
+                        strict = p.triu(1)
+                        for total in sums:
+                            total[start:stop, start:] += p
+                            total[start:, start:stop] += strict.mT
+                        ag[:, start:].addmm_(a[:, start:stop], p)
+                        ag[:, start:stop].addmm_(a[:, start:], strict.mT)
+                    else:
+                        for total in sums:
+                            total[start:stop] += p
+                        ag.addmm_(a[:, start:stop], p)
+            progress.read(grams.nbytes(key))
+            row = 0
+            for module in modules:
+                b, a_k = factors[module]
+                ag_k = ag[row:row + a_k.shape[0]]
+                row += a_k.shape[0]
+                self.numerator[module].addmm_(b, ag_k)
+                self.constant[module] += ((b.mT @ b) * (ag_k @ a_k.mT)).sum()
+                self.rank_sum[module] += a_k.shape[0]
+                if self.sum_b is not None:
+                    self.sum_b[module] += b
+                    self.sum_a[module] += a_k
+                if self.sum_delta is not None:
+                    self.sum_delta[module].addmm_(b, a_k)
+        self.count += 1
+
+    def solve(self, methods: Sequence[str], rank: int, max_iters: int, tol: float):
+        """{method: {module: (B, A)}} for each method asked for, and {method: {module: objective}} with 'zero'."""
+        merged: dict[str, dict[str, tuple[Tensor, Tensor]]] = {m: {} for m in methods}
+        objectives: dict[str, dict[str, float]] = {m: {} for m in (*methods, "zero")}
+        for modules, numerators, gram in self.batches:
+            constants = torch.stack([self.constant[m] for m in modules])
+            one_gram = gram.unsqueeze(0)  # broadcast over the stacked modules
+            bound = max(self.rank_sum[m] for m in modules)
+            for method in methods:
+                if method == "exact":
+                    B, A = low_rank_exact(numerators, one_gram, rank, DEFAULT_RCOND, rank_bound=bound)
+                elif method == "alternating":
+                    grams = one_gram.expand(len(modules), *gram.shape).contiguous()
+                    B, A, _ = low_rank_alternating(numerators, grams, rank, constant=constants, max_iters=max_iters,
+                                                   tol=tol, rcond=DEFAULT_RCOND)
+                elif method == "average":
+                    B = torch.stack([self.sum_b[m] for m in modules]) / self.count
+                    A = torch.stack([self.sum_a[m] for m in modules]) / self.count
+                else:  # svd of the mean update, PEFT's add_weighted_adapter(combination_type="svd")
+                    U, S, Vh = _top_singular(torch.stack([self.sum_delta[m] for m in modules]) / self.count, rank, bound)
+                    B, A = U * S.unsqueeze(-2), Vh
+                values = (excess_objective(numerators, one_gram, B, A) + constants).tolist()
+                for i, module in enumerate(modules):
+                    merged[method][module] = (B[i], A[i])
+                    objectives[method][module] = values[i]
+            objectives["zero"].update(zip(modules, constants.tolist()))
+        return merged, objectives
+
+
+class _Progress:
+    """Module groups done and bytes read per second: a tqdm bar on a terminal, else a log line every 10 s."""
+
+    def __init__(self, groups: int, total_bytes: int):
+        self.total_bytes, self.bytes, self.groups, self.done = total_bytes, 0, groups, 0
+        self.start = self.last_log = time.monotonic()
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=groups, unit="group", desc="merging modules", disable=not sys.stderr.isatty())
+
+    def read(self, nbytes: int) -> None:
+        with self.lock:
+            self.bytes += nbytes
+
+    def group_done(self) -> None:
+        with self.lock:
+            self.done += 1
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            rate = self.bytes / elapsed
+            if not self.bar.disable:
+                self.bar.set_postfix_str(f"{rate / 1e6:.0f} MB/s read", refresh=False)
+                self.bar.update(1)
+            elif self.done == self.groups or time.monotonic() - self.last_log >= 10:
+                self.last_log = time.monotonic()
+                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else math.inf
+                logger.info("merged %d/%d module groups, %.2f of %.2f GB read at %.0f MB/s, ETA %.0f s", self.done,
+                            self.groups, self.bytes / 1e9, self.total_bytes / 1e9, rate / 1e6, eta)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def merge_device(device: str | torch.device) -> torch.device:
+    """A device for the sums and solves, or a one-line error (an unknown name, no GPU present)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not one torch knows (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: merging runs on cpu or cuda")
+    return device
+
+
+def _check_same_adapter_kind(first: AdapterFile, other: AdapterFile) -> None:
+    """Same modules, same layer shapes and the same base model as the first adapter; ranks may differ."""
+    missing, extra = sorted(set(first.layout) - set(other.layout)), sorted(set(other.layout) - set(first.layout))
+    if missing or extra:
+        parts = ([f"lacks module(s) {missing}"] if missing else []) + ([f"has extra module(s) {extra}"] if extra else [])
+        raise AdapterFileError(other.weights_path, " and ".join(parts) + f" compared with {first.weights_path}")
+    for module, (out, _, width) in other.layout.items():
+        first_out, _, first_width = first.layout[module]
+        if (out, width) != (first_out, first_width):
+            raise AdapterFileError(
+                other.weights_path, f"shape mismatch: ΔW is {out} × {width} here but {first_out} × {first_width} in "
+                f"{first.weights_path}", module
+            )
+    for name in sorted(_MUST_AGREE_FIELDS):
+        if first.config.get(name) != other.config.get(name):
+            raise AdapterFileError(
+                other.path / CONFIG_NAME, f"{name}={other.config.get(name)!r} differs from "
+                f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}"
+            )
+
+
+def _check_options(rank, method, max_iters, tol, workers) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {MERGE_METHODS}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters (--max-iters) must be a positive integer, got {max_iters!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol (--tol) must be a finite number ≥ 0, got {tol!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers (--workers) must be a positive integer, got {workers!r}")
+
+
+def merge_lora_adapters(
+    adapter_dirs: Sequence[str | os.PathLike],
+    gram_files: Sequence[str | os.PathLike],
+    rank: int,
+    *,
+    method: str = "exact",
+    output_dir: str | os.PathLike | None = None,
+    report: bool = False,
+    max_iters: int = 500,
+    tol: float = 1e-12,
+    workers: int = 2,
+    device: str | torch.device = "cpu",
+    keep_factors: bool = True,
+) -> MergeResult:
+    """Merge PEFT LoRA adapters, adapter k with the Grams of its data (``gram_files[k]``), into one
+    rank-``rank`` adapter minimising Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖², streaming module group by module group.
+
+    Methods: "exact" (the closed-form rank-r optimum), "alternating" (LoRM's exact B- and A-steps),
+    "average" (mean of the B_k and of the A_k; needs equal ranks, and ``rank`` equal to them) and "svd"
+    (PEFT's add_weighted_adapter svd merge with weights 1/N). Only ``method`` is computed, and scored with
+    ΔW = 0 ("zero") for scale; ``report`` computes and scores every method. Every header is checked before
+    any tensor is read; with ``output_dir`` the adapter is written into a temporary folder beside it, renamed
+    into place at the end (never over an input; on any error nothing is left). ``workers`` threads merge
+    independent groups at once; ``device="cuda"`` keeps the sums and solves on the GPU.
+    """
+    _check_options(rank, method, max_iters, tol, workers)
+    if len(adapter_dirs) == 0 or len(adapter_dirs) != len(gram_files):
+        raise ValueError(f"give one Gram file per adapter: {len(adapter_dirs)} adapters, {len(gram_files)} Gram files")
+    device = merge_device(device)
+    inputs = [p for d in adapter_dirs for p in (Path(d) / CONFIG_NAME, Path(d) / WEIGHTS_NAME)] + list(gram_files)
+    output = OutputFolder(output_dir, inputs) if output_dir is not None else None
+
+    adapters = [AdapterFile(d) for d in adapter_dirs]
+    first = adapters[0]
+    for module, (out, _, width) in first.layout.items():
+        if rank > min(out, width):
+            raise AdapterFileError(first.weights_path, f"rank {rank} exceeds the layer's size {out} × {width}", module)
+    for adapter in adapters[1:]:
+        _check_same_adapter_kind(first, adapter)
+    grams = [GramFile(p) for p in gram_files]
+    widths = {m: width for m, (_, _, width) in first.layout.items()}
+    for gram_file in grams:
+        gram_file.check_modules(widths)
+    groups = plan_groups(first.layout, grams)
+
+    equal_ranks = all(a.layout == first.layout for a in adapters[1:])
+    methods = [m for m in MERGE_METHODS if m != "average" or equal_ranks] if report else [method]
+    if method == "average":
+        if not equal_ranks:
+            raise ValueError("method 'average' needs adapters of equal ranks; these differ")
+        average_ranks = sorted({r for _, r, _ in first.layout.values()})
+        if average_ranks != [rank]:
+            raise ValueError(f"method 'average' keeps the adapters' rank {average_ranks}; pass that rank")
+
+    total_bytes = sum(a.nbytes(m) for a in adapters for m in first.layout)
+    total_bytes += sum(g.nbytes(k) for g in grams for k in {g.index[m] for m in first.layout})
+    progress = _Progress(len(groups), total_bytes)
+    result = MergeResult({}, {m: {} for m in (*methods, "zero")})
+    lock = threading.Lock()
+
+    def merge_group(group: _Group, writer: StreamedSafetensors | None) -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            sums = _GroupSums(group, first.layout, device, average="average" in methods, svd="svd" in methods)
+            for adapter, gram_file in zip(adapters, grams):
+                sums.fold(adapter, gram_file, progress)
+            merged, objectives = sums.solve(methods, rank, max_iters, tol)
+            del sums
+            chosen = {m: (b.to("cpu"), a.to("cpu")) for m, (b, a) in merged[method].items()}
+        if writer is not None:
+            for module, (b, a) in chosen.items():
+                key_b, key_a = factor_keys(module)
+                writer.write(key_b, b)
+                writer.write(key_a, a)
+        with lock:
+            for name, values in objectives.items():
+                result.objectives[name].update(values)
+            if keep_factors:
+                result.factors.update(chosen)
+        progress.group_done()
+
+    def run(writer: StreamedSafetensors | None) -> None:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorm-merge") as pool:
+            futures = [pool.submit(merge_group, group, writer) for group in groups]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    try:
+        if output is None:
+            run(None)
+        else:
+            specs = {}  # every method writes rank r ('average' was checked to have it)
+            for module, (out, _, width) in first.layout.items():
+                key_b, key_a = factor_keys(module)
+                specs[key_b], specs[key_a] = (first.dtype, (out, rank)), (first.dtype, (rank, width))
+            with output:
+                writer = StreamedSafetensors(output.tmp / WEIGHTS_NAME, specs, {"format": "pt"})
+                try:
+                    run(writer)
+                finally:
+                    writer.close()
+                config = adapter_config(first.config, first.layout, rank)
+                (output.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                output.commit()
+    finally:
+        progress.close()
+    return result
