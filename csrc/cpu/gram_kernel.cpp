@@ -1,15 +1,17 @@
-// CPU Gram accumulation: G += XᵀX in place, upcasting X tile by tile (never a full-precision copy of X).
+// CPU Gram accumulation: G += XᵀX in place.
 //
-// Full Grams: the upper triangle of (tile_i, tile_j) blocks is split over threads with at::parallel_for;
-// each task runs single-threaded BLAS GEMMs over row chunks into a private tile, then adds the tile and its
-// transpose into G. Half the FLOPs of a full XᵀX, and the update is exactly symmetric: a symmetric G stays so. Diagonal Grams: column sums of squares accumulated in double, one column range per task.
+// Full Grams: the upper triangle is computed by recursive halving: G[a, a] and G[b, b] recursively, G[a, b] as one
+// GEMM X[:, a]ᵀ X[:, b] whose transpose also goes into G[b, a]; blocks at most leaf_width wide are one GEMM. About
+// half the FLOPs of a full XᵀX, in few large GEMMs that BLAS runs at its multithreaded rate (many small
+// single-threaded tile GEMMs inside a parallel loop lose that rate, and collapse when a vCPU is taken away). The
+// update is exactly symmetric: a symmetric G stays so. 16-bit inputs (and float32 into a float64 G) are upcast a
+// bounded chunk of rows at a time. Diagonal Grams: column sums of squares accumulated in double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -18,43 +20,87 @@
 namespace lorm_ext {
 namespace {
 
-// Rows of X upcast at a time when X's dtype differs from G's: bounds each thread's scratch memory.
-constexpr int64_t kRowChunk = 1024;
+// Bytes of upcast rows of X held at once, and of one GEMM's product: bounds the op's scratch memory.
+constexpr int64_t kScratchBytes = int64_t{64} << 20;
 // Columns per diagonal task: enough contiguous work per row to amortise the strided walk down X.
 constexpr int64_t kDiagonalGrain = 64;
+// Split points are multiples of this, so that GEMM operands start on cache-line and vector boundaries.
+constexpr int64_t kSplitAlign = 64;
+
+// Diagonal blocks this wide or narrower are one full GEMM (half of it wasted); wider ones are halved. Each halving
+// saves FLOPs but makes the GEMMs smaller: with more threads a GEMM must be larger to keep them all busy.
+int64_t leaf_width() {
+  return at::get_num_threads() > 1 ? 384 : 256;
+}
+
+// A GEMM product of rows × cols in the scratch buffer (reused: no allocation or page faults per GEMM).
+at::Tensor product_view(at::Tensor& scratch, int64_t rows, int64_t cols) {
+  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// G[lo + r, lo + c] += S[r, c] for r <= c, mirrored into G[lo + c, lo + r]: the diagonal block's update made
+// exactly symmetric (GEMM rounding may differ between S[r, c] and S[c, r]).
+template <typename scalar_t>
+void add_mirrored(const at::Tensor& gram, const at::Tensor& product, int64_t lo) {
+  const int64_t n = gram.size(0), w = product.size(0);
+  scalar_t* g = gram.mutable_data_ptr<scalar_t>() + lo * n + lo;
+  const scalar_t* s = product.const_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < w; ++r) {
+    g[r * n + r] += s[r * w + r];
+    for (int64_t c = r + 1; c < w; ++c) {
+      const scalar_t v = s[r * w + c];
+      g[r * n + c] += v;
+      g[c * n + r] += v;
+    }
+  }
+}
+
+// G[lo:hi, lo:hi] += X[:, lo:hi]ᵀ X[:, lo:hi], computing only upper-triangle blocks.
+void accumulate_block(const at::Tensor& gram, const at::Tensor& x, int64_t lo, int64_t hi, at::Tensor& scratch) {
+  const int64_t width = hi - lo;
+  if (width <= leaf_width()) {
+    const at::Tensor xs = x.narrow(1, lo, width);
+    at::Tensor product = product_view(scratch, width, width);
+    at::mm_out(product, xs.t(), xs);
+    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_add_mirrored", [&] {
+      add_mirrored<scalar_t>(gram, product, lo);
+    });
+    return;
+  }
+  const int64_t mid = lo + ceil_div(width / 2, kSplitAlign) * kSplitAlign;
+  accumulate_block(gram, x, lo, mid, scratch);
+  // G[lo:mid, mid:hi] += X[:, lo:mid]ᵀ X[:, mid:hi], in column chunks that fit the scratch buffer.
+  const int64_t rows = mid - lo;
+  const int64_t chunk = std::max<int64_t>(kSplitAlign, scratch.numel() / rows / kSplitAlign * kSplitAlign);
+  const at::Tensor left = x.narrow(1, lo, rows).t();
+  for (int64_t c0 = mid; c0 < hi; c0 += chunk) {
+    const int64_t cols = std::min(chunk, hi - c0);
+    at::Tensor product = product_view(scratch, rows, cols);
+    at::mm_out(product, left, x.narrow(1, c0, cols));
+    gram.narrow(0, lo, rows).narrow(1, c0, cols).add_(product);
+    gram.narrow(0, c0, cols).narrow(1, lo, rows).add_(product.t());
+  }
+  accumulate_block(gram, x, mid, hi, scratch);
+}
 
 void accumulate_full(const at::Tensor& gram, const at::Tensor& x) {
   const int64_t n = gram.size(0);
   const int64_t rows = x.size(0);
   const auto dtype = gram.scalar_type();
-  const bool same_dtype = x.scalar_type() == dtype;
-  // With X already in G's dtype one GEMM covers all rows; otherwise rows are upcast a chunk at a time.
-  const int64_t row_chunk = same_dtype ? std::max<int64_t>(rows, 1) : kRowChunk;
-  const int64_t tile = tile_width(n);
-  const auto pairs = upper_triangle_tiles(n, tile);
-
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const auto& [bi, bj] = pairs[p];
-      const int64_t i0 = bi * tile, j0 = bj * tile;
-      const int64_t ti = std::min(tile, n - i0), tj = std::min(tile, n - j0);
-      at::Tensor block = at::zeros({ti, tj}, gram.options());
-      for (int64_t r0 = 0; r0 < rows; r0 += row_chunk) {
-        const int64_t rc = std::min(row_chunk, rows - r0);
-        const at::Tensor chunk = x.narrow(0, r0, rc);
-        const at::Tensor xi = chunk.narrow(1, i0, ti).to(dtype);
-        const at::Tensor xj = bi == bj ? xi : chunk.narrow(1, j0, tj).to(dtype);
-        block.addmm_(xi.t(), xj);
-      }
-      if (bi == bj) {
-        // GEMM rounding may differ between (a, b) and (b, a): mirror the upper half so the update is symmetric.
-        block = at::triu(block) + at::triu(block, 1).t();
-      } else {
-        gram.narrow(0, j0, tj).narrow(1, i0, ti).add_(block.t());
-      }
-      gram.narrow(0, i0, ti).narrow(1, j0, tj).add_(block);
-    }
-  });
+  const int64_t element = static_cast<int64_t>(at::elementSize(dtype));
+  const int64_t half = ceil_div(n, 2 * kSplitAlign) * kSplitAlign;  // the largest off-diagonal block's rows
+  const int64_t leaf = std::min(n, leaf_width());
+  const int64_t scratch_elements =
+      std::max(leaf * leaf, std::min(half * (n - half), std::max(kScratchBytes / element, half * kSplitAlign)));
+  at::Tensor scratch = at::empty({scratch_elements}, gram.options());
+  if (x.scalar_type() == dtype) {
+    accumulate_block(gram, x, 0, n, scratch);
+    return;
+  }
+  const int64_t row_chunk = std::max<int64_t>(1, kScratchBytes / (element * n));
+  for (int64_t r0 = 0; r0 < rows; r0 += row_chunk) {
+    accumulate_block(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), 0, n, scratch);
+  }
 }
 
 template <typename input_t, typename gram_t>
