@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -186,10 +186,11 @@ class _GroupSums:
                     self.sum_delta[module].addmm_(b, a_k)
         self.count += 1
 
-    def solve(self, methods: Sequence[str], rank: int, max_iters: int, tol: float):
-        """{method: {module: (B, A)}} for each method asked for, and {method: {module: objective}} with 'zero'."""
+    def solve(self, methods: Sequence[str], rank: int, max_iters: int, tol: float, scored: Mapping[str, AdapterFile]):
+        """{method: {module: (B, A)}} for each method asked for, and {name: {module: objective}} for them, 'zero'
+        and each ``scored`` adapter."""
         merged: dict[str, dict[str, tuple[Tensor, Tensor]]] = {m: {} for m in methods}
-        objectives: dict[str, dict[str, float]] = {m: {} for m in (*methods, "zero")}
+        objectives: dict[str, dict[str, float]] = {m: {} for m in (*methods, "zero", *scored)}
         for modules, numerators, gram in self.batches:
             constants = torch.stack([self.constant[m] for m in modules])
             one_gram = gram.unsqueeze(0)  # broadcast over the stacked modules
@@ -212,6 +213,10 @@ class _GroupSums:
                     merged[method][module] = (B[i], A[i])
                     objectives[method][module] = values[i]
             objectives["zero"].update(zip(modules, constants.tolist()))
+            for name, adapter in scored.items():  # ranks may differ between modules: one at a time
+                for i, module in enumerate(modules):
+                    B, A = adapter.factors(module, self.device)
+                    objectives[name][module] = float(excess_objective(numerators[i], gram, B, A) + constants[i])
         return merged, objectives
 
 
@@ -306,6 +311,7 @@ def merge_lora_adapters(
     workers: int = 2,
     device: str | torch.device = "cpu",
     keep_factors: bool = True,
+    score: Mapping[str, str | os.PathLike] | None = None,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters, adapter k with the Grams of its data (``gram_files[k]``), into one
     rank-``rank`` adapter minimising Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖², streaming module group by module group.
@@ -316,7 +322,8 @@ def merge_lora_adapters(
     ΔW = 0 ("zero") for scale; ``report`` computes and scores every method. Every header is checked before
     any tensor is read; with ``output_dir`` the adapter is written into a temporary folder beside it, renamed
     into place at the end (never over an input; on any error nothing is left). ``workers`` threads merge
-    independent groups at once; ``device="cuda"`` keeps the sums and solves on the GPU.
+    independent groups at once; ``device="cuda"`` keeps the sums and solves on the GPU. ``score``
+    ({name: adapter folder}) scores other merges of the same modules, e.g. PEFT's, with the same objective.
     """
     _check_options(rank, method, max_iters, tol, workers)
     if len(adapter_dirs) == 0 or len(adapter_dirs) != len(gram_files):
@@ -330,7 +337,11 @@ def merge_lora_adapters(
     for module, (out, _, width) in first.layout.items():
         if rank > min(out, width):
             raise AdapterFileError(first.weights_path, f"rank {rank} exceeds the layer's size {out} × {width}", module)
-    for adapter in adapters[1:]:
+    scored = {name: AdapterFile(d) for name, d in (score or {}).items()}
+    clash = sorted(set(scored) & {*MERGE_METHODS, "zero"})
+    if clash:
+        raise ValueError(f"score names {clash} are method names; choose others")
+    for adapter in (*adapters[1:], *scored.values()):
         _check_same_adapter_kind(first, adapter)
     grams = [GramFile(p) for p in gram_files]
     widths = {m: width for m, (_, _, width) in first.layout.items()}
@@ -350,7 +361,7 @@ def merge_lora_adapters(
     total_bytes = sum(a.nbytes(m) for a in adapters for m in first.layout)
     total_bytes += sum(g.nbytes(k) for g in grams for k in {g.index[m] for m in first.layout})
     progress = _Progress(len(groups), total_bytes)
-    result = MergeResult({}, {m: {} for m in (*methods, "zero")})
+    result = MergeResult({}, {m: {} for m in (*methods, "zero", *scored)})
     lock = threading.Lock()
 
     def merge_group(group: _Group, writer: StreamedSafetensors | None) -> None:
@@ -359,7 +370,7 @@ def merge_lora_adapters(
             sums = _GroupSums(group, first.layout, device, average="average" in methods, svd="svd" in methods)
             for adapter, gram_file in zip(adapters, grams):
                 sums.fold(adapter, gram_file, progress)
-            merged, objectives = sums.solve(methods, rank, max_iters, tol)
+            merged, objectives = sums.solve(methods, rank, max_iters, tol, scored)
             del sums
             chosen = {m: (b.to("cpu"), a.to("cpu")) for m, (b, a) in merged[method].items()}
         if writer is not None:

@@ -296,9 +296,10 @@ class AdapterFile:
         config_path, self.weights_path = self.path / CONFIG_NAME, self.path / WEIGHTS_NAME
         self.config = _read_json(config_path)
         check_lora_config(self.config, config_path)
-        self._handle = _open_safetensors(self.weights_path)
+        with _open_safetensors(self.weights_path) as handle:
+            info = {key: _tensor_info(handle, key) for key in handle.keys()}
         pairs: dict[str, dict[str, str]] = {}
-        for key in self._handle.keys():
+        for key in info:
             match = _FACTOR_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
             if match is None:
                 raise AdapterFileError(
@@ -317,7 +318,7 @@ class AdapterFile:
             if set(pair) != {"A", "B"}:
                 absent = "".join(sorted({"A", "B"} - set(pair)))
                 raise AdapterFileError(self.weights_path, f"lora_{absent}.weight is missing", module)
-            (a_shape, a_dtype), (b_shape, b_dtype) = (_tensor_info(self._handle, pair[f]) for f in "AB")
+            (a_shape, a_dtype), (b_shape, b_dtype) = (info[pair[f]] for f in "AB")
             if len(a_shape) != 2 or len(b_shape) != 2 or not all(isinstance(d, torch.dtype) for d in (a_dtype, b_dtype)):
                 raise AdapterFileError(
                     self.weights_path, f"lora_A {a_shape} {a_dtype} and lora_B {b_shape} {b_dtype} must be "
@@ -340,7 +341,8 @@ class AdapterFile:
 
     def factors(self, module: str, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """(B · s, A) of one module in float64 on ``device``; NaN or Inf is an error naming file and module."""
-        b, a = (_read_tensor(self._handle, self.weights_path, key, module) for key in self.keys[module])
+        with _open_safetensors(self.weights_path) as handle:  # opened per read: no mapping outlives its use
+            b, a = (_read_tensor(handle, self.weights_path, key, module) for key in self.keys[module])
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise AdapterFileError(self.weights_path, "lora_A or lora_B contains NaN or Inf", module)
         return _to_device(b, device).double() * self.scaling[module], _to_device(a, device).double()
@@ -416,10 +418,11 @@ class GramFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._handle = _open_safetensors(self.path)
-        info = {key: _tensor_info(self._handle, key) for key in self._handle.keys()}
-        index_text = (self._handle.metadata() or {}).get(GRAM_INDEX_KEY)
-        if index_text is None:
+        with _open_safetensors(self.path) as handle:
+            info = {key: _tensor_info(handle, key) for key in handle.keys()}
+            index_text = (handle.metadata() or {}).get(GRAM_INDEX_KEY)
+        self.first_format = index_text is None
+        if self.first_format:
             self.index = {key: key for key in info}
             self.kinds = {key: ("diagonal" if len(shape) == 1 else "full", shape[0] if shape else 0)
                           for key, (shape, _) in info.items()}
@@ -447,7 +450,7 @@ class GramFile:
             raise AdapterFileError(self.path, f"Gram {key!r} has an unknown layout {layout!r}", module)
         if shape != expected:
             raise AdapterFileError(self.path, f"gram must be square (n, n) or a diagonal (n,), got shape {shape}"
-                                   if key == module and GRAM_INDEX_KEY not in (self._handle.metadata() or {})
+                                   if self.first_format
                                    else f"Gram {key!r} has shape {shape}, but a {layout} Gram of width {width} "
                                    f"has {expected}", module)
         if dtype not in GRAM_STORAGE_DTYPES:
@@ -479,7 +482,8 @@ class GramFile:
 
     def diagonal(self, key: str, modules: Sequence[str]) -> Tensor:
         """A diagonal Gram, checked: finite and non-negative."""
-        g = _read_tensor(self._handle, self.path, key, modules[0])
+        with _open_safetensors(self.path) as handle:
+            g = _read_tensor(handle, self.path, key, modules[0])
         if not bool(torch.isfinite(g).all()):
             raise self._problem(key, modules, f"gram contains NaN or Inf ({int((~torch.isfinite(g)).sum())} entries)")
         if bool((g < 0).any()):
@@ -489,10 +493,14 @@ class GramFile:
     def panels(self, key: str, modules: Sequence[str]) -> Iterable[GramPanel]:
         """A full Gram as row panels in its stored dtype, each checked (finite, non-negative diagonal; a "full"
         Gram is checked whole first, symmetry included, as ``validation.check_gram``)."""
+        with _open_safetensors(self.path) as handle:  # opened per Gram: no mapping outlives its use
+            yield from self._panels(handle, key, modules)
+
+    def _panels(self, handle, key: str, modules: Sequence[str]) -> Iterable[GramPanel]:
         layout, width = self.kinds[key]
         step = max(1, min(width, _PANEL_ENTRIES // max(width, 1)))
         if layout == "full":
-            gram = _read_tensor(self._handle, self.path, key, modules[0])
+            gram = _read_tensor(handle, self.path, key, modules[0])
             try:  # gram_stats reads float32 and float64
                 check_gram(modules[0], gram if gram.dtype in (torch.float32, torch.float64) else gram.float(), width)
             except LayerError as err:
@@ -502,7 +510,7 @@ class GramFile:
             return
         for start in range(0, width, step):
             stop = min(start + step, width)
-            packed = _read_tensor(self._handle, self.path, key, modules[0],
+            packed = _read_tensor(handle, self.path, key, modules[0],
                                   slice(_triangle_offset(start, width), _triangle_offset(stop, width)))
             if not bool(torch.isfinite(packed).all()):
                 raise self._problem(key, modules, f"gram contains NaN or Inf in rows {start}..{stop - 1}")

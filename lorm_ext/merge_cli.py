@@ -88,6 +88,13 @@ def format_objectives(result: MergeResult, written: str | None) -> str:
     return "\n".join(lines)
 
 
+def _named_folder(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
+
+
 def run_peft(args: argparse.Namespace) -> None:
     result = merge_lora_adapters(
         args.adapters,
@@ -101,6 +108,7 @@ def run_peft(args: argparse.Namespace) -> None:
         workers=args.workers,
         device=args.device,
         keep_factors=False,
+        score=dict(args.score),
     )
     print(format_objectives(result, args.method if args.output else None))
     if args.output:
@@ -126,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     peft.add_argument("--max-iters", type=int, default=500, help="alternating: most B/A step pairs")
     peft.add_argument("--tol", type=float, default=1e-12, help="alternating: stop at this relative decrease")
     peft.add_argument("--workers", type=int, default=2, help="module groups merged at once (threads)")
+    peft.add_argument("--score", action="append", type=_named_folder, default=[], metavar="NAME=DIR",
+                      help="also score this adapter (e.g. another tool's merge) with the same objective; repeatable")
     peft.add_argument("--device", default="cpu", help="where the sums and solves run: cpu or cuda")
     peft.set_defaults(run=run_peft)
 

@@ -174,6 +174,13 @@ def test_svd_baseline_is_peft_add_weighted_adapter(clients, tmp_path):
     for m in TARGETS:
         B, A = result.factors[m]
         torch.testing.assert_close(B @ A, peft_update(model, m, "svd"), rtol=1e-5, atol=1e-6)
+    # PEFT's own merge, saved and scored with the same objective (--score): the svd column again
+    model.save_pretrained(tmp_path / "peft", selected_adapters=["svd"])
+    scored = merge_lora_adapters(dirs, gram_files, MERGED_RANK, method="svd", score={"peft": tmp_path / "peft" / "svd"})
+    for m in TARGETS:
+        assert scored.objectives["peft"][m] == pytest.approx(scored.objectives["svd"][m], rel=1e-5)
+    with pytest.raises(ValueError, match=r"score names \['svd'\] are method names"):
+        merge_lora_adapters(dirs, gram_files, MERGED_RANK, score={"svd": tmp_path / "peft" / "svd"})
 
 
 def test_average_writes_mean_factors_at_the_input_rank(clients, tmp_path):
