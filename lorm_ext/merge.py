@@ -83,13 +83,21 @@ class _SolveSums:
             out[f"{name}.denominator"], out[f"{name}.numerator"] = den, num
         return out
 
-    def load_state_dict(self, state: Mapping[str, Tensor], device=None) -> None:
-        names = [k.removesuffix(".numerator") for k in state if k.endswith(".numerator")]
-        if not names:  # the state of a merger that had no client yet
+    def load_state_dict(
+        self,
+        state: Mapping[str, Tensor],
+        device=None,
+        *,
+        values: bool = True,
+        expected: Mapping[str, tuple[tuple[int | None, int | None], tuple[int, ...] | None]] | None = None,
+    ) -> None:
+        """Replaces the sums with ``state_dict()`` output, checked whole before anything changes (``_check_state``).
+        An empty state (no client yet) leaves the sums unallocated."""
+        names = self._check_state(state, values, expected)
+        if not names:
+            self.groups, self.slots, self._views = {}, {}, {}
             return
-        if self.allocated:
-            check_layer_names(self.slots, dict.fromkeys(names), "load_state_dict")
-        else:
+        if not self.allocated:
             self.allocate(
                 {n: (tuple(state[f"{n}.numerator"].shape), tuple(state[f"{n}.denominator"].shape)) for n in names},
                 device if device is not None else state[f"{names[0]}.numerator"].device,
@@ -98,6 +106,47 @@ class _SolveSums:
         for name, den, num in zip(names, dens, nums):
             den.copy_(state[f"{name}.denominator"])
             num.copy_(state[f"{name}.numerator"])
+
+    def _check_state(self, state, values: bool, expected) -> list[str]:
+        """The layer names of a valid state; else a ValueError naming the first problem: keys not in pairs
+        ("<layer>.numerator", "<layer>.denominator"), other layers than the allocated ones (or than ``expected``'s),
+        a tensor not of the sums' dtype, shapes other than the allocated ones, or than an (m, n) numerator with
+        an (n, n) or (n,) denominator matching ``expected`` ({layer: (numerator shape, denominator shape or
+        None)}, None matching any size; no broadcasting), and unless values=False a NaN or Inf."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"load_state_dict: the sums must be a dict of tensors, got {type(state).__name__}")
+        parts = (".numerator", ".denominator")
+        odd = sorted(str(k) for k in state if not isinstance(k, str) or not k.endswith(parts))
+        if odd:
+            raise ValueError(f"load_state_dict: the sums have keys {odd} that end in neither {' nor '.join(parts)}")
+        names = list(dict.fromkeys(k.rpartition(".")[0] for k in state))
+        unpaired = sorted(f"{n}{part}" for n in names for part in parts if f"{n}{part}" not in state)
+        if unpaired:
+            raise ValueError(f"load_state_dict: the sums lack {unpaired} (a layer has a numerator and a denominator)")
+        if self.allocated:
+            expected = {n: self.shapes(n) for n in self.slots}
+        if expected is not None and names:
+            check_layer_names(expected, dict.fromkeys(names), "load_state_dict")
+        try:
+            for name in names:
+                num, den = state[f"{name}.numerator"], state[f"{name}.denominator"]
+                for what, t in (("numerator", num), ("denominator", den)):
+                    if not isinstance(t, Tensor) or t.dtype != self.dtype:
+                        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                        raise LayerError(name, f"{what} must be a {self.dtype} tensor like the sums, got {got}")
+                num_shape, den_shape = expected[name] if expected is not None else ((None, None), None)
+                if den_shape is None:  # any (n, n) or its diagonal (n,), n the numerator's width
+                    if den.dim() != 1 and (den.dim() != 2 or den.shape[0] != den.shape[1]):
+                        raise LayerError(name, f"denominator must be (n, n) or a diagonal (n,), got {tuple(den.shape)}")
+                    den_shape = (num_shape[1],) * den.dim()
+                check_matrix(name, "denominator", den, den_shape, values=False)
+                check_matrix(name, "numerator", num, (num_shape[0], den.shape[0]), values=False)
+            if values:
+                tensors = [(n, what, state[f"{n}.{what}"]) for n in names for what in ("numerator", "denominator")]
+                check_values({}, tensors)
+        except LayerError as error:
+            raise ValueError(f"load_state_dict: {error}") from None
+        return names
 
 
 def _first_device(tensors: Mapping[str, Tensor], device):
@@ -112,6 +161,8 @@ def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
 
 class _StreamingMerger:
     """Running sums per layer, a client count, and the one batched solve that finishes the merge."""
+
+    _STATE_KEYS: tuple[str, ...] = ("sums", "num_clients")  # of state_dict()
 
     def __init__(self, *, dtype=torch.float64, rcond: float = DEFAULT_RCOND, device=None, validate: bool = True):
         self._sums = _SolveSums(dtype, rcond)
@@ -132,8 +183,30 @@ class _StreamingMerger:
         return {"sums": self._sums.state_dict(), "num_clients": self.num_clients}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._sums.load_state_dict(state["sums"], self._device)
-        self.num_clients = int(state["num_clients"])
+        """Replaces the state with ``state_dict()`` output. All of it is checked before anything changes — keys,
+        client count, layer names, dtypes, exact shapes (no broadcasting) and, unless validate=False, finite
+        values — so a ValueError leaves the merger as it was."""
+        self._check_state(state)
+        self._sums.load_state_dict(state["sums"], self._device, values=self.validate, expected=self._expected_sums())
+        self._set_state(state)
+
+    def _check_state(self, state) -> None:
+        """The keys and scalars of a state to load (``_SolveSums.load_state_dict`` checks the sums)."""
+        if not isinstance(state, Mapping) or set(state) != set(self._STATE_KEYS):
+            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"load_state_dict: expected a dict with the keys {list(self._STATE_KEYS)}, got {got}")
+        clients, sums = state["num_clients"], state["sums"]
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 0:
+            raise ValueError(f"load_state_dict: num_clients must be a non-negative integer, got {clients!r}")
+        if isinstance(sums, Mapping) and bool(sums) != (clients > 0):
+            raise ValueError(f"load_state_dict: num_clients is {clients} but the sums hold {len(sums)} tensors")
+
+    def _expected_sums(self) -> Mapping[str, tuple] | None:
+        """What a state loaded before the first client must match (see ``_SolveSums._check_state``)."""
+        return None
+
+    def _set_state(self, state: Mapping) -> None:
+        self.num_clients = state["num_clients"]
 
     def _check_values(self, grams: Mapping[str, Tensor], matrices: list[tuple[str, str, Tensor]]) -> None:
         """A client's values (after its structure passed), unless the merger was made with validate=False."""
@@ -154,29 +227,34 @@ class RegMeanMerger(_StreamingMerger):
         super().__init__(**kwargs)
         self._uses_lefts: bool | None = None
 
+    # How messages name add_client's factors and lefts: (the dict, one layer's tensor). A subclass or a wrapper
+    # whose users pass them under other names (AStepMerger's factors_b) names them so.
+    _argument_names = {"factors": ("factors", "factor"), "lefts": ("lefts", "left")}
+
     def _check_client(self, factors, grams, lefts) -> list[str]:
-        names = _layer_names("factors", factors)
+        (factors_arg, factor), (lefts_arg, left) = self._argument_names["factors"], self._argument_names["lefts"]
+        names = _layer_names(factors_arg, factors)
         if self._sums.allocated:
-            check_layer_names(self._sums.slots, factors, "factors")
+            check_layer_names(self._sums.slots, factors, factors_arg)
         check_layer_names(names, grams, "grams")
         if lefts is not None:
-            check_layer_names(names, lefts, "lefts")
+            check_layer_names(names, lefts, lefts_arg)
         if self._sums.allocated:
             if (lefts is not None) != self._uses_lefts:
                 said = "sent them" if self._uses_lefts else "did not"
-                raise ValueError(f"lefts must be sent by every client or by none: earlier clients {said}")
+                raise ValueError(f"{lefts_arg} must be sent by every client or by none: earlier clients {said}")
         for name in names:
             (rows, width), den_shape = self._sums.shapes(name) if self._sums.allocated else ((None, None), None)
             diagonal = None if den_shape is None else len(den_shape) == 1
             check_gram(name, grams[name], width, diagonal, values=False)
             width = grams[name].shape[0]
             if lefts is None:
-                check_matrix(name, "factor", factors[name], (rows, width), values=False)
-            else:
-                check_matrix(name, "factor", factors[name], (None, width), values=False)
-                check_matrix(name, "left", lefts[name], (rows, factors[name].shape[0]), values=False)
-        matrices = [(n, "factor", factors[n]) for n in names]
-        matrices += [(n, "left", lefts[n]) for n in names] if lefts is not None else []
+                check_matrix(name, factor, factors[name], (rows, width), values=False)
+            else:  # the left's columns fix the factor's rows: a mismatch names the factor
+                check_matrix(name, left, lefts[name], (rows, None), values=False)
+                check_matrix(name, factor, factors[name], (lefts[name].shape[1], width), values=False)
+        matrices = [(n, factor, factors[n]) for n in names]
+        matrices += [(n, left, lefts[n]) for n in names] if lefts is not None else []
         self._check_values({n: grams[n] for n in names}, matrices)
         return names
 
@@ -206,8 +284,19 @@ class RegMeanMerger(_StreamingMerger):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "uses_lefts": self._uses_lefts}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
+    _STATE_KEYS = (*_StreamingMerger._STATE_KEYS, "uses_lefts")
+
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        uses_lefts, clients = state["uses_lefts"], state["num_clients"]
+        if (uses_lefts is None) != (clients == 0) or not (uses_lefts is None or isinstance(uses_lefts, bool)):
+            raise ValueError(
+                f"load_state_dict: uses_lefts must be None without clients and True or False with them, got "
+                f"{uses_lefts!r} with {clients} clients"
+            )
+
+    def _set_state(self, state: Mapping) -> None:
+        super()._set_state(state)
         self._uses_lefts = state["uses_lefts"]
 
 
@@ -222,6 +311,8 @@ class AStepMerger(RegMeanMerger):
     With the server's ``shared_b`` every client also sends its own B_k (``factors_b``), and
     A = (BᵀB)⁺ Bᵀ (Σ_k B_k A_k G_k) G⁺, the minimiser over A of Σ_k ‖X_k (B A − B_k A_k)ᵀ‖².
     """
+
+    _argument_names = {"factors": ("factors", "factor"), "lefts": ("factors_b", "factors_b")}
 
     def __init__(self, shared_b: Mapping[str, Tensor] | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -241,6 +332,20 @@ class AStepMerger(RegMeanMerger):
             for name, b in factors_b.items():
                 check_matrix(name, "factors_b", b, tuple(self.shared_b[name].shape), values=False)
         super().add_client(factors, grams, lefts=factors_b)
+
+    def _check_state(self, state) -> None:
+        super()._check_state(state)
+        if state["uses_lefts"] not in (None, self.shared_b is not None):
+            had, has = ("with", "has no") if state["uses_lefts"] else ("without", "has a")
+            raise ValueError(
+                f"load_state_dict: the state is of an A-step {had} per-client B factors (factors_b); this merger {has} "
+                f"shared_b"
+            )
+
+    def _expected_sums(self) -> Mapping[str, tuple] | None:
+        if self.shared_b is None:
+            return None
+        return {n: ((b.shape[0], None), None) for n, b in self.shared_b.items()}  # B_k A_k G_k is out × in
 
     def merge(self) -> dict[str, Tensor]:
         merged = super().merge()
@@ -262,6 +367,14 @@ def project_client(
     (``BStepMerger.add_projections``), so this also suits secure aggregation.
     """
     names = _layer_names("factors_b", factors_b)
+    check_layer_names(names, shared_a, "shared_a")
+    check_layer_names(names, grams, "grams")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"project_client: dtype must be torch.float32 or torch.float64, got {dtype}")
+    for name in names:  # checked here so that a problem names the layer and the argument, not an op's list entry
+        check_gram(name, grams[name], values=False)
+        check_matrix(name, "shared_a", shared_a[name], (None, grams[name].shape[0]), values=False)
+        check_matrix(name, "factors_b", factors_b[name], (None, shared_a[name].shape[0]), values=False)
     proj = {n: torch.zeros(shared_a[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
     weighted = {n: torch.zeros(factors_b[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
     ops.projected_accumulate_(
@@ -313,6 +426,10 @@ class BStepMerger(_StreamingMerger):
             rank = {n: self.shared_a[n].shape[0] for n in names}
             self._sums.allocate({n: ((factors_b[n].shape[0], rank[n]), (rank[n], rank[n])) for n in names}, self._device)
         return self._sums.views(names)
+
+    def _expected_sums(self) -> Mapping[str, tuple]:
+        rank = {n: a.shape[0] for n, a in self.shared_a.items()}
+        return {n: ((None, r), (r, r)) for n, r in rank.items()}  # Σ B_k P_k is out × r, Σ P_k r × r
 
     def _shared_a_like_sums(self) -> list[Tensor]:
         """A in the sums' dtype and on their device, converted once: the op reads it for every client."""
@@ -475,6 +592,7 @@ class AdapterMerger:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.rank = rank
         self._stream = RegMeanMerger(**kwargs)  # numerator N = Σ B_k (A_k G_k), denominator G = Σ G_k
+        self._stream._argument_names = {"factors": ("factors_a", "factors_a"), "lefts": ("factors_b", "factors_b")}
         self.track_objective = track_objective
         self._constants: dict[str, Tensor] = {}
 
@@ -485,10 +603,12 @@ class AdapterMerger:
     def add_client(
         self, factors_b: Mapping[str, Tensor], factors_a: Mapping[str, Tensor], grams: Mapping[str, Tensor]
     ) -> None:
-        for name, b in factors_b.items():
+        for name, b in factors_b.items() if isinstance(factors_b, Mapping) and isinstance(grams, Mapping) else ():
             gram = grams.get(name)
-            if isinstance(b, Tensor) and isinstance(gram, Tensor) and min(b.shape[0], gram.shape[0]) < self.rank:
-                raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({b.shape[0]} × {gram.shape[0]})")
+            if isinstance(b, Tensor) and isinstance(gram, Tensor) and min(b.dim(), gram.dim()) > 0:  # else: below
+                size = (b.shape[0], gram.shape[0])
+                if min(size) < self.rank:
+                    raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({size[0]} × {size[1]})")
         self._stream.add_client(factors_a, grams, lefts=factors_b)
         if self.track_objective:
             sums = self._stream._sums
@@ -502,8 +622,40 @@ class AdapterMerger:
         return {"stream": self._stream.state_dict(), "constants": dict(self._constants)}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Replaces the state with ``state_dict()`` output, all checked before anything changes: the stream as
+        ``RegMeanMerger.load_state_dict``, the objective constants by ``_check_constants``. "constants" may be
+        absent when there are none (``all_reduce_merger_`` drops an empty dict)."""
+        if not isinstance(state, Mapping) or "stream" not in state or not set(state) <= {"stream", "constants"}:
+            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"load_state_dict: expected a dict with the keys ['stream', 'constants'], got {got}")
+        constants = state.get("constants", {})
+        self._check_constants(state["stream"], constants)
         self._stream.load_state_dict(state["stream"])
-        self._constants = dict(state.get("constants", {}))  # absent without track_objective
+        self._constants = dict(constants)
+
+    def _check_constants(self, stream, constants) -> None:
+        """With track_objective, one finite scalar tensor of the sums' dtype per layer of the stream's state;
+        without it, none."""
+        if not isinstance(constants, Mapping):
+            raise ValueError(f"load_state_dict: constants must be a dict of tensors, got {type(constants).__name__}")
+        if constants and not self.track_objective:
+            raise ValueError("load_state_dict: the state has objective constants; this merger: track_objective=False")
+        if not self.track_objective:
+            return
+        sums = stream.get("sums") if isinstance(stream, Mapping) else None
+        # the layers of a well-formed stream state; a malformed one fails its own check next
+        keys = sums if isinstance(sums, Mapping) else ()
+        layers = [k.removesuffix(".numerator") for k in keys if str(k).endswith(".numerator")]
+        if layers and not constants:
+            raise ValueError("load_state_dict: the state has no objective constants (track_objective=False?)")
+        check_layer_names(layers, constants, "load_state_dict: constants")
+        dtype = self._stream._sums.dtype
+        for name, constant in constants.items():
+            if not isinstance(constant, Tensor) or constant.shape != () or constant.dtype != dtype:
+                got = f"{constant.dtype} {tuple(constant.shape)}" if isinstance(constant, Tensor) else type(constant)
+                raise ValueError(f"load_state_dict: layer {name!r}: constant must be a {dtype} scalar, got {got}")
+            if self._stream.validate and not bool(torch.isfinite(constant)):
+                raise ValueError(f"load_state_dict: layer {name!r}: constant is {float(constant)}, not finite")
 
     def _groups(self):
         if self.num_clients == 0:

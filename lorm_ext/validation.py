@@ -15,6 +15,9 @@ from torch import Tensor
 from . import ops
 
 
+OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the native ops' floating inputs
+
+
 class LayerError(ValueError):
     """A problem with the tensor sent for one model layer."""
 
@@ -26,6 +29,8 @@ class LayerError(ValueError):
 
 def check_layer_names(expected: Iterable[str], got: Mapping[str, object], what: str) -> None:
     """The same layer names as the earlier clients (or as the shared factors), or an error listing the difference."""
+    if not isinstance(got, Mapping):
+        raise ValueError(f"{what}: expected a dict of tensors keyed by layer name, got {type(got).__name__}")
     expected, names = set(expected), set(got)
     if names == expected:
         return
@@ -37,11 +42,14 @@ def check_layer_names(expected: Iterable[str], got: Mapping[str, object], what: 
 def check_matrix(
     layer: str, what: str, t: Tensor, shape: tuple[int | None, ...] | None = None, *, values: bool = True
 ) -> None:
-    """A floating-point tensor of the given shape (None matches any size); finite unless values=False."""
+    """A tensor of a dtype the ops read (``OP_DTYPES``) and the given shape (None matches any size); finite unless
+    values=False."""
     if not isinstance(t, Tensor):
         raise LayerError(layer, f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise LayerError(layer, f"{what} must be floating point, got {t.dtype}")
+    if t.dtype not in OP_DTYPES:
+        raise LayerError(layer, f"{what} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
         wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise LayerError(layer, f"{what} has shape {tuple(t.shape)}, expected {wanted}")

@@ -334,6 +334,294 @@ class TestBadInputs:
         assert merger.num_clients == 0
 
 
+def _full_state(merger) -> dict:
+    """state_dict() with the sums cloned and the scalars as they are: what a checkpoint holds."""
+    state = merger.state_dict()
+    return {**state, "sums": {k: v.clone() for k, v in state["sums"].items()}}
+
+
+def _everything_of(merger) -> tuple:
+    state = _full_state(merger)
+    return state.pop("sums"), state
+
+
+def _assert_unchanged(merger, before) -> None:
+    sums, scalars = _everything_of(merger)
+    assert scalars == before[1] and sums.keys() == before[0].keys()
+    assert all(torch.equal(sums[k], before[0][k]) for k in sums)
+
+
+QKV1 = "blocks.1.attn.qkv"  # the last layer of LAYERS: a bad entry there must not let the others be copied first
+
+
+def _sums_changed(key: str, change):
+    return lambda state: {**state, "sums": {**state["sums"], key: change(state["sums"][key])}}
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[5] = float("nan")
+    return t
+
+
+# change of a RegMeanMerger state (float64, lefts, full Grams over LAYERS), the error; for a fresh merger too?
+BAD_STATES = {
+    "later layer's shape": (
+        _sums_changed(f"{QKV1}.numerator", lambda t: t[:, :-1]),
+        rf"load_state_dict: layer '{QKV1}': numerator has shape \(24, 15\), expected \((24|\*), 16\)",
+        True,
+    ),
+    "(1, n) numerator": (
+        _sums_changed(f"{QKV1}.numerator", lambda t: t[:1]),
+        rf"load_state_dict: layer '{QKV1}': numerator has shape \(1, 16\), expected \(24, 16\)",
+        False,  # a fresh merger cannot know the layer is not 1 × 16
+    ),
+    "(1, n) denominator": (
+        _sums_changed(f"{QKV1}.denominator", lambda t: t[:1]),
+        rf"layer '{QKV1}': denominator (has shape \(1, 16\), expected \(16, 16\)|must be \(n, n\) or a diagonal)",
+        True,
+    ),
+    "diagonal denominator": (
+        _sums_changed(f"{QKV1}.denominator", lambda t: t.diagonal().clone()),
+        rf"layer '{QKV1}': denominator has shape \(16,\), expected \(16, 16\)",
+        False,
+    ),
+    "NaN": (
+        _sums_changed(f"{QKV1}.numerator", _nan),
+        rf"load_state_dict: layer '{QKV1}': numerator contains NaN or Inf \(1 entries\)",
+        True,
+    ),
+    "Inf": (
+        _sums_changed(f"{QKV1}.denominator", lambda t: t * float("inf")),
+        rf"load_state_dict: layer '{QKV1}': denominator contains NaN or Inf",
+        True,
+    ),
+    "float32": (
+        _sums_changed(f"{QKV1}.denominator", lambda t: t.float()),
+        rf"layer '{QKV1}': denominator must be a torch.float64 tensor like the sums, got torch.float32",
+        True,
+    ),
+    "integers": (
+        _sums_changed(f"{QKV1}.numerator", lambda t: t.long()),
+        rf"layer '{QKV1}': numerator must be a torch.float64 tensor like the sums, got torch.int64",
+        True,
+    ),
+    "not a tensor": (
+        _sums_changed(f"{QKV1}.numerator", lambda t: t.tolist()),
+        rf"layer '{QKV1}': numerator must be a torch.float64 tensor like the sums, got list",
+        True,
+    ),
+    "a missing half": (
+        lambda s: {**s, "sums": {k: v for k, v in s["sums"].items() if k != f"{QKV1}.denominator"}},
+        rf"the sums lack \['{QKV1}.denominator'\]",
+        True,
+    ),
+    "another layer": (
+        lambda s: {**s, "sums": {k.replace(QKV1, "extra"): v for k, v in s["sums"].items()}},
+        r"load_state_dict: layer names differ from the expected ones: missing \['blocks.1.attn.qkv'\]; "
+        r"unexpected \['extra'\]",
+        False,
+    ),
+    "an odd key": (
+        lambda s: {**s, "sums": {**s["sums"], "blocks.0.attn.qkv.weight": torch.zeros(1)}},
+        r"the sums have keys \['blocks.0.attn.qkv.weight'\] that end in neither .numerator nor .denominator",
+        True,
+    ),
+    "sums not a dict": (lambda s: {**s, "sums": list(s["sums"].values())}, "the sums must be a dict", True),
+    "negative client count": (lambda s: {**s, "num_clients": -1}, "num_clients must be a non-negative integer", True),
+    "client count a float": (lambda s: {**s, "num_clients": 2.0}, "num_clients must be a non-negative integer", True),
+    "client count a tensor": (
+        lambda s: {**s, "num_clients": torch.tensor(2)},
+        "num_clients must be a non-negative integer",
+        True,
+    ),
+    "no clients but sums": (lambda s: {**s, "num_clients": 0}, "num_clients is 0 but the sums hold 6 tensors", True),
+    "uses_lefts not a bool": (lambda s: {**s, "uses_lefts": "yes"}, "uses_lefts must be None without clients", True),
+    "a missing key": (
+        lambda s: {k: v for k, v in s.items() if k != "uses_lefts"},
+        r"expected a dict with the keys \['sums', 'num_clients', 'uses_lefts'\], got \['num_clients', 'sums'\]",
+        True,
+    ),
+    "an extra key": (lambda s: {**s, "rcond": 1e-6}, "expected a dict with the keys", True),
+}
+
+
+class TestLoadStateDict:
+    """A state is checked whole before anything is copied: every bad state names its problem and leaves the
+    merger (allocated or fresh) unchanged; a good one resumes exactly."""
+
+    def merger_with(self, clients, device, **kwargs):
+        merger = RegMeanMerger(device=device, **kwargs)
+        for c in clients:
+            merger.add_client(c["A"], c["G"], lefts=c["B"])
+        return merger
+
+    @pytest.mark.parametrize("kind", BAD_STATES)
+    def test_bad_state_is_refused_and_changes_nothing(self, device, kind):
+        change, match, also_fresh = BAD_STATES[kind]
+        clients = make_clients(3, 4, device=device)
+        bad = change(_full_state(self.merger_with(clients[:2], device)))
+        targets = [self.merger_with(clients[2:], device)] + [RegMeanMerger(device=device)] * also_fresh
+        for target in targets:
+            before = _everything_of(target)
+            with pytest.raises(ValueError, match=match):
+                target.load_state_dict(bad)
+            _assert_unchanged(target, before)
+            assert target.num_clients == before[1]["num_clients"]
+
+    def test_values_are_not_checked_with_validate_false_but_shapes_are(self, device):
+        clients = make_clients(2, 4, device=device)
+        state = _full_state(self.merger_with(clients, device))
+        unchecked = RegMeanMerger(device=device, validate=False)
+        unchecked.load_state_dict(BAD_STATES["NaN"][0](state))
+        assert unchecked.num_clients == 2
+        with pytest.raises(ValueError, match="numerator has shape"):
+            unchecked.load_state_dict(BAD_STATES["later layer's shape"][0](state))
+
+    def test_a_good_state_replaces_everything_and_an_empty_one_resets(self, device):
+        clients = make_clients(4, 4, device=device)
+        source, target = self.merger_with(clients[:3], device), self.merger_with(clients[3:], device)
+        target.load_state_dict(_full_state(source))
+        assert all(torch.equal(target.merge()[n], m) for n, m in source.merge().items())
+        target.load_state_dict(RegMeanMerger().state_dict())
+        assert (target.num_clients, target.layers) == (0, [])
+        target.add_client(clients[0]["A"], clients[0]["G"])  # a fresh stream: lefts are no longer required
+        assert target.num_clients == 1
+
+    def test_b_step_state_must_fit_the_shared_a(self, device):
+        clients = make_clients(2, 4, device=device)
+        source = BStepMerger(clients[0]["A"])
+        source.add_client(clients[0]["B"], clients[0]["G"])
+        state = _full_state(source)
+        other_rank = BStepMerger({n: torch.randn(5, a.shape[1], device=device) for n, a in clients[0]["A"].items()})
+        wrong_rank = r"layer 'blocks.0.attn.qkv': denominator has shape \(4, 4\), expected \(5, 5\)"
+        with pytest.raises(ValueError, match=wrong_rank):
+            other_rank.load_state_dict(state)
+        assert other_rank.num_clients == 0 and other_rank.layers == []
+        fewer_layers = BStepMerger({"blocks.0.attn.qkv": clients[0]["A"]["blocks.0.attn.qkv"]})
+        with pytest.raises(ValueError, match=r"unexpected \['blocks.0.mlp.fc2', 'blocks.1.attn.qkv'\]"):
+            fewer_layers.load_state_dict(state)
+        resumed = BStepMerger(clients[0]["A"])
+        resumed.load_state_dict(state)
+        resumed.add_client(clients[1]["B"], clients[1]["G"])
+        source.add_client(clients[1]["B"], clients[1]["G"])
+        assert all(torch.equal(resumed.merge()[n], m) for n, m in source.merge().items())
+
+    def test_a_step_state_must_match_shared_b(self, device):
+        clients = make_clients(1, 4, device=device)
+        plain = AStepMerger()
+        plain.add_client(clients[0]["A"], clients[0]["G"])
+        shared_b = {name: torch.randn(out, 4, device=device) for name, (out, _) in LAYERS.items()}
+        general = AStepMerger(shared_b)
+        with pytest.raises(ValueError, match="an A-step without per-client B factors .* merger has a shared_b"):
+            general.load_state_dict(_full_state(plain))
+        narrower = AStepMerger({n: b[:-1] for n, b in shared_b.items()})
+        general.add_client(clients[0]["A"], clients[0]["G"], factors_b=clients[0]["B"])
+        with pytest.raises(ValueError, match=r"numerator has shape \(24, 16\), expected \(23, 16\)"):
+            narrower.load_state_dict(_full_state(general))
+        with pytest.raises(ValueError, match="state is of an A-step with per-client B factors .* this merger has no"):
+            AStepMerger().load_state_dict(_full_state(general))
+
+
+def _adapter_merger_with(clients, device, **kwargs):
+    merger = AdapterMerger(2, **kwargs)
+    for c in clients:
+        merger.add_client(c["B"], c["A"], c["G"])
+    return merger
+
+
+def _adapter_state(merger) -> dict:
+    state = merger.state_dict()
+    return {"stream": _full_state(merger._stream), "constants": {k: v.clone() for k, v in state["constants"].items()}}
+
+
+def _constants_changed(change):
+    return lambda s: {**s, "constants": change(dict(s["constants"]))}
+
+
+BAD_ADAPTER_STATES = {
+    "stream: later layer's shape": (
+        lambda s: {**s, "stream": BAD_STATES["later layer's shape"][0](s["stream"])},
+        "numerator has shape",
+    ),
+    "constant missing": (
+        _constants_changed(lambda c: {k: v for k, v in c.items() if k != QKV1}),
+        rf"constants: layer names differ from the expected ones: missing \['{QKV1}'\]",
+    ),
+    "no constants": (lambda s: {"stream": s["stream"]}, "the state has no objective constants"),
+    "constant NaN": (_constants_changed(lambda c: {**c, QKV1: c[QKV1] * float("nan")}), "constant is nan, not finite"),
+    "constant float32": (
+        _constants_changed(lambda c: {**c, QKV1: c[QKV1].float()}),
+        rf"layer '{QKV1}': constant must be a torch.float64 scalar, got torch.float32 \(\)",
+    ),
+    "constant a vector": (_constants_changed(lambda c: {**c, QKV1: c[QKV1][None]}), r"got torch.float64 \(1,\)"),
+    "constant a float": (_constants_changed(lambda c: {**c, QKV1: float(c[QKV1])}), "got <class 'float'>"),
+    "an extra key": (lambda s: {**s, "rank": 2}, r"expected a dict with the keys \['stream', 'constants'\]"),
+}
+
+
+class TestAdapterMergerState:
+    @pytest.mark.parametrize("kind", BAD_ADAPTER_STATES)
+    def test_bad_state_is_refused_and_changes_nothing(self, device, kind):
+        change, match = BAD_ADAPTER_STATES[kind]
+        clients = make_clients(3, 2, device=device, dtype=torch.float64)
+        bad = change(_adapter_state(_adapter_merger_with(clients[:2], device)))
+        target = _adapter_merger_with(clients[2:], device)
+        before = _adapter_state(target)
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(bad)
+        after = _adapter_state(target)
+        assert after["constants"].keys() == before["constants"].keys()
+        assert all(torch.equal(after["constants"][k], v) for k, v in before["constants"].items())
+        assert {**after["stream"], "sums": None} == {**before["stream"], "sums": None}
+        assert all(torch.equal(after["stream"]["sums"][k], v) for k, v in before["stream"]["sums"].items())
+
+    def test_a_state_resumes_the_objective_exactly_and_tracking_must_agree(self, device):
+        clients = make_clients(3, 2, device=device, dtype=torch.float64)
+        whole, first = _adapter_merger_with(clients, device), _adapter_merger_with(clients[:2], device)
+        resumed = AdapterMerger(2)
+        resumed.load_state_dict(_adapter_state(first))
+        resumed.add_client(clients[2]["B"], clients[2]["A"], clients[2]["G"])
+        candidate = whole.merge("exact")
+        assert resumed.objective(candidate) == whole.objective(candidate)
+        with pytest.raises(ValueError, match="state has objective constants; this merger: track_objective=False"):
+            AdapterMerger(2, track_objective=False).load_state_dict(_adapter_state(first))
+        untracked = _adapter_merger_with(clients[:1], device, track_objective=False)
+        AdapterMerger(2, track_objective=False).load_state_dict(_adapter_state(untracked))
+
+
+def test_errors_name_the_layer_and_the_argument_the_user_wrote(device):
+    """What the user passed (a dict of layers, under its argument's name) is checked before any op sees a list:
+    no message names an op or a list index."""
+    A, B, G = {"l": torch.randn(2, 5, device=device)}, {"l": torch.randn(4, 2, device=device)}, {"l": torch.eye(5, device=device)}
+    f8 = {"l": B["l"].to(torch.float8_e4m3fn)}
+    scalar = {"l": torch.tensor(1.0, device=device)}
+    shared_b = {"l": torch.randn(4, 2, device=device)}
+    cases = [
+        (lambda: project_client(A, B, scalar), r"layer 'l': gram must be square \(n, n\) or a diagonal \(n,\), got shape \(\)"),
+        (lambda: project_client(A, {"l": torch.randn(4, 3, device=device)}, G), r"layer 'l': factors_b has shape \(4, 3\), expected \(\*, 2\)"),
+        (lambda: project_client({"l": torch.randn(2, 6, device=device)}, B, G), r"layer 'l': shared_a has shape \(2, 6\), expected \(\*, 5\)"),
+        (lambda: project_client(A, B, {}), r"grams: layer names differ from the expected ones: missing \['l'\]"),
+        (lambda: project_client(A, f8, G), "layer 'l': factors_b must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"),
+        (lambda: project_client(A, B, G, dtype=torch.float16), "project_client: dtype must be torch.float32 or torch.float64"),
+        (lambda: AdapterMerger(1).add_client(scalar, A, G), r"layer 'l': factors_b has shape \(\), expected \(\*, \*\)"),
+        (lambda: AdapterMerger(1).add_client(B, scalar, G), r"layer 'l': factors_a has shape \(\), expected \(2, 5\)"),
+        (lambda: AdapterMerger(1).add_client(B, A, scalar), r"layer 'l': gram must be square"),
+        (lambda: AdapterMerger(1).add_client(B, {"l": torch.randn(3, 5, device=device)}, G), r"layer 'l': factors_a has shape \(3, 5\), expected \(2, 5\)"),
+        (lambda: AdapterMerger(1).add_client(f8, A, G), "layer 'l': factors_b must be float16, bfloat16, float32 or float64"),
+        (lambda: AdapterMerger(1).add_client([B["l"]], A, G), "factors_b: expected a dict of tensors keyed by layer name, got list"),
+        (lambda: RegMeanMerger().add_client({"l": A["l"].to(torch.float8_e5m2)}, G), "layer 'l': factor must be float16, bfloat16"),
+        (lambda: RegMeanMerger().add_client(A, {"l": G["l"].to(torch.float8_e4m3fn)}), "layer 'l': gram must be float16, bfloat16"),
+        (lambda: AStepMerger(shared_b).add_client(A, G, factors_b={"l": B["l"] * float("nan")}), "layer 'l': factors_b contains NaN or Inf"),
+        (lambda: AStepMerger(shared_b).add_client(A, G, factors_b=f8), "layer 'l': factors_b must be float16, bfloat16"),
+        (lambda: AStepMerger(shared_b).add_client({"l": torch.randn(3, 5, device=device)}, G, factors_b=B), r"layer 'l': factor has shape \(3, 5\), expected \(2, 5\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match) as error:
+            call()
+        assert "lorm_ext::" not in str(error.value) and "[0]" not in str(error.value)
+
+
 def test_finite_values_whose_sum_overflows_are_accepted():
     """Validation counts non-finite entries (it never sums them): finite values whose sum overflows pass."""
     merger = AStepMerger()
