@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .config import STRATEGIES, ConfigError, RunConfig
-from .driver import check, check_run_dir, prepare, run
+from .driver import check, check_run_dir, prepare, run, split_bytes
+from .environment import pin_cpu_kernels, reexec_with_cpu_environment
 from .metrics import comparison_table
 from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
 
@@ -32,6 +33,8 @@ HELP = {
     "data_path": "the CIFAR-100 archive or folder, or the image folder",
     "n_tasks": "number of class-incremental tasks (default: mnist 5, cifar100 10, imagefolder 10)",
     "class_order": "label: classes in label order, as the authors; permuted: a permutation seeded by --seed",
+    "split_file": "a JSON file of per-task, per-client train/test index lists (the format every run writes to "
+    "<output_dir>/splits/seed<k>.json); default: the seeded Dirichlet split",
     "network": "digits-vit (the embedded small ViT, pretrained on sklearn digits at first use) or a timm name, "
     "e.g. vit_base_patch16_224.augreg_in21k",
     "pretrained": "load pretrained weights (offline only: --pretrained_path or the Hugging Face cache)",
@@ -45,12 +48,13 @@ HELP = {
     "num_epochs": "local epochs per round",
     "batch_size": "local batch size",
     "lr": "AdamW learning rate (head, and factors without their own)",
-    "lr_A": "learning rate of A (< 0: --lr)",
-    "lr_B": "learning rate of B (< 0: --lr)",
+    "lr_A": "learning rate of A (< 0: --lr; 0 freezes A, as the authors)",
+    "lr_B": "learning rate of B (< 0: --lr; 0 freezes B, as the authors)",
     "wd_reg": "AdamW weight decay",
     "train_matrix": "lorm: alt (B in round 0, then A, B, ...), A or B",
     "alpha_regmean_head": "Gram shrinkage of the head: α G + (1 − α) diag G",
-    "alpha_regmean_backbone": "Gram shrinkage of the adapted layers (0: diagonal Grams, the fast path)",
+    "alpha_regmean_backbone": "Gram shrinkage of the adapted layers (0: diagonal Grams, the fast "
+    "path; < 0: --alpha_regmean_head, the authors' default -1)",
     "regmean_rounds": "passes over the client's data to accumulate Grams",
     "gram_dtype": "Grams accumulate and travel in float32 (32) or float64 (64); merges are float64",
     "prereduce": "lorm: B-round messages pre-reduced to (B_k P_k, P_k) instead of (B_k, G_k)",
@@ -119,6 +123,22 @@ def configurations(args: argparse.Namespace) -> list[RunConfig]:
     ]
 
 
+def machine_line(results: dict[str, list[dict]]) -> str:
+    """The machines and backbones the runs report (one line each when they differ)."""
+    lines = []
+    for runs in results.values():
+        for r in runs:
+            env = r["environment"]
+            line = (
+                f"machine: {env.get('cpu_model')} ({env.get('cpu_isa')}), {env.get('threads')} thread(s), torch "
+                f"{env.get('torch')} kernels {env.get('torch_cpu_capability')}, MKL_CBWR "
+                f"{(env.get('variables') or {}).get('MKL_CBWR')}; backbone sha256 {env.get('backbone_sha256')}"
+            )
+            if line not in lines:
+                lines.append(line)
+    return "\n".join(lines)
+
+
 def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
     """Table, JSON and plots of finished runs grouped by strategy; returns the table."""
     table = comparison_table(results)
@@ -127,7 +147,7 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
         str(r["seed"]) for r in next(iter(results.values()))
     )
     with open(os.path.join(output_dir, "comparison.md"), "w") as file:
-        file.write(f"{title}\n\n{table}\n")
+        file.write(f"{title}\n\n{machine_line(results)}\n\n{table}\n")
     with open(os.path.join(output_dir, "comparison.json"), "w") as file:
         json.dump(
             {
@@ -151,6 +171,10 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """argv None: the command line (``lorm-fcil``), which restarts itself with the CPU settings of
+    ``environment.CPU_ENVIRONMENT`` unless the process already has them."""
+    if argv is None:
+        reexec_with_cpu_environment("lorm_ext.fcil.cli")
     args = build_parser().parse_args(argv)
     try:
         configs = configurations(args)
@@ -165,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
             check_run_dir(config, run_dir)
         torch.set_num_threads(base.num_threads)
+        pin_cpu_kernels()
         data = {}
         for config in configs:  # every seed's data and split before the first run trains
             if config.seed not in data:
                 data[config.seed] = prepare(config)
+                os.makedirs(os.path.join(output_dir, "splits"), exist_ok=True)
+                with open(os.path.join(output_dir, "splits", f"seed{config.seed}.json"), "wb") as file:
+                    file.write(split_bytes(data[config.seed]))
     except ConfigError as error:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ def _grams(
         for t in range(inst.task):  # the server's running sum, term by term: the same floats
             past += model.scaling * inst.tensors[f"task{t}/B/{name}"] @ inst.tensors[f"task{t}/A/{name}"]
         dense[name] = (past + model.scaling * layer.lora_B @ layer.lora_A) / (inst.task + 1)
-    diagonal_backbone = config.alpha_regmean_backbone == 0
+    diagonal_backbone = config.backbone_alpha == 0
     collector = GramCollector(
         model.vit,
         diagonal=lambda name: diagonal_backbone and name != HEAD,
@@ -120,7 +120,7 @@ def _grams(
         for _ in range(config.regmean_rounds):
             for x, _ in batches(images, indices, config.batch_size, train=True):
                 model.vit(x.to(device))
-    return collector.shrunk(lambda name: config.alpha_regmean_head if name == HEAD else config.alpha_regmean_backbone)
+    return collector.shrunk(lambda name: config.alpha_regmean_head if name == HEAD else config.backbone_alpha)
 
 
 def message_shapes(
@@ -148,7 +148,7 @@ def message_shapes(
             shapes |= {f"BP/{name}": (out_features, r), f"P/{name}": (r, r)}
         else:
             shapes[f"gram/{name}"] = (
-                (in_features,) if config.alpha_regmean_backbone == 0 else (in_features, in_features)
+                (in_features,) if config.backbone_alpha == 0 else (in_features, in_features)
             )
     return shapes
 

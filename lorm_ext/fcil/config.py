@@ -56,6 +56,7 @@ class RunConfig:
     data_path: str | None = None
     n_tasks: int | None = None  # None: the dataset's usual number (mnist 5, cifar100 10, imagefolder 10)
     class_order: str = "label"  # "label" as the authors, or "permuted" (a permutation seeded by ``seed``)
+    split_file: str | None = None  # None: the seeded Dirichlet split; else the split in this JSON file
     # model
     network: str = EMBEDDED_NETWORK
     pretrained: bool = True
@@ -71,13 +72,13 @@ class RunConfig:
     num_epochs: int = 2
     batch_size: int = 16
     lr: float = 3e-3
-    lr_A: float = -1.0  # < 0: use lr
-    lr_B: float = -1.0  # < 0: use lr
+    lr_A: float = -1.0  # < 0: use lr; 0 freezes A (the authors)
+    lr_B: float = -1.0  # < 0: use lr; 0 freezes B
     wd_reg: float = 0.0
     # LoRM
     train_matrix: str = "alt"
     alpha_regmean_head: float = 0.5
-    alpha_regmean_backbone: float = 0.0
+    alpha_regmean_backbone: float = 0.0  # < 0: alpha_regmean_head (the authors' default, -1)
     regmean_rounds: int = 1
     gram_dtype: str = "32"
     prereduce: bool = False
@@ -91,7 +92,13 @@ class RunConfig:
 
     @property
     def factor_lrs(self) -> dict[str, float]:
-        return {"A": self.lr_A if self.lr_A > 0 else self.lr, "B": self.lr_B if self.lr_B > 0 else self.lr}
+        """As the authors' LoRM (``lr_X if lr_X >= 0 else lr``): 0 is a learning rate, the factor stays put."""
+        return {"A": self.lr_A if self.lr_A >= 0 else self.lr, "B": self.lr_B if self.lr_B >= 0 else self.lr}
+
+    @property
+    def backbone_alpha(self) -> float:
+        """The Gram shrinkage of the adapted layers; below 0 it is the head's, as the authors' RegMean."""
+        return self.alpha_regmean_head if self.alpha_regmean_backbone < 0 else self.alpha_regmean_backbone
 
     @property
     def lora_scaling(self) -> float:
@@ -142,8 +149,11 @@ def validate(config: RunConfig) -> None:
     _require(c.wd_reg >= 0, f"--wd_reg must be >= 0, got {c.wd_reg}")
     _require(c.lora_alpha is None or c.lora_alpha > 0, f"--lora_alpha must be > 0, got {c.lora_alpha}")
     _require(c.lora_fair_lambda >= 0 and c.lora_fair_lr > 0, "--lora_fair_lambda must be >= 0 and --lora_fair_lr > 0")
-    for flag in ("alpha_regmean_head", "alpha_regmean_backbone"):
-        _require(0 <= getattr(c, flag) <= 1, f"--{flag} must be in [0, 1], got {getattr(c, flag)}")
+    _require(0 <= c.alpha_regmean_head <= 1, f"--alpha_regmean_head must be in [0, 1], got {c.alpha_regmean_head}")
+    _require(
+        c.alpha_regmean_backbone <= 1,
+        f"--alpha_regmean_backbone must be in [0, 1] (or < 0: use --alpha_regmean_head), got {c.alpha_regmean_backbone}",
+    )
     _require(c.train_matrix.lower() in ("alt", "a", "b"), f"--train_matrix must be alt, A or B, got {c.train_matrix!r}")
     _require(c.gram_dtype in ("32", "64"), f"--gram_dtype must be 32 or 64, got {c.gram_dtype!r}")
     _require(c.class_order in ("label", "permuted"), f"--class_order must be label or permuted, got {c.class_order!r}")
@@ -151,6 +161,8 @@ def validate(config: RunConfig) -> None:
     if c.dataset != "mnist":
         _require(c.data_path is not None, f"--dataset {c.dataset} reads its data from disk: give --data_path")
         _require(os.path.exists(c.data_path), f"--data_path {c.data_path!r} does not exist")
+    if c.split_file is not None:
+        _require(os.path.isfile(c.split_file), f"--split_file {c.split_file!r}: no such file")
     if c.pretrained_path is not None:
         _require(os.path.isfile(c.pretrained_path), f"--pretrained_path {c.pretrained_path!r}: no such weights file")
         _require(c.pretrained, "--pretrained_path given together with --pretrained False")

@@ -16,6 +16,7 @@ class are spread over the clients in proportion to their training samples of tha
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import tarfile
@@ -298,8 +299,84 @@ def split_task(
     return TaskSplit(train, [np.sort(np.concatenate(parts)) for parts in test])
 
 
+SPLIT_FORMAT = "lorm_ext-fcil-split/1"
+
+
+def split_to_json(dataset: Dataset, splits: list[TaskSplit]) -> dict:
+    """The split as ``--split_file`` reads it: per task its classes and, per client, sorted indices into the
+    training and the test set in the order lorm_ext loads them (CIFAR-100: the archive's; image folders: the
+    sorted file list; mnist: the fixed stratified 4000/1000 split), labels in the class order of the run."""
+    return {
+        "format": SPLIT_FORMAT,
+        "num_classes": dataset.num_classes,
+        "train_size": len(dataset.train),
+        "test_size": len(dataset.test),
+        "tasks": [
+            {
+                "classes": dataset.task_classes(t).tolist(),
+                "train": [idx.tolist() for idx in split.train],
+                "test": [idx.tolist() for idx in split.test],
+            }
+            for t, split in enumerate(splits)
+        ],
+    }
+
+
+def read_split_file(path: str, dataset: Dataset, num_clients: int) -> list[TaskSplit]:
+    """The split of ``split_to_json``'s format in the file at ``path``, checked against the data set: a
+    ConfigError naming the file, the task, the client and the field for anything that does not fit."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--split_file {path!r}: cannot read it as JSON ({error})") from None
+
+    def fail(where: str, problem: str) -> None:
+        raise ConfigError(f"--split_file {path!r}: {where}: {problem}")
+
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
+        fail("format", f"expected an object with \"format\": \"{SPLIT_FORMAT}\"")
+    for key, expected in (("num_classes", dataset.num_classes), ("train_size", len(dataset.train)),
+                          ("test_size", len(dataset.test))):  # fmt: skip
+        if data.get(key) != expected:
+            fail(key, f"{data.get(key)!r}, but the data set has {expected}")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or len(tasks) != dataset.n_tasks:
+        fail("tasks", f"expected a list of {dataset.n_tasks} tasks (--n_tasks)")
+    splits = []
+    for t, task in enumerate(tasks):
+        if not isinstance(task, dict) or task.get("classes") != dataset.task_classes(t).tolist():
+            fail(f"task {t} classes", f"expected {dataset.task_classes(t).tolist()}")
+        held = {}
+        for part, images in (("train", dataset.train), ("test", dataset.test)):
+            lists = task.get(part)
+            if not isinstance(lists, list) or len(lists) != num_clients:
+                fail(f"task {t} {part}", f"expected one index list per client ({num_clients}, --num_clients)")
+            held[part] = []
+            for k, indices in enumerate(lists):
+                if not isinstance(indices, list) or not all(type(i) is int for i in indices):
+                    fail(f"task {t} {part} client {k}", "expected a list of integers")
+                idx = np.array(indices, dtype=np.int64)
+                if len(idx) and (idx.min() < 0 or idx.max() >= len(images)):
+                    fail(f"task {t} {part} client {k}", f"index out of range [0, {len(images)})")
+                if not np.isin(images.labels[idx], dataset.task_classes(t)).all():
+                    fail(f"task {t} {part} client {k}", "holds samples of classes outside the task")
+                held[part].append(np.sort(idx))
+            everything = np.concatenate(held[part])
+            if len(np.unique(everything)) != len(everything):
+                fail(f"task {t} {part}", "a sample is listed twice")
+        empty = [k for k, idx in enumerate(held["train"]) if not len(idx)]
+        if empty:
+            fail(f"task {t} train", f"clients {empty} have no training samples")
+        splits.append(TaskSplit(held["train"], held["test"]))
+    return splits
+
+
 def split_tasks(dataset: Dataset, config: RunConfig) -> list[TaskSplit]:
-    """Every task's split, each from its own seeded generator (the same for every strategy of a seed)."""
+    """Every task's split, each from its own seeded generator (the same for every strategy of a seed), or the
+    one of ``--split_file``."""
+    if config.split_file is not None:
+        return read_split_file(config.split_file, dataset, config.num_clients)
     splits = []
     for task in range(dataset.n_tasks):
         classes = dataset.task_classes(task)

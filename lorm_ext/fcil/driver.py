@@ -11,9 +11,9 @@ the final dense update of each adapted layer).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .client import client_step, tensor_bytes
 from .client import clock as client_clock
 from .config import SEED_PARTICIPATION, ConfigError, RunConfig, derive_seed, validate
-from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks
+from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks, split_to_json
+from .environment import machine_record
 from .metrics import accuracy_matrix, seen_accuracy, summarize
 from .model import AdaptedViT, build_model, check_architecture, resolve_weights
 from .plots import as_array, plot_accuracy_matrices
@@ -56,6 +57,11 @@ def prepare(config: RunConfig) -> RunData:
     """All checks, then the data and its split and the weights: a bad configuration fails here, before training."""
     dataset = load_dataset(config, check(config))
     return RunData(dataset, split_tasks(dataset, config), resolve_weights(config))
+
+
+def split_bytes(data: RunData) -> bytes:
+    """The run's split in the format of ``--split_file`` (``data.split_to_json``), as the file holds it."""
+    return json.dumps(split_to_json(data.dataset, data.splits), separators=(",", ":")).encode()
 
 
 def participants(config: RunConfig, task: int) -> list[int]:
@@ -238,7 +244,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     final = server.model_tensors()
     if hits is None:  # resumed after the last unit: nothing was evaluated in this process
         hits = correct_predictions(model, final, dataset, task_tests, dataset.n_tasks)
-    results = _results(config, state, total, hits, splits)
+    results = _results(config, state, total, hits, data)
     plot_accuracy_matrices(
         {f"{config.strategy}, seed {config.seed}": as_array(results["accuracy_matrix"])},
         os.path.join(run_dir, "accuracy_matrix.png"),
@@ -253,7 +259,8 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     return results
 
 
-def _results(config: RunConfig, state: dict, total: list[int], hits: np.ndarray, splits: list[TaskSplit]) -> dict:
+def _results(config: RunConfig, state: dict, total: list[int], hits: np.ndarray, data: RunData) -> dict:
+    splits = data.splits
     records = state["records"]
     rounds = [r for r in records if r["round"] != "end"]
     task_ends = [r for r in records if r["round"] == "end"]
@@ -273,6 +280,7 @@ def _results(config: RunConfig, state: dict, total: list[int], hits: np.ndarray,
         "accuracy_after_task": [r["accuracy"] for r in task_ends],
         "correct": correct,
         "test_samples_per_task": total,
+        "split_sha256": hashlib.sha256(split_bytes(data)).hexdigest(),
         "seconds": {k: float(sum(r[k] for r in records)) for k in ("train_s", "gram_s", "merge_s", "eval_s")},
         "bytes_per_round": {
             "up": float(np.mean([r["bytes_up"] for r in rounds])),
@@ -286,5 +294,5 @@ def _results(config: RunConfig, state: dict, total: list[int], hits: np.ndarray,
             "max": max(measured),
             "per_client": per_client,
         },
-        "environment": {"torch": torch.__version__, "device": config.device, "machine": platform.machine()},
+        "environment": {"device": config.device} | machine_record(data.weights),
     }

@@ -3,8 +3,9 @@ trained in full, everything else frozen. One ``AdaptedViT`` is shared by all sim
 
 Weights are loaded offline only: from ``--pretrained_path`` (timm .safetensors/.pth, or the original .npz), or
 from a Hugging Face cache that already holds the model (``HF_HOME``). The embedded default ``digits-vit`` is a
-small ViT "pretrained" at first use on scikit-learn's 8×8 digits (a source disjoint from the MNIST digits it is
-then adapted to) and cached as a local checkpoint file, which is then loaded like any other local file.
+small ViT pretrained on scikit-learn's 8×8 digits (a source disjoint from the MNIST digits it is then adapted
+to); its weights ship with the package (``EMBEDDED_WEIGHTS``, the same file on every machine) and are loaded like
+any other local file. ``pretrain_on_digits`` made them: ``python -m lorm_ext.fcil.pretrain OUT.safetensors``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ HEAD = "head"
 EMBEDDED_ARCH = "vit_tiny_patch16_224"
 EMBEDDED_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
 EMBEDDED_PRETRAIN_EPOCHS = 40
+# Made by ``python -m lorm_ext.fcil.pretrain`` (pretrain_on_digits, seed 0) with environment.CPU_ENVIRONMENT on an
+# AVX-512 Xeon; float32 training, so another CPU may give another file: the committed one is the reference.
+EMBEDDED_WEIGHTS = os.path.join(
+    os.path.dirname(__file__), "weights", f"digits-vit-e{EMBEDDED_PRETRAIN_EPOCHS}.safetensors"
+)
+EMBEDDED_SHA256 = "b419cc2101fe3fae6eef2c244309e0b4e669e0c5af13d132907f07b76e99b4eb"
 
 
 class LoRALinear(nn.Module):
@@ -119,14 +126,6 @@ def input_spec(vit: nn.Module) -> InputSpec:
     return InputSpec(channels, vit.patch_embed.img_size[0], mean, std)
 
 
-def cache_dir() -> str:
-    return os.environ.get("LORM_EXT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorm_ext"))
-
-
-def embedded_checkpoint_path() -> str:
-    return os.path.join(cache_dir(), f"digits-vit-e{EMBEDDED_PRETRAIN_EPOCHS}.safetensors")
-
-
 def _timm_model(network: str, num_classes: int, weights: str | None) -> nn.Module:
     arch, kwargs = (EMBEDDED_ARCH, EMBEDDED_KWARGS) if network == EMBEDDED_NETWORK else (network, {})
     if weights is None:
@@ -187,10 +186,12 @@ def resolve_weights(config: RunConfig) -> str | None:
     if config.pretrained_path is not None:
         return config.pretrained_path
     if config.network == EMBEDDED_NETWORK:
-        path = embedded_checkpoint_path()
-        if not os.path.isfile(path):
-            pretrain_on_digits(path)
-        return path
+        if not os.path.isfile(EMBEDDED_WEIGHTS):
+            raise ConfigError(
+                f"the embedded backbone {EMBEDDED_WEIGHTS!r} is missing from the installation: reinstall lorm_ext, "
+                f"or pass --pretrained_path FILE (python -m lorm_ext.fcil.pretrain FILE pretrains one)"
+            )
+        return EMBEDDED_WEIGHTS
     from huggingface_hub import try_to_load_from_cache
 
     hub_id = timm.models.get_pretrained_cfg(config.network).hf_hub_id
@@ -229,3 +230,4 @@ def build_model(config: RunConfig, num_classes: int, weights: str | None) -> Ada
     torch.manual_seed(config.seed)
     vit = _timm_model(config.network, num_classes, weights)
     return AdaptedViT(vit.to(config.device), config.r, config.lora_scaling)
+

@@ -3,6 +3,7 @@ pre-reduced B-rounds give the same merged model in far fewer bytes)."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 
@@ -12,14 +13,17 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from lorm_ext.fcil import model as model_module
 from lorm_ext.fcil.client import client_step, message_shapes, tensor_bytes
 from lorm_ext.fcil.config import ConfigError
+from lorm_ext.fcil.environment import file_sha256
 from lorm_ext.fcil.model import (
     EMBEDDED_ARCH,
     EMBEDDED_KWARGS,
+    EMBEDDED_SHA256,
+    EMBEDDED_WEIGHTS,
     HEAD,
     build_model,
-    embedded_checkpoint_path,
     resolve_weights,
 )
 from lorm_ext.fcil.strategies import SERVERS
@@ -57,19 +61,40 @@ def test_dense_update_equals_the_adapter(tiny_config):
             torch.testing.assert_close(model.vit(x), adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_local_checkpoint_loading_and_the_embedded_cache(tmp_path, monkeypatch, tiny_config, digits_weights):
-    path = str(tmp_path / "digits.safetensors")
-    shutil.copy(digits_weights, path)
-    model = build_model(tiny_config(pretrained_path=path), 4, path)
+def _assert_loaded(model, path: str) -> None:
+    """Every backbone tensor of the file is in the model (adapted layers keep theirs under .base)."""
     loaded = model.vit.state_dict()
     for key, value in load_file(path).items():
         module, _, parameter = key.rpartition(".")
-        if module != HEAD:  # adapted layers keep their weights under .base
+        if module != HEAD:
             torch.testing.assert_close(loaded[f"{module}.base.{parameter}" if module in model.layers else key], value)
+
+
+def test_local_checkpoint_loading(tmp_path, tiny_config, digits_weights):
+    path = str(tmp_path / "digits.safetensors")
+    shutil.copy(digits_weights, path)
+    model = build_model(tiny_config(pretrained_path=path), 4, path)
+    _assert_loaded(model, path)
     assert model.head.out_features == 4  # a fresh head for the task's classes
-    monkeypatch.setenv("LORM_EXT_CACHE", str(tmp_path))
-    os.replace(path, embedded_checkpoint_path())
-    assert resolve_weights(tiny_config(pretrained=True)) == embedded_checkpoint_path()  # cached: no pretraining
+
+
+def test_the_packaged_backbone_is_the_recorded_file(tiny_config):
+    path = resolve_weights(tiny_config(pretrained=True))
+    assert path == EMBEDDED_WEIGHTS and file_sha256(path) == EMBEDDED_SHA256
+    model = build_model(tiny_config(pretrained=True), 10, path)
+    _assert_loaded(model, path)
+    # a pip install carries it: the package-data glob of pyproject.toml matches the file
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "pyproject.toml"), "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["lorm_ext.fcil"]
+    package_dir = os.path.dirname(model_module.__file__)
+    assert any(fnmatch.fnmatch(os.path.relpath(EMBEDDED_WEIGHTS, package_dir), g) for g in globs)
+
+
+def test_a_missing_packaged_backbone_is_a_clear_error(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.setattr(model_module, "EMBEDDED_WEIGHTS", str(tmp_path / "gone.safetensors"))
+    with pytest.raises(ConfigError, match=r"embedded backbone .*gone.safetensors' is missing.*--pretrained_path"):
+        resolve_weights(tiny_config(pretrained=True))
 
 
 def test_weights_from_the_hugging_face_cache_or_a_clear_error(tmp_path, monkeypatch, tiny_config):
@@ -169,3 +194,37 @@ def test_fedit_and_ffa_messages(tiny_config, four_digits):
         reply = client_step(model, four_digits.train, np.arange(20), server.open_round(0, (0, 2)), config, 0)
         kinds = {k.partition("/")[0] for k in reply.message}
         assert kinds == factors | {"head", "num_samples"}
+
+
+@pytest.mark.parametrize("factor, round_", [("B", 0), ("A", 1)])
+def test_learning_rate_zero_freezes_that_factor_as_the_authors(lorm_setup, four_digits, factor, round_):
+    """--lr_A 0 / --lr_B 0 train that factor with step size 0 (the authors' ``lr_X if lr_X >= 0``); < 0 is --lr."""
+    indices = np.flatnonzero(four_digits.train.labels < 2)[:32]
+    layer = "blocks.0.attn.qkv"
+    moved = {}
+    for lr in (0.0, -1.0):
+        config, model, server = lorm_setup(**{f"lr_{factor}": lr})
+        assert config.factor_lrs[factor] == (0.0 if lr == 0 else config.lr)
+        server.current[f"B/{layer}"] = torch.randn_like(server.current[f"B/{layer}"])  # so that A gets a gradient
+        instruction = server.open_round(round_, (0, 2))
+        assert instruction.train == factor
+        sent = instruction.tensors[f"{factor}/{layer}"]
+        message = client_step(model, four_digits.train, indices, instruction, config, 0).message
+        moved[lr] = not torch.equal(message[f"{factor}/{layer}"], sent)
+        assert not torch.equal(message["head/weight"], instruction.tensors["head/weight"])  # the head trains at --lr
+    assert moved == {0.0: False, -1.0: True}
+
+
+def test_negative_backbone_alpha_means_the_head_alpha(lorm_setup, four_digits):
+    indices = np.flatnonzero(four_digits.train.labels < 2)[:24]
+    grams = {}
+    for alpha in (-1.0, 0.3):
+        config, model, server = lorm_setup(alpha_regmean_backbone=alpha, alpha_regmean_head=0.3)
+        assert config.backbone_alpha == 0.3
+        instruction = server.open_round(0, (0, 2))
+        message = client_step(model, four_digits.train, indices, instruction, config, 0).message
+        assert_shapes_announced(message, instruction, config, model)
+        grams[alpha] = message
+    assert grams[-1.0].keys() == grams[0.3].keys()
+    assert all(torch.equal(grams[-1.0][k], grams[0.3][k]) for k in grams[0.3])
+    assert grams[-1.0]["gram/blocks.0.mlp.fc1"].dim() == 2  # full Grams, not the diagonal fast path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from lorm_ext.fcil.config import ConfigError
-from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, to_channels
+from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, split_to_json, to_channels
 from lorm_ext.fcil.driver import participants
 
 
@@ -150,3 +152,72 @@ def test_to_channels_converts_grey_and_rgb_and_rejects_the_rest():
     assert to_channels(rgb, 3) is rgb
     with pytest.raises(ValueError, match="2-channel images to a backbone with 3 input channels"):
         to_channels(torch.rand(2, 2, 4, 5), 3)
+
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_split_file_round_trip(mnist, tiny_config, tmp_path):
+    """What a run writes (split_to_json) is read back as the same split, whatever the seed says."""
+    config = tiny_config(num_clients=4, distribution_alpha=0.3, seed=2)
+    splits = split_tasks(mnist, config)
+    path = _write(tmp_path / "split.json", split_to_json(mnist, splits))
+    read = split_tasks(mnist, tiny_config(num_clients=4, seed=9, split_file=path))
+    for mine, theirs in zip(splits, read, strict=True):
+        for part in ("train", "test"):
+            assert all(np.array_equal(a, b) for a, b in zip(getattr(mine, part), getattr(theirs, part), strict=True))
+    assert split_to_json(mnist, read) == split_to_json(mnist, splits)
+
+
+def _spoil(data: dict, how: str) -> dict | str:
+    task = data["tasks"][1]  # digits 5-9
+    if how == "not json":
+        return "{tasks: ["
+    if how == "format":
+        data["format"] = "other"
+    elif how == "size":
+        data["train_size"] += 1
+    elif how == "tasks":
+        data["tasks"].pop()
+    elif how == "classes":
+        task["classes"] = [0, 1]
+    elif how == "clients":
+        task["train"].pop()
+    elif how == "range":
+        task["test"][2].append(10**6)
+    elif how == "foreign class":
+        task["train"][0].append(data["tasks"][0]["train"][0][0])
+    elif how == "twice":
+        task["train"][1].append(task["train"][0][0])
+    elif how == "empty":
+        task["train"][3] = []
+    elif how == "not integers":
+        task["train"][0][0] = 1.5
+    return data
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("not json", "cannot read it as JSON"),
+        ("format", "format: expected an object"),
+        ("size", "train_size: 4001, but the data set has 4000"),
+        ("tasks", r"tasks: expected a list of 2 tasks \(--n_tasks\)"),
+        ("classes", r"task 1 classes: expected \[5, 6, 7, 8, 9\]"),
+        ("clients", r"task 1 train: expected one index list per client \(4, --num_clients\)"),
+        ("range", r"task 1 test client 2: index out of range \[0, 1000\)"),
+        ("foreign class", "task 1 train client 0: holds samples of classes outside the task"),
+        ("twice", "task 1 train: a sample is listed twice"),
+        ("empty", r"task 1 train: clients \[3\] have no training samples"),
+        ("not integers", "task 1 train client 0: expected a list of integers"),
+    ],
+)
+def test_bad_split_file_is_a_clear_error(mnist, tiny_config, tmp_path, how, message):
+    config = tiny_config(num_clients=4)
+    data = _spoil(split_to_json(mnist, split_tasks(mnist, config)), how)  # 2 tasks of 5 digits
+    path = tmp_path / "split.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(ConfigError, match=f"--split_file '{re.escape(str(path))}': {message}"):
+        split_tasks(mnist, tiny_config(num_clients=4, split_file=str(path)))
