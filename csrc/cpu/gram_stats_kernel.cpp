@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -19,7 +20,7 @@ namespace lorm_ext {
 namespace {
 
 // Tile pairs of 128 × 128: enough of them to balance the threads, few enough to keep the task list short.
-constexpr int64_t kStatsTile = 128;
+constexpr int64_t kStatsTile = 64;
 
 // The fast passes compare in float for 16- and 32-bit inputs (enough against a sqrt(eps) tolerance).
 template <typename scalar_t>
@@ -66,34 +67,103 @@ Stats tile_pair_stats_exact(const scalar_t* g, int64_t n, int64_t i0, int64_t ti
   return s;
 }
 
-// The fast pass: max |a − b| over the pair in fast_value_t and a finiteness probe (x − x is 0 for finite x,
-// NaN otherwise), without branches. The mirror element G[c, r] is read in 16 × 16 blocks: the 16 rows of G it
-// touches stay in L1 while the block is swept, so no transposed copy is needed.
+// The fast pass works on W × W blocks held in 32-byte vectors (W = 8 floats or 4 doubles; GCC's vector extensions,
+// compiled for each instruction set of LORM_EXT_CPU_CLONES): the mirror block is transposed in registers, so both
+// sides of every comparison are contiguous vector loads and nothing is reduced horizontally until the tile ends.
+typedef float float_vec __attribute__((vector_size(32)));
+typedef double double_vec __attribute__((vector_size(32)));
+typedef int32_t float_mask __attribute__((vector_size(32)));
+typedef int64_t double_mask __attribute__((vector_size(32)));
+
+template <typename value_t>
+struct Block;
+template <>
+struct Block<float> {
+  using vec = float_vec;
+  using mask = float_mask;
+  static constexpr int kWidth = 8;
+};
+template <>
+struct Block<double> {
+  using vec = double_vec;
+  using mask = double_mask;
+  static constexpr int kWidth = 4;
+};
+
+template <typename value_t, typename scalar_t>
+inline typename Block<value_t>::vec load_block_row(const scalar_t* src) {
+  typename Block<value_t>::vec v;
+  if constexpr (std::is_same_v<value_t, scalar_t>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int k = 0; k < Block<value_t>::kWidth; ++k) {
+      v[k] = static_cast<value_t>(src[k]);
+    }
+  }
+  return v;
+}
+
+// Rows i and i + b exchange their (b-wide) off-diagonal blocks; stages b = W/2, …, 1 transpose the W × W block.
+template <typename vec, typename mask>
+inline void swap_stage(vec* rows, int b, const mask& low, const mask& high) {
+  for (int i = 0; i < static_cast<int>(sizeof(vec) / sizeof(rows[0][0])); ++i) {
+    if ((i & b) == 0) {
+      const vec x = rows[i], y = rows[i + b];
+      rows[i] = __builtin_shuffle(x, y, low);
+      rows[i + b] = __builtin_shuffle(x, y, high);
+    }
+  }
+}
+
+inline void transpose_block(Block<float>::vec* rows) {
+  using mask = Block<float>::mask;
+  swap_stage(rows, 4, mask{0, 1, 2, 3, 8, 9, 10, 11}, mask{4, 5, 6, 7, 12, 13, 14, 15});
+  swap_stage(rows, 2, mask{0, 1, 8, 9, 4, 5, 12, 13}, mask{2, 3, 10, 11, 6, 7, 14, 15});
+  swap_stage(rows, 1, mask{0, 8, 2, 10, 4, 12, 6, 14}, mask{1, 9, 3, 11, 5, 13, 7, 15});
+}
+
+inline void transpose_block(Block<double>::vec* rows) {
+  using mask = Block<double>::mask;
+  swap_stage(rows, 2, mask{0, 1, 4, 5}, mask{2, 3, 6, 7});
+  swap_stage(rows, 1, mask{0, 4, 2, 6}, mask{1, 5, 3, 7});
+}
+
+// The fast pass over a tile pair whose sides are multiples of W: max |a − b| in fast_value_t and a finiteness
+// probe (x − x is 0 for finite x, NaN otherwise), without branches. A diagonal tile compares the pairs of its
+// diagonal blocks twice (harmless for a maximum; the probe is only a flag, the exact pass counts).
 template <typename scalar_t>
 LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
   using value_t = fast_value_t<scalar_t>;
-  constexpr int64_t kBlock = 16;
+  using vec = typename Block<value_t>::vec;
+  constexpr int W = Block<value_t>::kWidth;
   const bool diagonal_tile = i0 == j0;
-  value_t asymmetry = 0, probe = 0;
-  for (int64_t rb = 0; rb < ti; rb += kBlock) {
-    for (int64_t cb = diagonal_tile ? rb : 0; cb < tj; cb += kBlock) {
-      for (int64_t r = rb; r < std::min(rb + kBlock, ti); ++r) {
-        const scalar_t* row = g + (i0 + r) * n + j0;
-        const scalar_t* mirror = g + j0 * n + i0 + r;  // mirror[c * n] = G[j0 + c, i0 + r]
-        const int64_t first = diagonal_tile ? std::max(cb, r) : cb;  // diagonal tile: each pair once
-        for (int64_t c = first; c < std::min(cb + kBlock, tj); ++c) {
-          const value_t a = static_cast<value_t>(row[c]), b = static_cast<value_t>(mirror[c * n]);
-          asymmetry = std::max(asymmetry, std::abs(a - b));
-          probe += (a - a) + (b - b);
-        }
+  vec asymmetry{}, probe{};
+  for (int64_t r = 0; r < ti; r += W) {
+    for (int64_t c = diagonal_tile ? r : 0; c < tj; c += W) {
+      vec mirror[W];
+      for (int k = 0; k < W; ++k) {
+        mirror[k] = load_block_row<value_t>(g + (j0 + c + k) * n + i0 + r);
+      }
+      transpose_block(mirror);
+      for (int k = 0; k < W; ++k) {
+        const vec a = load_block_row<value_t>(g + (i0 + r + k) * n + j0 + c);
+        const vec d = a - mirror[k];
+        const vec magnitude = d < 0 ? -d : d;
+        asymmetry = magnitude > asymmetry ? magnitude : asymmetry;
+        probe += (a - a) + (mirror[k] - mirror[k]);
       }
     }
   }
-  if (!std::isfinite(static_cast<double>(probe))) {
+  value_t max_asymmetry = 0, finite_probe = 0;
+  for (int k = 0; k < W; ++k) {
+    max_asymmetry = std::max(max_asymmetry, asymmetry[k]);
+    finite_probe += probe[k];
+  }
+  if (!std::isfinite(static_cast<double>(finite_probe))) {
     return tile_pair_stats_exact(g, n, i0, ti, j0, tj);
   }
   Stats s;
-  s.max_asymmetry = static_cast<double>(asymmetry);
+  s.max_asymmetry = static_cast<double>(max_asymmetry);
   if (diagonal_tile) {
     for (int64_t d = 0; d < ti; ++d) {
       s.diagonal_entry(static_cast<double>(g[(i0 + d) * n + i0 + d]));
@@ -132,41 +202,64 @@ LORM_EXT_CPU_CLONES Stats diagonal_stats(const scalar_t* g, int64_t n) {
   return s;
 }
 
-// One task: a tile pair of a full Gram, or a whole diagonal Gram (tile indices unused).
+// One task: a whole diagonal Gram, a tile pair of a full Gram's vector region (the leading rows and columns, a
+// multiple of the block width W), or the exact pass over the pairs that involve the last n mod W columns.
 struct StatsTask {
+  enum Kind { kDiagonalGram, kTilePair, kBorder } kind;
   size_t layer;
-  int64_t tile_i;
-  int64_t tile_j;
+  int64_t i0 = 0;
+  int64_t j0 = 0;
 };
 
 at::Tensor gram_stats_cpu(at::TensorList grams_in) {
   check_gram_stats_args(grams_in);
   std::vector<at::Tensor> grams;
+  std::vector<int64_t> vector_region;  // per layer: the leading rows/columns the fast pass covers
   std::vector<StatsTask> tasks;
   for (size_t l = 0; l < grams_in.size(); ++l) {
     grams.push_back(grams_in[l].detach().contiguous());
-    if (is_diagonal_gram(grams[l])) {
-      tasks.push_back({l, 0, 0});
+    const at::Tensor& gram = grams[l];
+    if (is_diagonal_gram(gram)) {
+      vector_region.push_back(0);
+      tasks.push_back({StatsTask::kDiagonalGram, l});
       continue;
     }
-    for (const auto& [ti, tj] : upper_triangle_tiles(grams[l].size(0), kStatsTile)) {
-      tasks.push_back({l, ti, tj});
+    int64_t width = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats_width", [&] {
+      width = Block<fast_value_t<scalar_t>>::kWidth;
+    });
+    const int64_t n = gram.size(0), covered = n / width * width;
+    vector_region.push_back(covered);
+    for (const auto& [ti, tj] : upper_triangle_tiles(covered, kStatsTile)) {
+      tasks.push_back({StatsTask::kTilePair, l, ti * kStatsTile, tj * kStatsTile});
+    }
+    if (covered < n) {
+      tasks.push_back({StatsTask::kBorder, l});
     }
   }
   std::vector<Stats> per_task(tasks.size());
   // All layers' tasks in one parallel loop: many small Grams cost one dispatch, not one each.
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const at::Tensor& gram = grams[tasks[t].layer];
+      const StatsTask& task = tasks[t];
+      const at::Tensor& gram = grams[task.layer];
+      const int64_t n = gram.size(0), covered = vector_region[task.layer];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
-        if (is_diagonal_gram(gram)) {
-          per_task[t] = diagonal_stats(gram.const_data_ptr<scalar_t>(), gram.size(0));
-          return;
+        const scalar_t* g = gram.const_data_ptr<scalar_t>();
+        switch (task.kind) {
+          case StatsTask::kDiagonalGram:
+            per_task[t] = diagonal_stats(g, n);
+            return;
+          case StatsTask::kTilePair:
+            per_task[t] = tile_pair_stats(
+                g, n, task.i0, std::min(kStatsTile, covered - task.i0), task.j0, std::min(kStatsTile, covered - task.j0));
+            return;
+          case StatsTask::kBorder:  // columns [covered, n) against every row: a rectangle and a corner
+            per_task[t] = tile_pair_stats_exact(g, n, 0, covered, covered, n - covered);
+            per_task[t].merge(tile_pair_stats_exact(g, n, covered, n - covered, covered, n - covered));
+            return;
         }
-        const int64_t n = gram.size(0);
-        const int64_t i0 = tasks[t].tile_i * kStatsTile, j0 = tasks[t].tile_j * kStatsTile;
-        per_task[t] = tile_pair_stats(
-            gram.const_data_ptr<scalar_t>(), n, i0, std::min(kStatsTile, n - i0), j0, std::min(kStatsTile, n - j0));
+        TORCH_INTERNAL_ASSERT(false, "unknown gram_stats task");
       });
     }
   });
