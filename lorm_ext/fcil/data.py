@@ -166,24 +166,78 @@ def _embedded_mnist(spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
     return TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test]), 10
 
 
+def _numpy_array_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled ndarray names, under NumPy 1's module names (the CIFAR archive's) and NumPy 2's:
+    ``_reconstruct`` (pickle protocols 0-4), ``_frombuffer`` (protocol 5), the ndarray and dtype classes. The
+    functions are taken from the running NumPy's own pickles rather than imported from private modules."""
+    sample = np.zeros(1, dtype=np.uint8)
+    reconstruct, frombuffer = sample.__reduce__()[0], sample.__reduce_ex__(5)[0]
+    found = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        found[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        found[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return found
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-100 python batch holds (dicts, lists, bytes, numbers and NumPy arrays): every
+    other global is refused, so a crafted archive cannot run code when it is loaded."""
+
+    allowed = _numpy_array_globals()
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise _RefusedGlobal(
+                f"refused to load {module}.{name}: a CIFAR-100 batch holds only dicts, lists, bytes and NumPy arrays"
+            )
+        return self.allowed[(module, name)]
+
+
+def _read_cifar_batch(file, where: str) -> tuple[Tensor, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and fine labels of one pickled batch; a ConfigError naming ``where`` otherwise."""
+    try:
+        batch = _CifarUnpickler(file, encoding="bytes").load()
+    except _RefusedGlobal as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except Exception as error:  # truncated or corrupt pickles raise EOFError, ValueError, KeyError, ...
+        raise ConfigError(f"{where}: not a readable CIFAR-100 python batch ({type(error).__name__}: {error})") from None
+    data, labels = (batch.get(key) if isinstance(batch, dict) else None for key in (b"data", b"fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ConfigError(f"{where}: not a CIFAR-100 python batch (no b'data' array of uint8 rows of 3072 pixels)")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(type(y) is int for y in labels):
+        raise ConfigError(f"{where}: not a CIFAR-100 python batch (b'fine_labels' is not {len(data)} integers)")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= 100):
+        raise ConfigError(f"{where}: fine labels outside [0, 100)")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
+
+
 def _cifar100_split(path: str, split: str) -> tuple[Tensor, np.ndarray]:
     """One split of the standard python archive: the .tar.gz, the cifar-100-python folder or its parent."""
     member = f"cifar-100-python/{split}"
     if os.path.isfile(path):
-        with tarfile.open(path) as archive:
-            entry = archive.extractfile(member)
+        try:
+            archive = tarfile.open(path)
+        except (tarfile.TarError, OSError) as error:
+            raise ConfigError(f"{path!r} is not the CIFAR-100 archive (not a readable tar file: {error})") from None
+        with archive:
+            try:
+                entry = archive.extractfile(member)
+            except KeyError:
+                entry = None
             if entry is None:
                 raise ConfigError(f"{path!r} has no {member!r}: not the CIFAR-100 python archive")
-            batch = pickle.load(entry, encoding="bytes")
-    else:
-        candidates = [os.path.join(path, member), os.path.join(path, split)]
-        found = next((p for p in candidates if os.path.isfile(p)), None)
-        if found is None:
-            raise ConfigError(f"no CIFAR-100 {split!r} file under {path!r} (looked for {candidates})")
-        with open(found, "rb") as file:
-            batch = pickle.load(file, encoding="bytes")
-    images = torch.from_numpy(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    return images, np.asarray(batch[b"fine_labels"], dtype=np.int64)
+            return _read_cifar_batch(entry, f"{path}:{member}")
+    candidates = [os.path.join(path, member), os.path.join(path, split)]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise ConfigError(f"no CIFAR-100 {split!r} file under {path!r} (looked for {candidates})")
+    with open(found, "rb") as file:
+        return _read_cifar_batch(file, found)
 
 
 def _image_files(root: str) -> tuple[list[str], list[str]]:

@@ -82,18 +82,25 @@ def test_permuted_class_order_relabels_consistently(mnist, tiny_config):
     assert all(mapping[int(a)] == int(b) for a, b in zip(mnist.test.labels, permuted.test.labels))
 
 
-def _fake_cifar100(path: str, per_class: dict[str, int]) -> None:
-    """The standard python archive's layout and pickles, with random pixels."""
-    rng = np.random.default_rng(0)
+def _cifar100_batch(n: int, seed: int = 0) -> dict:
+    """A python batch as the archive holds it: n images per class, random pixels."""
+    labels = np.repeat(np.arange(100), n)
+    pixels = np.random.default_rng(seed).integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    return {b"data": pixels, b"fine_labels": labels.tolist()}
+
+
+def _archive(path: str, blobs: dict[str, bytes]) -> None:
+    """A .tar.gz holding each blob as cifar-100-python/<split>."""
     with tarfile.open(path, "w:gz") as archive:
-        for split, n in per_class.items():
-            labels = np.repeat(np.arange(100), n)
-            blob = pickle.dumps(
-                {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"fine_labels": labels.tolist()}
-            )
+        for split, blob in blobs.items():
             info = tarfile.TarInfo(f"cifar-100-python/{split}")
             info.size = len(blob)
             archive.addfile(info, io.BytesIO(blob))
+
+
+def _fake_cifar100(path: str, per_class: dict[str, int]) -> None:
+    """The standard python archive's layout and pickles, with random pixels."""
+    _archive(path, {split: pickle.dumps(_cifar100_batch(n)) for split, n in per_class.items()})
 
 
 def test_cifar100_archive_and_folder(tmp_path, tiny_config):
@@ -111,6 +118,78 @@ def test_cifar100_archive_and_folder(tmp_path, tiny_config):
         tar.extractall(tmp_path, filter="data")
     extracted = load_dataset(tiny_config(dataset="cifar100", data_path=str(tmp_path)), spec)
     assert np.array_equal(extracted.train.labels, data.train.labels)
+
+
+class _RunsCode:
+    """Unpickling it calls ``call(*args)``: what a crafted archive would do."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def test_cifar100_archive_is_unpickled_without_running_code(tmp_path, tiny_config):
+    spec = InputSpec(3, 24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    marker = tmp_path / "ran"
+    test_blob = pickle.dumps(_cifar100_batch(1))
+    for call, args, name in [
+        (os.system, (f"touch {marker}",), f"{os.system.__module__}.system"),
+        (exec, (f"open({str(marker)!r}, 'w')",), "builtins.exec"),
+    ]:
+        archive = str(tmp_path / f"evil-{name}.tar.gz")
+        batch = {**_cifar100_batch(3), b"batch_label": _RunsCode(call, *args)}
+        _archive(archive, {"train": pickle.dumps(batch), "test": test_blob})
+        with pytest.raises(ConfigError, match=re.escape(f"{archive}:cifar-100-python/train: refused to load {name}")):
+            load_dataset(tiny_config(dataset="cifar100", data_path=archive), spec)
+        assert not marker.exists()
+    folder = tmp_path / "extracted" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    (folder / "train").write_bytes(pickle.dumps(_RunsCode(os.system, f"touch {marker}")))
+    with pytest.raises(ConfigError, match=re.escape(f"{folder / 'train'}: refused to load")):
+        load_dataset(tiny_config(dataset="cifar100", data_path=str(folder.parent)), spec)
+    assert not marker.exists()
+
+    # what the restricted unpickler admits: NumPy 1 module names (the archive's, here with protocol 3, whose
+    # bytes need no other global) and NumPy 2's, with pickle protocols 3 to 5
+    batch = _cifar100_batch(2)
+    blobs = {protocol: pickle.dumps(batch, protocol=protocol) for protocol in (3, 4, 5)}
+    numpy1 = blobs[3].replace(b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n")
+    assert numpy1 != blobs[3]
+    for blob in [numpy1, *blobs.values()]:
+        archive = str(tmp_path / "good.tar.gz")
+        _archive(archive, {"train": blob, "test": test_blob})
+        data = load_dataset(tiny_config(dataset="cifar100", data_path=archive), spec)
+        assert np.array_equal(data.train.labels, np.asarray(batch[b"fine_labels"]))
+        assert torch.equal(data.train.source, torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "blob,problem",
+    [
+        (pickle.dumps(_cifar100_batch(1))[:-100], "not a readable CIFAR-100 python batch (UnpicklingError"),
+        (b"", "not a readable CIFAR-100 python batch (EOFError"),
+        (pickle.dumps({b"fine_labels": [0]}), "not a CIFAR-100 python batch (no b'data' array"),
+        (pickle.dumps({**_cifar100_batch(1), b"fine_labels": list(range(1, 101))[::-1] + [0]}), "is not 100 integers"),
+        (pickle.dumps({**_cifar100_batch(1), b"fine_labels": [100] * 100}), "fine labels outside [0, 100)"),
+        (pickle.dumps([1, 2]), "not a CIFAR-100 python batch"),
+    ],
+    ids=["truncated", "empty", "no data", "too many labels", "label 100", "a list"],
+)
+def test_a_corrupt_cifar100_batch_is_a_one_line_error_naming_it(tmp_path, tiny_config, blob, problem):
+    archive = str(tmp_path / "cifar-100-python.tar.gz")
+    _archive(archive, {"train": blob, "test": pickle.dumps(_cifar100_batch(1))})
+    with pytest.raises(ConfigError, match=re.escape(f"{archive}:cifar-100-python/train: ") + ".*" + re.escape(problem)) as error:
+        load_dataset(tiny_config(dataset="cifar100", data_path=archive), InputSpec(3, 24, (0.5,) * 3, (0.5,) * 3))
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_that_is_not_a_tar_archive_is_named(tmp_path, tiny_config):
+    path = tmp_path / "cifar-100-python.tar.gz"
+    path.write_bytes(b"not a tar file")
+    with pytest.raises(ConfigError, match=re.escape(f"{str(path)!r} is not the CIFAR-100 archive (not a readable tar")):
+        load_dataset(tiny_config(dataset="cifar100", data_path=str(path)), InputSpec(3, 24, (0.5,) * 3, (0.5,) * 3))
 
 
 def test_image_folder_with_and_without_split(tmp_path, tiny_config):
