@@ -278,7 +278,7 @@ def _check_same_adapter_kind(first: AdapterFile, other: AdapterFile) -> None:
                 f"{first.weights_path}", module
             )
     for name in sorted(_MUST_AGREE_FIELDS):
-        if first.config.get(name) != other.config.get(name):
+        if (first.config.get(name) or None) != (other.config.get(name) or None):  # absent = None = False
             raise AdapterFileError(
                 other.path / CONFIG_NAME, f"{name}={other.config.get(name)!r} differs from "
                 f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}"

@@ -538,7 +538,8 @@ def test_pattern_matching_is_peft_s():
 def test_bench_adapters_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_adapters.py"), "--hidden", "32", "--ffn", "48", "--blocks", "1",
-           "--clients", "3", "--rank", "2", "--full-gram-files", "2", "--dir", str(tmp_path / "data"), "--out", str(out)]
+           "--clients", "3", "--rank", "2", "--full-gram-files", "2", "--peft-clients", "3", "--solver-rank-sums", "4",
+           "--dir", str(tmp_path / "data"), "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert {row["grams"] for row in result["rows"]} == {"diagonal", "full"}
