@@ -255,7 +255,48 @@ def _image_files(root: str) -> tuple[list[str], list[str]]:
     return files, names
 
 
+# The authors' fixed ImageNet-R split (fed-mammoth _datasets/seq_imagenetr.py): two YAML files in the image folder,
+# each {"data": [image paths], "targets": [labels]}, the paths written on the machine that made them.
+PUBLISHED_SPLIT_FILES = ("imagenet-r_train.yaml", "imagenet-r_test.yaml")
+
+
+def _published_split(path: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """Train files and labels, test files and labels of the authors' split files, each path re-rooted under
+    ``path`` by its last two components (<class folder>/<file>)."""
+    import yaml
+
+    parts = []
+    for name in PUBLISHED_SPLIT_FILES:
+        where = os.path.join(path, name)
+        try:
+            with open(where) as file:
+                entries = yaml.safe_load(file)
+            data, targets = entries["data"], entries["targets"]
+        except (OSError, yaml.YAMLError, TypeError, KeyError) as error:
+            raise ConfigError(f"{where!r}: not the authors' split file ({type(error).__name__}: {error})") from None
+        if not isinstance(data, list) or not isinstance(targets, list) or len(data) != len(targets):
+            raise ConfigError(f"{where!r}: \"data\" and \"targets\" must be lists of the same length")
+        files = [os.path.join(path, *str(entry).replace("\\", "/").split("/")[-2:]) for entry in data]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ConfigError(f"{where!r} lists {len(missing)} images missing under {path!r}, e.g. {missing[0]!r}")
+        parts += [files, np.asarray(targets, dtype=np.int64)]
+    return tuple(parts)
+
+
 def _image_folder(path: str, spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
+    if all(os.path.isfile(os.path.join(path, name)) for name in PUBLISHED_SPLIT_FILES):
+        train_files, train_labels, test_files, test_labels = _published_split(path)
+        num_classes = int(train_labels.max()) + 1
+        if train_labels.min() < 0 or set(np.unique(train_labels)) != set(range(num_classes)):
+            raise ConfigError(f"{path!r}: the training targets of the split files are not 0..{num_classes - 1}")
+        if not np.isin(test_labels, train_labels).all():
+            raise ConfigError(f"{path!r}: the split files' test targets include classes without training images")
+        return (
+            TransformedImages(train_files, train_labels, spec),
+            TransformedImages(test_files, test_labels, spec),
+            num_classes,
+        )
     if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test")):
         (train_files, train_names), (test_files, test_names) = (
             _image_files(os.path.join(path, s)) for s in ("train", "test")

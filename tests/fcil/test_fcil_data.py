@@ -300,3 +300,32 @@ def test_bad_split_file_is_a_clear_error(mnist, tiny_config, tmp_path, how, mess
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     with pytest.raises(ConfigError, match=f"--split_file '{re.escape(str(path))}': {message}"):
         split_tasks(mnist, tiny_config(num_clients=4, split_file=str(path)))
+
+
+def test_the_authors_published_imagenet_r_split_is_read_when_present(tmp_path, tiny_config):
+    """Their two YAML files (paths from another machine, re-rooted by <class>/<file>; their targets) win over the
+    drawn 80/20 split; a file naming a missing image is a clear error."""
+    import yaml
+    from PIL import Image
+
+    root = tmp_path / "imagenet-r"
+    for c in ("n01", "n02"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(root / c / f"art_{i}.jpg")
+    train = {"data": [f"/their/disk/imagenet-r/{c}/art_{i}.jpg" for c in ("n02", "n01") for i in (0, 1)],
+             "targets": [1, 1, 0, 0]}  # fmt: skip
+    test = {"data": ["/their/disk/imagenet-r/n01/art_2.jpg", "/their/disk/imagenet-r/n02/art_2.jpg"], "targets": [0, 1]}
+    for name, entries in zip(("imagenet-r_train.yaml", "imagenet-r_test.yaml"), (train, test)):
+        (root / name).write_text(yaml.safe_dump(entries))
+    spec = InputSpec(3, 8, (0.5,) * 3, (0.5,) * 3)
+    data = load_dataset(tiny_config(dataset="imagefolder", data_path=str(root), n_tasks=2), spec)
+    assert data.train.source == [str(root / c / f"art_{i}.jpg") for c in ("n02", "n01") for i in (0, 1)]
+    assert data.train.labels.tolist() == [1, 1, 0, 0] and data.test.labels.tolist() == [0, 1]
+    assert (len(data.train), len(data.test), data.num_classes) == (4, 2, 2)
+    os.remove(root / "n02" / "art_2.jpg")
+    with pytest.raises(ConfigError, match=r"imagenet-r_test.yaml' lists 1 images missing under .*n02/art_2.jpg"):
+        load_dataset(tiny_config(dataset="imagefolder", data_path=str(root), n_tasks=2), spec)
+    (root / "imagenet-r_train.yaml").write_text("data: [1, 2")
+    with pytest.raises(ConfigError, match="imagenet-r_train.yaml': not the authors' split file"):
+        load_dataset(tiny_config(dataset="imagefolder", data_path=str(root), n_tasks=2), spec)
