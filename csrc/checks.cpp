@@ -1,9 +1,15 @@
 #include "checks.h"
 
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <utility>
 
 namespace lorm_ext {
@@ -58,6 +64,48 @@ void check_one_device(at::TensorList tensors, const at::Tensor& first, const cha
   }
 }
 
+// The byte range [first, last) a tensor's elements can occupy: exact for contiguous tensors, a superset for
+// strided ones (so interleaved views of one buffer count as overlapping: refused, never silently wrong).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * std::abs(t.stride(d));
+  }
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) {
+    return false;
+  }
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// An op reads its inputs while it writes its outputs, in tiles: an input that shares memory with any output (of
+// any entry) would be read half-updated. Names the first such pair.
+struct Named {
+  const char* name;
+  at::TensorList tensors;
+};
+void check_inputs_do_not_overlap_outputs(
+    std::initializer_list<Named> inputs, std::initializer_list<Named> outputs, const char* op) {
+  for (const auto& in : inputs) {
+    for (size_t i = 0; i < in.tensors.size(); ++i) {
+      for (const auto& out : outputs) {
+        for (size_t j = 0; j < out.tensors.size(); ++j) {
+          TORCH_CHECK(
+              !overlap(in.tensors[i], out.tensors[j]),
+              op, ": ", in.name, "[", i, "] shares memory with ", out.name, "[", j,
+              "], which the op writes; pass a copy (", in.name, "[", i, "].clone())");
+        }
+      }
+    }
+  }
+}
+
 void check_disjoint(at::TensorList sums, at::TensorList other_sums, const char* op) {
   for (size_t i = 0; i < sums.size(); ++i) {
     TORCH_CHECK(!any_overlap({sums[i], other_sums[i]}), op, ": the accumulators of entry ", i, " share memory");
@@ -65,6 +113,14 @@ void check_disjoint(at::TensorList sums, at::TensorList other_sums, const char* 
 }
 
 }  // namespace
+
+double symmetry_tolerance(at::ScalarType dtype) {
+  double tolerance = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "symmetry_tolerance", [&] {
+    tolerance = std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
+  });
+  return tolerance;
+}
 
 bool is_diagonal_gram(const at::Tensor& gram) {
   return gram.dim() == 1;
@@ -117,6 +173,7 @@ void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
   if (!grams.empty()) {
     check_one_device(grams, grams[0], op, "grams");
   }
+  check_inputs_do_not_overlap_outputs({{"inputs", inputs}}, {{"grams", grams}}, op);
 }
 
 void check_gram_weighted_accumulate_args(
@@ -174,6 +231,9 @@ void check_gram_weighted_accumulate_args(
     check_one_device(gram_sums, gram_sums[0], op, "gram_sums");
   }
   check_disjoint(gram_sums, weighted_sums, op);
+  check_inputs_do_not_overlap_outputs(
+      {{"grams", grams}, {"factors", factors}, {"lefts", lefts}},
+      {{"gram_sums", gram_sums}, {"weighted_sums", weighted_sums}}, op);
 }
 
 void check_projected_accumulate_args(
@@ -225,6 +285,9 @@ void check_projected_accumulate_args(
     check_one_device(projection_sums, projection_sums[0], op, "projection_sums");
   }
   check_disjoint(projection_sums, weighted_sums, op);
+  check_inputs_do_not_overlap_outputs(
+      {{"grams", grams}, {"shared_factors", shared_factors}, {"factors", factors}},
+      {{"projection_sums", projection_sums}, {"weighted_sums", weighted_sums}}, op);
 }
 
 }  // namespace lorm_ext

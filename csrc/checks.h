@@ -9,6 +9,10 @@
 
 namespace lorm_ext {
 
+// The largest max |G − Gᵀ| a Gram of this dtype may have, relative to max diag(G): sqrt(eps), since GEMM rounding
+// lets GEMM-made Grams differ from their transpose. The one rule for every check (Python reads it from here).
+double symmetry_tolerance(at::ScalarType dtype);
+
 // A Gram is float32/float64, contiguous, and either (n, n) or (n,) (diagonal-only).
 bool is_diagonal_gram(const at::Tensor& gram);
 

@@ -1,44 +1,102 @@
 // psd_right_solve: rhs @ pinv(gram) for symmetric positive semi-definite Grams, batched over layers.
 //
 // Semantics are torch.pinverse's (the authors' solver): eigen/singular values with |λ| <= rcond·max|λ| are
-// treated as zero. The fast path is a batched Cholesky solve (n³/3 FLOPs against roughly 10 n³ for an SVD).
-// A batch entry falls back to an eigendecomposition pseudo-inverse when Cholesky fails, or when a pivot
-// satisfies L_ii² <= kCholeskyPivotTolerance · max_j G_jj: then G is singular to working precision and only
-// the pseudo-inverse defines the answer. The code is ATen only, so one implementation serves every device
-// (on CUDA, cuSOLVER through ATen).
+// treated as zero. The fast path is a Cholesky solve (n³/3 FLOPs against roughly 10 n³ for an SVD). It is taken
+// only where it gives that answer: for rcond <= kCholeskyRcond, where the eigenvalues such an rcond cuts are at
+// the rounding level of λ_max and both answers are noise along them, and only for entries whose Cholesky
+// succeeds with every pivot L_ii² > kCholeskyPivotTolerance · max_j G_jj (else G is singular to working
+// precision). Every other entry, and every entry when rcond is larger, goes through an eigendecomposition
+// pseudo-inverse. On the CPU the factorisation and the solve call LAPACK in place on one copy of G (no
+// transposed copies, no zeroed triangle); elsewhere (CUDA: cuSOLVER) they go through ATen.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+
+#include "checks.h"
+
+// LAPACK as exported by torch's CPU library (MKL or OpenBLAS). Weak: a torch built without LAPACK leaves them
+// null and the ATen path serves.
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
+void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info) __attribute__((weak));
+void dpotrs_(const char* uplo, const int* n, const int* nrhs, const double* a, const int* lda, double* b,
+             const int* ldb, int* info) __attribute__((weak));
+void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda, float* b,
+             const int* ldb, int* info) __attribute__((weak));
+}
 
 namespace lorm_ext {
 namespace {
 
+constexpr const char* kOp = "lorm_ext::psd_right_solve";
 constexpr double kCholeskyPivotTolerance = 1e-12;
+constexpr double kCholeskyRcond = 1e-15;
 
-void check_solve_args(const at::Tensor& rhs, const at::Tensor& gram) {
-  constexpr const char* op = "lorm_ext::psd_right_solve";
+// How rhs (..., m, n) pairs with gram: a full (..., n, n), a diagonal (..., n) (rhs has one more dim), or a
+// diagonal written as (..., 1, n), which is never ambiguous.
+enum class GramKind { kFull, kDiagonal, kDiagonalRow };
+
+GramKind check_solve_args(const at::Tensor& rhs, const at::Tensor& gram, double rcond) {
   TORCH_CHECK(
       gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
-      op, ": gram must be float32 or float64, got ", gram.scalar_type());
-  TORCH_CHECK(at::isFloatingType(rhs.scalar_type()), op, ": rhs must be floating point, got ", rhs.scalar_type());
-  TORCH_CHECK(rhs.device() == gram.device(), op, ": rhs is on ", rhs.device(), " but gram is on ", gram.device());
-  TORCH_CHECK(gram.dim() >= 1, op, ": gram must have at least one dimension");
-  const bool diagonal = rhs.dim() == gram.dim() + 1;
-  if (!diagonal) {
+      kOp, ": gram must be float32 or float64, got ", gram.scalar_type());
+  TORCH_CHECK(at::isFloatingType(rhs.scalar_type()), kOp, ": rhs must be floating point, got ", rhs.scalar_type());
+  TORCH_CHECK(rhs.device() == gram.device(), kOp, ": rhs is on ", rhs.device(), " but gram is on ", gram.device());
+  TORCH_CHECK(std::isfinite(rcond) && rcond >= 0, kOp, ": rcond must be finite and >= 0, got ", rcond);
+  TORCH_CHECK(gram.dim() >= 1, kOp, ": gram must have at least one dimension");
+  TORCH_CHECK(rhs.dim() >= 2, kOp, ": rhs must be (..., m, n), got shape ", rhs.sizes());
+  GramKind kind = GramKind::kFull;
+  if (rhs.dim() == gram.dim() + 1) {
+    kind = GramKind::kDiagonal;
     TORCH_CHECK(
-        gram.dim() >= 2 && gram.size(-1) == gram.size(-2),
-        op, ": gram must be (..., n, n) or a diagonal (..., n), got shape ", gram.sizes());
+        !(gram.dim() >= 2 && gram.size(-1) == gram.size(-2)),
+        kOp, ": rhs ", rhs.sizes(), " with gram ", gram.sizes(), " is ambiguous: ", gram.size(-2),
+        " diagonal Grams, or one full Gram for a batch of right-hand sides (not supported: give the Gram the "
+        "batch dims of rhs); write diagonal Grams as (..., 1, n) to say which");
+  } else {
     TORCH_CHECK(
-        rhs.dim() == gram.dim(),
-        op, ": rhs must be (..., m, n) with the batch dims of gram, got rhs ", rhs.sizes(), " and gram ",
-        gram.sizes());
+        rhs.dim() == gram.dim() && gram.dim() >= 2,
+        kOp, ": rhs must be (..., m, n) with gram (..., n, n), (..., 1, n) or a diagonal (..., n) of the same "
+        "batch dims, got rhs ", rhs.sizes(), " and gram ", gram.sizes());
+    if (gram.size(-2) == 1 && gram.size(-1) != 1) {
+      kind = GramKind::kDiagonalRow;
+    } else {
+      TORCH_CHECK(
+          gram.size(-1) == gram.size(-2),
+          kOp, ": gram must be (..., n, n), (..., 1, n) or a diagonal (..., n), got shape ", gram.sizes());
+    }
   }
   const int64_t batch_dims = rhs.dim() - 2;
   TORCH_CHECK(
       rhs.sizes().slice(0, batch_dims) == gram.sizes().slice(0, batch_dims),
-      op, ": batch dims differ: rhs ", rhs.sizes(), ", gram ", gram.sizes());
+      kOp, ": batch dims differ: rhs ", rhs.sizes(), ", gram ", gram.sizes());
   TORCH_CHECK(
       rhs.size(-1) == gram.size(-1),
-      op, ": rhs has ", rhs.size(-1), " columns but gram is for ", gram.size(-1), " features");
+      kOp, ": rhs has ", rhs.size(-1), " columns but gram is for ", gram.size(-1), " features");
+  return kind;
+}
+
+// The Cholesky factor reads one triangle only: an asymmetric Gram would be solved as a different matrix.
+void check_symmetric(const at::Tensor& grams) {
+  std::vector<at::Tensor> entries(grams.unbind(0));
+  static const auto gram_stats = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("lorm_ext::gram_stats", "")
+                                     .typed<at::Tensor(at::TensorList)>();
+  const at::Tensor stats = gram_stats.call(entries).cpu();
+  const auto s = stats.accessor<double, 2>();
+  const double tolerance = symmetry_tolerance(grams.scalar_type());
+  for (const auto i : c10::irange(stats.size(0))) {
+    const double asymmetry = s[i][0], max_diagonal = s[i][2];
+    TORCH_CHECK(s[i][3] == 0, kOp, ": gram ", i, " contains NaN or Inf");
+    TORCH_CHECK(
+        asymmetry <= tolerance * max_diagonal,
+        kOp, ": gram ", i, " is not symmetric (max |G - Gᵀ| = ", asymmetry, " > ", tolerance,
+        " · max diag); a Gram XᵀX is");
+  }
 }
 
 // The pseudo-inverse through eigh: for symmetric G the singular values are |λ|, so dropping
@@ -58,32 +116,101 @@ at::Tensor diagonal_pinv_solve(const at::Tensor& rhs, const at::Tensor& gram, do
   return rhs * inverse.unsqueeze(-2);
 }
 
+// Whether entry i's factor is usable: its pivots L_ii² against max_j G_jj (both read from the diagonals).
+bool pivots_usable(const at::Tensor& factor_diagonal, const at::Tensor& gram_diagonal) {
+  const double pivot = factor_diagonal.square().amin().item<double>();
+  return pivot > kCholeskyPivotTolerance * gram_diagonal.amax().item<double>();
+}
+
+template <typename scalar_t>
+void lapack_potrf(int n, scalar_t* a, int* info) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    dpotrf_("L", &n, a, &n, info);
+  } else {
+    spotrf_("L", &n, a, &n, info);
+  }
+}
+
+template <typename scalar_t>
+void lapack_potrs(int n, int nrhs, const scalar_t* a, scalar_t* b, int* info) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    dpotrs_("L", &n, &nrhs, a, &n, b, &n, info);
+  } else {
+    spotrs_("L", &n, &nrhs, a, &n, b, &n, info);
+  }
+}
+
+bool have_lapack() {
+  return dpotrf_ != nullptr && spotrf_ != nullptr && dpotrs_ != nullptr && spotrs_ != nullptr;
+}
+
+// CPU: per entry, LAPACK on one copy of G. A row-major symmetric G is its own column-major layout, and a
+// row-major rhs (m, n) is rhsᵀ column-major: potrs solves G Xᵀ = rhsᵀ in place, which is X G = rhs.
+at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tensor& usable) {
+  at::Tensor out = b.clone(at::MemoryFormat::Contiguous);
+  at::Tensor factor = at::empty_like(g[0], at::MemoryFormat::Contiguous);
+  const int n = static_cast<int>(g.size(-1)), m = static_cast<int>(b.size(-2));
+  bool* ok = usable.mutable_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "psd_right_solve_lapack", [&] {
+    for (const auto i : c10::irange(g.size(0))) {
+      factor.copy_(g[i]);
+      int info = 0;
+      lapack_potrf<scalar_t>(n, factor.mutable_data_ptr<scalar_t>(), &info);
+      ok[i] = info == 0 && pivots_usable(factor.diagonal(), g[i].diagonal());
+      if (ok[i]) {
+        lapack_potrs<scalar_t>(n, m, factor.const_data_ptr<scalar_t>(), out[i].mutable_data_ptr<scalar_t>(), &info);
+        TORCH_INTERNAL_ASSERT(info == 0, kOp, ": potrs failed with info ", info);
+      }
+    }
+  });
+  return out;
+}
+
+// Other devices: the batched ATen factorisation and solve (cuSOLVER on CUDA).
+at::Tensor cholesky_solve_aten(const at::Tensor& b, const at::Tensor& g, at::Tensor& usable) {
+  auto [factor, info] = at::linalg_cholesky_ex(g, /*upper=*/false, /*check_errors=*/false);
+  const at::Tensor pivots = factor.diagonal(0, -2, -1).square().amin(-1);
+  const at::Tensor scale = g.diagonal(0, -2, -1).amax(-1);
+  usable = info.eq(0).logical_and(pivots > kCholeskyPivotTolerance * scale).cpu();
+  // X G = B  <=>  G Xᵀ = Bᵀ (G symmetric).
+  return at::cholesky_solve(b.mT(), factor, /*upper=*/false).mT().contiguous();
+}
+
+at::Tensor full_solve(const at::Tensor& rhs, const at::Tensor& gram, double rcond) {
+  const int64_t n = gram.size(-1), m = rhs.size(-2);
+  const at::Tensor g = gram.reshape({-1, n, n}).contiguous();
+  const at::Tensor b = rhs.reshape({-1, m, n});
+  check_symmetric(g);
+  if (rcond > kCholeskyRcond) {
+    return eigh_pinv_solve(b, g, rcond).reshape(rhs.sizes());
+  }
+  at::Tensor usable = at::zeros({g.size(0)}, at::kBool);
+  at::Tensor out = g.is_cpu() && have_lapack() && n <= INT32_MAX && m <= INT32_MAX
+                       ? cholesky_solve_cpu(b, g, usable)
+                       : cholesky_solve_aten(b, g, usable);
+  if (!usable.all().item<bool>()) {
+    const at::Tensor fallback = usable.logical_not().nonzero().squeeze(-1).to(g.device());
+    out.index_copy_(0, fallback, eigh_pinv_solve(b.index_select(0, fallback), g.index_select(0, fallback), rcond));
+  }
+  return out.reshape(rhs.sizes());
+}
+
 at::Tensor psd_right_solve(const at::Tensor& rhs_in, const at::Tensor& gram_in, double rcond) {
-  check_solve_args(rhs_in, gram_in);
+  const GramKind kind = check_solve_args(rhs_in, gram_in, rcond);
   const at::Tensor gram = gram_in.detach();
   const at::Tensor rhs = rhs_in.detach().to(gram.scalar_type());
   if (rhs.numel() == 0) {
     return at::zeros_like(rhs);
   }
-  if (rhs.dim() == gram.dim() + 1) {
-    return diagonal_pinv_solve(rhs, gram, rcond);
+  switch (kind) {
+    case GramKind::kDiagonal:
+      return diagonal_pinv_solve(rhs, gram, rcond);
+    case GramKind::kDiagonalRow:
+      return diagonal_pinv_solve(rhs, gram.squeeze(-2), rcond);
+    case GramKind::kFull:
+      return full_solve(rhs, gram, rcond);
   }
-  const int64_t n = gram.size(-1);
-  const int64_t m = rhs.size(-2);
-  const at::Tensor g = gram.reshape({-1, n, n});
-  const at::Tensor b = rhs.reshape({-1, m, n});
-
-  auto [factor, info] = at::linalg_cholesky_ex(g, /*upper=*/false, /*check_errors=*/false);
-  const at::Tensor pivots = factor.diagonal(0, -2, -1).square().amin(-1);
-  const at::Tensor scale = g.diagonal(0, -2, -1).amax(-1);
-  const at::Tensor usable = info.eq(0).logical_and(pivots > kCholeskyPivotTolerance * scale);
-  // X G = B  <=>  G Xᵀ = Bᵀ (G symmetric).
-  at::Tensor out = at::cholesky_solve(b.mT(), factor, /*upper=*/false).mT().contiguous();
-  if (!usable.all().item<bool>()) {
-    const at::Tensor fallback = usable.logical_not().nonzero().squeeze(-1);
-    out.index_copy_(0, fallback, eigh_pinv_solve(b.index_select(0, fallback), g.index_select(0, fallback), rcond));
-  }
-  return out.reshape(rhs.sizes());
+  TORCH_INTERNAL_ASSERT(false, kOp, ": unknown Gram kind");
 }
 
 }  // namespace

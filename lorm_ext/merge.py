@@ -73,7 +73,9 @@ class _SolveSums:
     def solve(self) -> dict[str, Tensor]:
         out = {}
         for group in self.groups.values():
-            solved = ops.psd_right_solve(group.numerators, group.denominators, self.rcond)
+            dens = group.denominators
+            # diagonal Grams as (L, 1, n): never ambiguous with one full Gram, whatever L and n are
+            solved = ops.psd_right_solve(group.numerators, dens.unsqueeze(-2) if dens.dim() == 2 else dens, self.rcond)
             out.update(zip(group.names, solved.unbind(0)))
         return out
 

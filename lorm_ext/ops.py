@@ -81,36 +81,48 @@ def gram_stats(grams: Sequence[Tensor]) -> Tensor:
 
 
 def psd_right_solve(rhs: Tensor, gram: Tensor, rcond: float = DEFAULT_RCOND) -> Tensor:
-    """rhs @ pinv(gram) for symmetric PSD Grams, batched: rhs (..., m, n) with gram (..., n, n) or diagonal (..., n).
+    """rhs @ pinv(gram) for symmetric PSD Grams, batched: rhs (..., m, n) with gram (..., n, n), or diagonal
+    Grams as (..., 1, n) or (..., n) (the latter refused where it could also read as one full Gram).
 
-    Computed in the Gram's dtype. Same result as ``rhs @ torch.pinverse(gram, rcond)`` (see
-    reference.py): a Cholesky solve where the Gram is numerically positive definite, an eigendecomposition
-    pseudo-inverse for the batch entries where it is not.
+    Computed in the Gram's dtype. Same result as ``rhs @ torch.pinverse(gram, rcond)`` (see reference.py): a
+    Cholesky solve where the Gram is numerically positive definite and rcond is at most 1e-15, an
+    eigendecomposition pseudo-inverse otherwise. A full Gram must be symmetric (``symmetry_tolerance``) and
+    finite; rcond finite and >= 0.
     """
     return _ops.psd_right_solve(rhs, gram, rcond)
 
 
+def _check_one_device(op: str, *tensor_lists) -> None:
+    """The dispatcher runs these fake kernels for any call with a meta tensor: one with real tensors among them
+    (which would otherwise do nothing, silently) is an error."""
+    devices = {t.device for tensors in tensor_lists for t in tensors}
+    if len(devices) > 1:
+        raise RuntimeError(f"lorm_ext::{op}: tensors on several devices ({sorted(map(str, devices))}); all must be on one")
+
+
 @torch.library.register_fake("lorm_ext::gram_accumulate_")
 def _gram_accumulate_fake(grams, inputs):
-    return None
+    _check_one_device("gram_accumulate_", grams, inputs)
 
 
 @torch.library.register_fake("lorm_ext::gram_weighted_accumulate_")
 def _gram_weighted_accumulate_fake(gram_sums, weighted_sums, grams, factors, lefts):
-    return None
+    _check_one_device("gram_weighted_accumulate_", gram_sums, weighted_sums, grams, factors, lefts)
 
 
 @torch.library.register_fake("lorm_ext::projected_accumulate_")
 def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_factors, factors):
-    return None
+    _check_one_device("projected_accumulate_", projection_sums, weighted_sums, grams, shared_factors, factors)
 
 
 @torch.library.register_fake("lorm_ext::gram_stats")
 def _gram_stats_fake(grams):
+    _check_one_device("gram_stats", grams)
     device = grams[0].device if grams else None
     return torch.empty(len(grams), 4, dtype=torch.float64, device=device)
 
 
 @torch.library.register_fake("lorm_ext::psd_right_solve")
 def _psd_right_solve_fake(rhs, gram, rcond):
+    _check_one_device("psd_right_solve", [rhs, gram])
     return rhs.new_empty(rhs.shape, dtype=gram.dtype)

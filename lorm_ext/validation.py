@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _C, ops
 
 
 OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the native ops' floating inputs
@@ -58,8 +58,9 @@ def check_matrix(
 
 
 def symmetry_tolerance(dtype: torch.dtype) -> float:
-    """Rounding lets GEMM-made Grams differ from their transpose; sqrt(eps) of the dtype, relative to max diag(G)."""
-    return torch.finfo(dtype).eps ** 0.5
+    """The largest max |G − Gᵀ| accepted for a Gram of this dtype, relative to max diag(G): the native library's
+    rule (csrc/checks.h), which psd_right_solve applies too."""
+    return _C.symmetry_tolerance(dtype)
 
 
 def check_gram(

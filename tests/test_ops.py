@@ -330,3 +330,112 @@ def test_ops_trace_under_torch_compile(device):
     out = torch.compile(step, backend="aot_eager", fullgraph=True)(gram, x, rhs)
     assert_rel_close(out, expected, 1e-9)
     assert_rel_close(gram, torch.eye(12, device=device) + ref.gram_ref(x), REL_TOL[torch.float32])
+
+
+class TestInputsMustNotOverlapOutputs:
+    """An input that is (part of) an output would be read half-updated: every such call is refused, by name."""
+
+    def expect_overlap(self, fn, accumulators, fragment):
+        TestBadInputs().expect_error(fn, accumulators, fragment, "shares memory with")
+
+    def test_gram_accumulate(self, device):
+        g = random_gram(6, 9, dtype=torch.float32, device=device)
+        self.expect_overlap(lambda: ops.gram_accumulate_([g], [g]), [g], "inputs[0] shares memory with grams[0]")
+        other = torch.zeros(6, 6, device=device)
+        self.expect_overlap(lambda: ops.gram_accumulate_([other, g], [torch.randn(3, 6, device=device), g[:2]]), [g, other],
+                            "inputs[1] shares memory with grams[1]")
+        self.expect_overlap(lambda: ops.gram_accumulate_([g, other], [torch.randn(3, 6, device=device), g]), [g, other],
+                            "inputs[1] shares memory with grams[0]")
+
+    def test_gram_weighted_accumulate(self, device):
+        n = 6
+        gram = random_gram(n, 9, dtype=torch.float32, device=device)
+        gram_sum, weighted = torch.zeros(n, n, device=device), torch.zeros(n, n, device=device)
+        call = lambda *a: lambda: ops.gram_weighted_accumulate_(*a)  # noqa: E731
+        acc = [gram_sum, weighted]
+        self.expect_overlap(call([gram_sum], [weighted], [gram], [weighted]), acc, "factors[0] shares memory with weighted_sums[0]")
+        self.expect_overlap(call([gram_sum], [weighted], [gram], [gram_sum]), acc, "factors[0] shares memory with gram_sums[0]")
+        self.expect_overlap(call([gram_sum], [weighted], [gram_sum.T], [gram]), acc, "grams[0] shares memory with gram_sums[0]")
+        left = torch.zeros(n, n, device=device)
+        self.expect_overlap(call([gram_sum], [left], [gram], [gram.clone()], [left]), [gram_sum, left],
+                            "lefts[0] shares memory with weighted_sums[0]")
+
+    @pytest.mark.parametrize("r", [3, 16])
+    def test_projected_accumulate(self, device, r):
+        n, m = 20, 16
+        gram = random_gram(n, 30, dtype=torch.float32, device=device)
+        a, b = torch.randn(r, n, device=device), torch.randn(m, r, device=device)
+        proj, weighted = torch.zeros(r, r, device=device), torch.zeros(m, r, device=device)
+        call = lambda *args: lambda: ops.projected_accumulate_(*args)  # noqa: E731
+        self.expect_overlap(call([proj], [weighted], [gram], [a], [weighted]), [proj, weighted], "factors[0] shares memory with weighted_sums[0]")
+        buffer = torch.zeros(r * n + r * r, device=device)  # A and ΣP carved out of one buffer, overlapping
+        shared_a, proj_view = buffer[: r * n].view(r, n), buffer[r * n - r * r : r * n].view(r, r)
+        self.expect_overlap(call([proj_view], [weighted], [gram], [shared_a], [b]), [proj_view, weighted],
+                            "shared_factors[0] shares memory with projection_sums[0]")
+
+    def test_disjoint_views_of_one_buffer_are_accepted(self, device):
+        buffer = torch.zeros(2, 5, 5, device=device)
+        x = torch.randn(7, 5, device=device)
+        ops.gram_accumulate_([buffer[0]], [x])
+        assert_rel_close(buffer[0], ref.gram_ref(x, dtype=torch.float64), REL_TOL[torch.float32])
+
+
+class TestSolveArguments:
+    def test_rcond_is_honoured_on_every_path(self, device):
+        """The Cholesky fast path would keep the 1e-8 direction; pinverse semantics at rcond 1e-6 drop it."""
+        gram = torch.diag(torch.tensor([1.0, 1e-8], dtype=torch.float64, device=device))
+        rhs = torch.ones(1, 2, dtype=torch.float64, device=device)
+        for g in (gram, torch.diagonal(gram)[None]):
+            out = ops.psd_right_solve(rhs, g, 1e-6)
+            assert torch.equal(out.cpu(), torch.tensor([[1.0, 0.0]], dtype=torch.float64)), out
+        assert ops.psd_right_solve(rhs, gram, 1e-9).cpu()[0, 1] == pytest.approx(1e8)
+
+    @pytest.mark.parametrize("rcond", [1e-15, 1e-10, 1e-6, 1e-3])
+    def test_non_default_rcond_matches_the_reference(self, device, rcond):
+        q = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64)).Q
+        spectrum = torch.logspace(0, -8, 30, dtype=torch.float64)  # eigenvalues on both sides of every cut but 1e-15
+        gram = ((q * spectrum) @ q.T).to(device)
+        gram = (gram + gram.T) / 2
+        rhs = torch.randn(4, 30, dtype=torch.float64, device=device) @ gram
+        expected = ref.right_solve_ref(rhs.cpu(), gram.cpu(), rcond)
+        assert_rel_close(ops.psd_right_solve(rhs, gram, rcond).cpu(), expected, 1e-6)
+        diagonal = spectrum.to(device)
+        assert_rel_close(ops.psd_right_solve(rhs, diagonal[None, :], rcond).cpu(), ref.right_solve_ref(rhs.cpu(), diagonal.cpu(), rcond), 1e-12)
+
+    def test_diagonal_as_a_row_equals_the_vector_form(self, device):
+        grams = torch.rand(3, 3, dtype=torch.float64, device=device) + 0.1  # 3 diagonal Grams of width 3
+        rhs = torch.randn(3, 2, 3, dtype=torch.float64, device=device)
+        expected = torch.stack([ref.right_solve_ref(r, g) for r, g in zip(rhs.cpu(), grams.cpu())])
+        assert_rel_close(ops.psd_right_solve(rhs, grams[:, None, :]).cpu(), expected, 1e-14)
+
+    def test_bad_arguments_are_clear_errors(self, device):
+        g = random_gram(4, 6, device=device)
+        rhs = torch.randn(3, 4, dtype=torch.float64, device=device)
+        call = lambda *a: lambda: ops.psd_right_solve(*a)  # noqa: E731
+        bad = TestBadInputs().expect_error
+        for rcond in (-1e-15, float("nan"), float("inf")):
+            bad(call(rhs, g, rcond), [], "rcond must be finite and >= 0")
+        bad(call(torch.randn(4, 3, 4, dtype=torch.float64, device=device), g), [], "is ambiguous", "(..., 1, n)")
+        asymmetric = g.clone()
+        asymmetric[0, 3] += 1
+        bad(call(rhs, asymmetric), [], "gram 0 is not symmetric")
+        bad(call(rhs, torch.full_like(g, float("nan"))), [], "gram 0 contains NaN or Inf")
+
+
+def test_meta_tensors_mixed_with_real_ones_are_refused(device):
+    """The dispatcher sends a call with any meta tensor to the fake kernel: with real tensors among them that
+    would silently do nothing."""
+    g, x = torch.zeros(4, 4, device=device), torch.randn(3, 4, device=device)
+    meta = torch.zeros(4, 4, device="meta")
+    with pytest.raises(RuntimeError, match="lorm_ext::gram_accumulate_: tensors on several devices"):
+        ops.gram_accumulate_([g, meta], [x, x.to("meta")])
+    f = torch.randn(2, 4, device=device)
+    with pytest.raises(RuntimeError, match="lorm_ext::gram_weighted_accumulate_: tensors on several devices"):
+        ops.gram_weighted_accumulate_([meta], [torch.zeros(2, 4, device=device)], [g], [f])
+    with pytest.raises(RuntimeError, match="lorm_ext::projected_accumulate_: tensors on several devices"):
+        ops.projected_accumulate_([torch.zeros(2, 2, device="meta")], [torch.zeros(5, 2, device=device)], [g], [f], [torch.randn(5, 2, device=device)])
+    with pytest.raises(RuntimeError, match="lorm_ext::psd_right_solve: tensors on several devices"):
+        ops.psd_right_solve(torch.randn(2, 4, device="meta"), g.double())
+    with pytest.raises(RuntimeError, match="lorm_ext::gram_stats: tensors on several devices"):
+        ops.gram_stats([g, meta])
+    assert torch.equal(g, torch.zeros(4, 4, device=device))
