@@ -24,7 +24,7 @@ import torch
 from .config import STRATEGIES, ConfigError, RunConfig
 from .driver import check, check_run_dir, prepare, run, split_bytes
 from .environment import pin_cpu_kernels, reexec_with_cpu_environment
-from .metrics import comparison_table
+from .metrics import comparison_table, wins_table
 from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
 
 HELP = {
@@ -142,6 +142,9 @@ def machine_line(results: dict[str, list[dict]]) -> str:
 def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
     """Table, JSON and plots of finished runs grouped by strategy; returns the table."""
     table = comparison_table(results)
+    wins = wins_table(results)
+    if wins:
+        table += f"\n\nPer seed (identical splits), LoRM against each other strategy:\n\n{wins}"
     first = next(iter(results.values()))[0]["config"]
     title = f"{first['dataset']}, {first['network']}, β = {first['distribution_alpha']}, seeds " + ",".join(
         str(r["seed"]) for r in next(iter(results.values()))

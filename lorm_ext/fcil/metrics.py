@@ -73,3 +73,28 @@ def comparison_table(results: dict[str, list[dict]]) -> str:
             cells.append("–" if stats is None else f"{fmt.format(stats[0])} ± {fmt.format(stats[1])}")
         lines.append(f"| {strategy} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+WIN_COLUMNS = (("final_accuracy_weighted", "final acc"), ("average_incremental_accuracy", "avg incremental acc"))
+
+
+def wins_table(results: dict[str, list[dict]], reference: str = "lorm") -> str:
+    """Markdown table, one row per other strategy: over the seeds both ran (identical splits), how often
+    ``reference`` is ahead / level / behind, and the mean ± std of its lead, per column of WIN_COLUMNS."""
+    if reference not in results or len(results) < 2:
+        return ""
+    mine = {run["seed"]: run["summary"] for run in results[reference]}
+    titles = " | ".join(f"{title}: ahead/level/behind | {title}: lead" for _, title in WIN_COLUMNS)
+    lines = [f"| {reference} vs | seeds | {titles} |", "|" + "---|" * (2 + 2 * len(WIN_COLUMNS))]
+    for strategy, runs in results.items():
+        if strategy == reference:
+            continue
+        theirs = {run["seed"]: run["summary"] for run in runs if run["seed"] in mine}
+        cells = []
+        for key, _ in WIN_COLUMNS:
+            leads = [mine[seed][key] - summary[key] for seed, summary in theirs.items()]
+            counts = [sum(d > 0 for d in leads), sum(d == 0 for d in leads), sum(d < 0 for d in leads)]
+            stats = mean_std(leads)
+            cells += ["/".join(map(str, counts)), "–" if stats is None else f"{stats[0]:+.2f} ± {stats[1]:.2f}"]
+        lines.append(f"| {strategy} | {len(theirs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

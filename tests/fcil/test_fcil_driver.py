@@ -3,6 +3,7 @@ to the same results, and bad configurations stop before any work with a clear me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 from lorm_ext.fcil import cli
 from lorm_ext.fcil.config import STRATEGIES, ConfigError
 from lorm_ext.fcil.driver import run, units
-from lorm_ext.fcil.metrics import comparison_table, summarize
+from lorm_ext.fcil.environment import CPU_ENVIRONMENT, NATIVE_KERNELS, missing_cpu_environment
+from lorm_ext.fcil.metrics import comparison_table, summarize, wins_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,6 +96,23 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     assert adapters[0].keys() == adapters[1].keys()
     assert all(adapters[0][k].equal(adapters[1][k]) for k in adapters[0])
     assert not (folders[1] / "checkpoint.pt").exists()
+    # the command line restarted itself with the pinned CPU kernels and says so; the split it used is on disk
+    env = results[0]["environment"]
+    assert env["variables"] == {k: os.environ.get(k, v) for k, v in CPU_ENVIRONMENT.items()} | {NATIVE_KERNELS: None}
+    assert env["threads"] == 1 and env["onednn"] is False and env["backbone_sha256"] is None  # --pretrained False
+    split = tmp_path / "resumed" / "splits" / "seed0.json"
+    assert hashlib.sha256(split.read_bytes()).hexdigest() == results[0]["split_sha256"] == results[1]["split_sha256"]
+
+
+def test_cpu_settings_keep_what_the_user_set(monkeypatch):
+    for name in CPU_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(NATIVE_KERNELS, raising=False)
+    assert missing_cpu_environment() == CPU_ENVIRONMENT
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    assert missing_cpu_environment() == {k: v for k, v in CPU_ENVIRONMENT.items() if k != "MKL_CBWR"}
+    monkeypatch.setenv(NATIVE_KERNELS, "1")
+    assert missing_cpu_environment() == {}
 
 
 @pytest.mark.parametrize(
@@ -153,3 +172,21 @@ def test_metrics_on_a_hand_made_run():
     assert summary["forgetting_max"] == pytest.approx(((100 - 50) + (90 - 50)) / 2)
     table = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}] * 2})
     assert "| lorm | 2 | 57.50 ± 0.00 |" in table
+
+
+def test_wins_table_counts_seeds_where_lorm_is_ahead():
+    def runs(finals, incrementals, seeds=(0, 1, 2)):
+        return [
+            {"seed": s, "summary": {"final_accuracy_weighted": f, "average_incremental_accuracy": i}}
+            for s, f, i in zip(seeds, finals, incrementals)
+        ]
+
+    results = {
+        "lorm": runs([50.0, 40.0, 30.0], [60.0, 61.0, 62.0]),
+        "fedit": runs([45.0, 40.0, 35.0], [50.0, 50.0, 50.0]),
+        "centralized": runs([20.0, 90.0], [70.0, 70.0], seeds=(2, 7)),  # only seed 2 is shared
+    }
+    lines = wins_table(results).splitlines()
+    assert lines[2] == "| fedit | 3 | 1/1/1 | +0.00 ± 5.00 | 3/0/0 | +11.00 ± 1.00 |"
+    assert lines[3] == "| centralized | 1 | 1/0/0 | +10.00 ± 0.00 | 0/0/1 | -8.00 ± 0.00 |"
+    assert wins_table({"fedit": results["fedit"]}) == ""
