@@ -204,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2
     results: dict[str, list[dict]] = {}
-    for config, run_dir in zip(configs, run_dirs):
-        results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir))
+    try:
+        for config, run_dir in zip(configs, run_dirs):
+            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir))
+    except ConfigError as error:  # a run folder that cannot be resumed (its checkpoint, say)
+        print(f"lorm-fcil: error: {error}", file=sys.stderr)
+        return 2
     print(write_comparison(output_dir, results))
     print(f"\nruns and comparison in {output_dir}")
     return 0

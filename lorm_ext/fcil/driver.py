@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -181,6 +182,69 @@ def _communicate(config, data, model, server, clock, task: int, round_: int | No
     return instruction, stats
 
 
+# what the results and the log read of each checkpointed unit's record, besides "task" and "round"
+_RECORD_NUMBERS = ("accuracy", "train_s", "gram_s", "merge_s", "eval_s", "seconds", "bytes_up", "bytes_down", "clients")
+
+
+def load_checkpoint(path: str, server, plan: list[tuple[int, int | None]], total: list[int]) -> dict:
+    """The state saved after the last completed unit, with ``server`` loaded from it; a ConfigError naming the
+    file, the problem and how to start over when it cannot be read or is not a state of this run (``plan``:
+    its units; ``total``: test samples per task)."""
+
+    def fail(problem: str):
+        raise ConfigError(
+            f"{path}: cannot resume from this checkpoint: {problem}. Delete it to start this run over from its "
+            f"first round, or pass --overwrite True to discard the whole run folder"
+        )
+
+    try:
+        state = torch.load(path, map_location=server.device, weights_only=True)
+    except Exception as error:  # torch.load reports truncated, empty or foreign files with many exception types
+        fail(f"not a readable checkpoint ({type(error).__name__}: {str(error).partition(chr(10))[0]})")
+    problem = _checkpoint_problem(state, plan, total)
+    if problem:
+        fail(problem)
+    try:
+        server.load_state_dict(state["server"])
+    except ValueError as error:
+        fail(str(error))
+    return state
+
+
+def _checkpoint_problem(state, plan: list[tuple[int, int | None]], total: list[int]) -> str | None:
+    """What does not fit this run in a checkpoint's progress (the server's state is checked by the server)."""
+    keys = {"next_unit", "records", "correct", "server"}
+    if not isinstance(state, dict) or set(state) != keys:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        return f"expected a dict with the keys {sorted(keys)}, got {got}"
+    done = state["next_unit"]
+    if type(done) is not int or not 1 <= done <= len(plan):
+        return f"next_unit {done!r} is not in [1, {len(plan)}] (the units of this run)"
+    records, correct = state["records"], state["correct"]
+    if not isinstance(records, list) or len(records) != done:
+        return f"records must be a list of the {done} completed units"
+    for index, ((task, round_), record) in enumerate(zip(plan, records)):
+        unit = (task, "end" if round_ is None else round_)
+        if not isinstance(record, dict) or (record.get("task"), record.get("round")) != unit:
+            return f"record {index} is not that of task {task} {'end' if round_ is None else f'round {round_}'}"
+        if not all(type(record.get(k)) in (int, float) and math.isfinite(record[k]) for k in _RECORD_NUMBERS):
+            return f"record {index} lacks one of the numbers {list(_RECORD_NUMBERS)}"
+    ends = [task for task, round_ in plan[:done] if round_ is None]
+    if not isinstance(correct, list) or len(correct) != len(ends):
+        return f"correct must hold one list per finished task ({len(ends)})"
+    for task, counts in zip(ends, correct):
+        if not isinstance(counts, list) or len(counts) != len(total) or not all(
+            type(c) is int and 0 <= c <= n for c, n in zip(counts, total)
+        ):
+            return f"correct[{task}] must be {len(total)} counts of right test samples, each at most the task's"
+    server = state["server"]
+    task, round_ = plan[done - 1]
+    stage = {"task": task, "finished": task + 1 if round_ is None else task}
+    if not isinstance(server, dict) or any(server.get(k) != v for k, v in stage.items()):
+        return f"the server state is not that after unit {done - 1} of this run ({stage})"
+    return None
+
+
 def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     """One strategy, one seed; resumes from ``run_dir``'s checkpoint, returns (and writes) the results."""
     check_run_dir(config, run_dir)
@@ -200,8 +264,7 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     state = {"next_unit": 0, "records": [], "correct": []}
     if os.path.isfile(checkpoint_path):
-        state = torch.load(checkpoint_path, map_location=model.head.weight.device, weights_only=True)
-        server.load_state_dict(state["server"])
+        state = load_checkpoint(checkpoint_path, server, plan, total)
     # the log holds exactly the checkpointed units (a unit logged but not checkpointed is done again)
     _write_atomic(log_path, lambda tmp: _write_lines(tmp, state["records"]))
     clock = functools.partial(client_clock, model.head.weight.device)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merge import AStepMerger, BStepMerger, RegMeanMerger
+from ..validation import LayerError, check_layer_names, check_values
 from .client import FIT, TASK_GRAMS, Instruction
 from .config import SEED_INIT, RunConfig, derive_seed
 
@@ -146,8 +147,52 @@ class Server(ABC):
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        """``state_dict()`` output of a server of this run, checked whole before anything changes: a ValueError
+        names the first problem (``_check_state``)."""
+        self._check_state(state)
+        self._set_state(state)
+
+    def _check_state(self, state) -> None:
+        """The keys of ``state_dict()``; task counters with task ≥ -1 and finished ∈ {task, task + 1}; the current
+        tensors (the head, and the factors once a task started) and the finished tasks' adapters, each with its
+        name, shape and dtype and finite."""
+        expected_keys = set(self.state_dict())
+        if not isinstance(state, Mapping) or set(state) != expected_keys:
+            got = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"server state: expected the keys {sorted(expected_keys)}, got {got}")
+        task, finished = state["task"], state["finished"]
+        if not all(type(n) is int for n in (task, finished)) or task < -1 or finished not in (task, task + 1):
+            raise ValueError(f"server state: task {task!r} and finished {finished!r} are not a stage of a run")
+        head = {f"head/{k}": v for k, v in self.head().items()}
+        factors = {
+            f"{factor}/{name}": shape
+            for name, (out_features, in_features) in self.shapes.items()
+            for factor, shape in (("A", (self.config.r, in_features)), ("B", (out_features, self.config.r)))
+        }
+        expected = {
+            "current": {k: tuple(v.shape) for k, v in head.items()} | (factors if task >= 0 else {}),
+            "task_adapters": {f"task{t}/{key}": shape for t in range(finished) for key, shape in factors.items()},
+        }
+        dtype = head["head/weight"].dtype
+        for part, shapes in expected.items():
+            tensors = state[part]
+            if not isinstance(tensors, Mapping):
+                raise ValueError(f"server state: {part} must be a dict of tensors, got {type(tensors).__name__}")
+            check_layer_names(shapes, tensors, f"server state: {part}")
+            for key, shape in shapes.items():
+                t = tensors[key]
+                if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                    got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"server state: {part} {key!r} must be {dtype} {shape}, got {got}")
+            if tensors:
+                try:
+                    check_values({}, [(key, f"{part} tensor", t) for key, t in tensors.items()])
+                except LayerError as error:
+                    raise ValueError(f"server state: {error}") from None
+
+    def _set_state(self, state: Mapping) -> None:
         self.current, self.task_adapters = dict(state["current"]), dict(state["task_adapters"])
-        self.task, self.finished = int(state["task"]), int(state["finished"])
+        self.task, self.finished = state["task"], state["finished"]
         self._rebuild_past()
 
 
@@ -320,8 +365,28 @@ class LoRM(Server):
         return super().state_dict() | {"across_tasks": self._across_tasks.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
-        self._across_tasks.load_state_dict(state["across_tasks"])
+        """As ``Server.load_state_dict``; the cross-task sums are loaded into a new merger (which checks them) and
+        must be those of this run's layers: (out, in) numerators from the first finished task on, none before."""
+        self._check_state(state)
+        across_tasks = RegMeanMerger()
+        try:
+            across_tasks.load_state_dict(state["across_tasks"])
+        except ValueError as error:
+            raise ValueError(f"server state: across_tasks: {error}") from None
+        numerators = {
+            name.removesuffix(".numerator"): tuple(t.shape)
+            for name, t in state["across_tasks"]["sums"].items()
+            if name.endswith(".numerator")
+        }
+        wanted = {name: tuple(shape) for name, shape in self.shapes.items()} if state["finished"] else {}
+        if numerators != wanted:
+            wrong = sorted(set(numerators) ^ set(wanted)) or [n for n in wanted if numerators[n] != wanted[n]]
+            raise ValueError(
+                f"server state: across_tasks must hold an (out, in) sum for every layer of this run once a task "
+                f"finished, none before ({state['finished']} finished); layer {wrong[0]!r} does not fit"
+            )
+        self._set_state(state)
+        self._across_tasks = across_tasks
 
 
 SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in (LoRM, FedIT, FFALoRA, LoRAFAIR, Centralized)}

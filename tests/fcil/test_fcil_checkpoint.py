@@ -1,0 +1,191 @@
+"""Resuming from a checkpoint that is corrupt or tampered with: one line naming the file, the problem and how to
+start over, and nothing in the run folder changes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lorm_ext.fcil import cli, driver
+from lorm_ext.fcil.config import ConfigError
+from lorm_ext.fcil.data import split_tasks
+from lorm_ext.fcil.driver import CHECKPOINT, LOG, RunData, run
+
+UNITS_DONE = 3  # of 4 (2 tasks × (1 round + the task end)): task 0 is finished, the cross-task sums exist
+QKV = "blocks.0.attn.qkv"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny_config, four_digits):
+    """(config, data, run folder) of a LoRM run stopped after UNITS_DONE units, as if killed."""
+    config = tiny_config(strategy="lorm")
+    data = RunData(four_digits, split_tasks(four_digits, config), weights=None)
+    run_dir = tmp_path_factory.mktemp("interrupted")
+    evaluate, calls = driver.evaluate_seen, []
+
+    def evaluate_then_stop(*args):
+        calls.append(None)
+        if len(calls) > UNITS_DONE:
+            raise _Interrupt
+        return evaluate(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "evaluate_seen", evaluate_then_stop)
+        with pytest.raises(_Interrupt):
+            run(config, data, str(run_dir))
+    return config, data, run_dir
+
+
+def _tampered(change):
+    """Bytes of the checkpoint with ``change(state)`` applied to its loaded state."""
+
+    def tamper(blob: bytes, path) -> bytes:
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+        return path.read_bytes()
+
+    return tamper
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _set(mapping_path: list, value):
+    def change(state):
+        node = state
+        for key in mapping_path[:-1]:
+            node = node[key]
+        node[mapping_path[-1]] = value(node[mapping_path[-1]]) if callable(value) else value
+
+    return change
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[2] = float("nan")
+    return t
+
+
+CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
+    "truncated": (lambda blob, path: blob[: len(blob) // 2], "not a readable checkpoint (RuntimeError"),
+    "empty": (lambda blob, path: b"", "not a readable checkpoint ("),
+    "random bytes": (lambda blob, path: np.random.default_rng(0).bytes(4096), "not a readable checkpoint (UnpicklingError"),
+    "code in a pickle": (
+        lambda blob, path: pickle.dumps({"next_unit": _RunsCode(path.parent / "ran")}),
+        "not a readable checkpoint (UnpicklingError: Weights only load failed",
+    ),
+    "next_unit a string": (_tampered(_set(["next_unit"], "3")), "next_unit '3' is not in [1, 4]"),
+    "next_unit past the plan": (_tampered(_set(["next_unit"], 9)), "next_unit 9 is not in [1, 4]"),
+    "a record lost": (_tampered(_set(["records"], lambda r: r[:-1])), "records must be a list of the 3 completed units"),
+    "records reordered": (_tampered(_set(["records"], lambda r: r[::-1])), "record 0 is not that of task 0 round 0"),
+    "a record without seconds": (
+        _tampered(_set(["records", 2], lambda r: {k: v for k, v in r.items() if k != "seconds"})),
+        "record 2 lacks one of the numbers",
+    ),
+    "correct counts": (_tampered(_set(["correct", 0], [10**6, 0])), "correct[0] must be 2 counts of right test"),
+    "a key missing": (
+        _tampered(lambda s: s.pop("correct")),
+        "expected a dict with the keys ['correct', 'next_unit', 'records', 'server'], got ['next_unit', 'records',",
+    ),
+    "server at another stage": (_tampered(_set(["server", "task"], 0)), "the server state is not that after unit 2"),
+    "head shape": (
+        _tampered(_set(["server", "current", "head/weight"], lambda t: t[:-1])),
+        "server state: current 'head/weight' must be torch.float32 (4, 64), got torch.float32 (3, 64)",
+    ),
+    "factor NaN": (
+        _tampered(_set(["server", "current", f"A/{QKV}"], _nan)),
+        f"server state: layer 'A/{QKV}': current tensor contains NaN or Inf (1 entries)",
+    ),
+    "factor float64": (
+        _tampered(_set(["server", "current", f"B/{QKV}"], lambda t: t.double())),
+        f"server state: current 'B/{QKV}' must be torch.float32",
+    ),
+    "a task adapter missing": (
+        _tampered(lambda s: s["server"]["task_adapters"].pop(f"task0/B/{QKV}")),
+        f"server state: task_adapters: layer names differ from the expected ones: missing ['task0/B/{QKV}']",
+    ),
+    "cross-task sum broadcast": (
+        _tampered(_set(["server", "across_tasks", "sums", f"{QKV}.numerator"], lambda t: t[:1])),
+        f"across_tasks must hold an (out, in) sum for every layer of this run once a task finished, none before "
+        f"(1 finished); layer '{QKV}' does not fit",
+    ),
+    "cross-task sum NaN": (
+        _tampered(_set(["server", "across_tasks", "sums", f"{QKV}.denominator"], _nan)),
+        f"server state: across_tasks: load_state_dict: layer '{QKV}': denominator contains NaN or Inf",
+    ),
+    "cross-task client count": (
+        _tampered(_set(["server", "across_tasks", "num_clients"], 0)),
+        "server state: across_tasks: load_state_dict: num_clients is 0 but the sums hold",
+    ),
+}
+
+
+def _copy(folder, tmp_path):
+    """A copy of the interrupted run's folder, for one test to change."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in os.listdir(folder):
+        (copy / name).write_bytes((folder / name).read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize("kind", CORRUPT)
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file_and_how_to_start_over(interrupted, tmp_path, kind):
+    config, data, folder = interrupted
+    run_dir = _copy(folder, tmp_path)
+    path = run_dir / CHECKPOINT
+    corrupt, problem = CORRUPT[kind]
+    path.write_bytes(corrupt(path.read_bytes(), path))
+    before = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
+    with pytest.raises(ConfigError) as error:
+        run(config, data, str(run_dir))
+    message = str(error.value)
+    assert message.startswith(f"{path}: cannot resume from this checkpoint: ")
+    assert problem in message
+    assert message.endswith(
+        ". Delete it to start this run over from its first round, or pass --overwrite True to discard the whole "
+        "run folder"
+    )
+    assert "\n" not in message
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == before  # the folder as it was
+    assert not (run_dir / "ran").exists()
+
+
+def test_the_intact_checkpoint_still_resumes(interrupted, tmp_path):
+    config, data, folder = interrupted
+    run_dir = _copy(folder, tmp_path)
+    results = run(config, data, str(run_dir))
+    assert len(results["accuracy_after_task"]) == 2 and not (run_dir / CHECKPOINT).exists()
+
+
+def test_the_command_line_prints_the_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)  # the CLI pins it
+    threads = torch.get_num_threads()
+    flags = ["--strategies", "lorm", "--pretrained", "False", "--n_tasks", "5", "--num_clients", "2",
+             "--num_comm_rounds", "1", "--output_dir", str(tmp_path)]  # fmt: skip
+    config = cli.configurations(cli.build_parser().parse_args(flags))[0]
+    run_dir = tmp_path / "lorm" / "seed0"
+    run_dir.mkdir(parents=True)
+    driver._write_json(str(run_dir / driver.CONFIG), config.to_json())
+    (run_dir / CHECKPOINT).write_bytes(b"")
+    try:
+        assert cli.main(flags) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"lorm-fcil: error: {re.escape(str(run_dir / CHECKPOINT))}: cannot resume .* whole run folder", err)
