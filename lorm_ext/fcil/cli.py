@@ -35,8 +35,8 @@ HELP = {
     "class_order": "label: classes in label order, as the authors; permuted: a permutation seeded by --seed",
     "split_file": "a JSON file of per-task, per-client train/test index lists (the format every run writes to "
     "<output_dir>/splits/seed<k>.json); default: the seeded Dirichlet split",
-    "network": "digits-vit (the embedded small ViT, pretrained on sklearn digits at first use) or a timm name, "
-    "e.g. vit_base_patch16_224.augreg_in21k",
+    "network": "digits-vit (the embedded small ViT pretrained on sklearn digits; its weights ship with lorm_ext) "
+    "or a timm name, e.g. vit_base_patch16_224.augreg_in21k",
     "pretrained": "load pretrained weights (offline only: --pretrained_path or the Hugging Face cache)",
     "pretrained_path": "a local weights file (.safetensors/.pth timm checkpoint or the original .npz)",
     "r": "LoRA rank",

@@ -152,7 +152,7 @@ def validate(config: RunConfig) -> None:
     _require(0 <= c.alpha_regmean_head <= 1, f"--alpha_regmean_head must be in [0, 1], got {c.alpha_regmean_head}")
     _require(
         c.alpha_regmean_backbone <= 1,
-        f"--alpha_regmean_backbone must be in [0, 1] (or < 0: use --alpha_regmean_head), got {c.alpha_regmean_backbone}",
+        f"--alpha_regmean_backbone must be in [0, 1] (or < 0: --alpha_regmean_head), got {c.alpha_regmean_backbone}",
     )
     _require(c.train_matrix.lower() in ("alt", "a", "b"), f"--train_matrix must be alt, A or B, got {c.train_matrix!r}")
     _require(c.gram_dtype in ("32", "64"), f"--gram_dtype must be 32 or 64, got {c.gram_dtype!r}")

@@ -131,6 +131,8 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--dataset", "cifar100", "--data_path", "/no/such/archive"], "does not exist"),
         (["--train_matrix", "C"], "alt, A or B"),
         (["--alpha_regmean_head", "1.5"], r"in \[0, 1\]"),
+        (["--alpha_regmean_backbone", "1.5"], r"alpha_regmean_backbone must be in \[0, 1\] \(or < 0"),
+        (["--split_file", "/no/such/split.json"], "--split_file '/no/such/split.json': no such file"),
         (["--seed", "one"], "comma list of integers"),
         (["--device", "tpu"], "cpu or cuda"),
     ],
