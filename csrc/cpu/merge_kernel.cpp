@@ -1,12 +1,11 @@
 // CPU streaming merge accumulators: one pass over each client Gram.
 //
 // The work is a list of column panels over all layers, split over threads with at::parallel_for. A panel task
-// walks the rows of G[:, c0:c0+w] once: it upcasts each row segment to the accumulator dtype, adds it into
-// ΣG when the op keeps one, and accumulates F G[:, c0:c0+w] in a p × w scratch that stays in cache
-// (four rows per sweep, so each scratch load feeds four multiply-adds). Diagonal Grams are panels too, one
-// elementwise sweep. The B-step's P = A G Aᵀ is finished inside each panel (an r × r partial per panel), so
-// A G is never stored; its out × r products B_k P_k run in row kernels at small r and through at::addmm above.
-// The panel sweeps are compiled for several instruction sets, picked at load time (LORM_EXT_CPU_CLONES).
+// walks the rows of G[:, c0:c0+w] once, a block of rows at a time: it upcasts the block to the accumulator dtype,
+// adds it into ΣG when the op keeps one, and accumulates F G[:, c0:c0+w] in a p × w scratch with one
+// single-threaded BLAS GEMM per block (the GEMMs of different panels run in parallel). Diagonal Grams are panels
+// too, one elementwise sweep. The B-step's P = A G Aᵀ is finished inside each panel (an r × r partial per panel),
+// so A G is never stored; its out × r products B_k P_k run in row kernels at small r and through at::addmm above.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,37 +17,52 @@
 #include "../checks.h"
 #include "tiling.h"
 
+// BLAS as exported by torch's CPU library (MKL or OpenBLAS). Weak: where a torch build does not export them,
+// at::addmm_ serves.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace lorm_ext {
 namespace {
 
-// Rows of G swept together: each scratch element is loaded once per four multiply-adds.
-constexpr int64_t kRowsPerSweep = 4;
+// Rows of G upcast per GEMM: the (rows × w) block stays in L2 next to the p × w scratch.
+constexpr int64_t kBlockRows = 256;
 // Panel width: the p × w scratch stays within ~256 KiB (L2) and w is a multiple of the vector width.
 int64_t panel_width(int64_t p, size_t acc_size) {
   const int64_t fit = static_cast<int64_t>((256 * 1024) / (std::max<int64_t>(p, 1) * acc_size));
   return std::clamp<int64_t>(fit / 16 * 16, 16, 256);
 }
 
-// acc[k][c] += Σ_j f[k][j] · rows[j][c] over the four rows j of one sweep (f: p × 4, rows: 4 × w).
+// acc (p × w, row-major) += f (p × h, row leading dimension ldf) · rows (h × w, row-major), single-threaded.
+// In BLAS's column-major terms that is accᵀ += rowsᵀ fᵀ, so no operand is transposed.
 template <typename acc_t>
-LORM_EXT_CPU_CLONES void multiply_add_sweep(
-    acc_t* __restrict__ acc, const acc_t* __restrict__ f, const acc_t* __restrict__ rows, int64_t p, int64_t w) {
-  const acc_t* r0 = rows;
-  const acc_t* r1 = rows + w;
-  const acc_t* r2 = rows + 2 * w;
-  const acc_t* r3 = rows + 3 * w;
-  for (int64_t k = 0; k < p; ++k) {
-    const acc_t a0 = f[4 * k], a1 = f[4 * k + 1], a2 = f[4 * k + 2], a3 = f[4 * k + 3];
-    acc_t* out = acc + k * w;
-    for (int64_t c = 0; c < w; ++c) {
-      out[c] += a0 * r0[c] + a1 * r1[c] + a2 * r2[c] + a3 * r3[c];
+void multiply_add(acc_t* acc, const acc_t* f, int64_t ldf, const acc_t* rows, int64_t p, int64_t h, int64_t w) {
+  const int m = static_cast<int>(w), n = static_cast<int>(p), k = static_cast<int>(h), lda = m, ldb = static_cast<int>(ldf);
+  const acc_t one = 1;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    if (dgemm_ != nullptr) {
+      return dgemm_("N", "N", &m, &n, &k, &one, rows, &lda, f, &ldb, &one, acc, &lda);
+    }
+  } else {
+    if (sgemm_ != nullptr) {
+      return sgemm_("N", "N", &m, &n, &k, &one, rows, &lda, f, &ldb, &one, acc, &lda);
     }
   }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out = at::from_blob(acc, {p, w}, options);
+  out.addmm_(
+      at::from_blob(const_cast<acc_t*>(f), {p, h}, {ldf, 1}, options),
+      at::from_blob(const_cast<acc_t*>(rows), {h, w}, options));
 }
 
-// One layer of a call: its Gram; the factor F (p × n, contiguous, float32 or float64, read in its own dtype
-// so a float32 client factor is never copied); the Gram sum (acc dtype, shaped like the Gram; undefined: none
+// One layer of a call: its Gram; the factor F (p × n, contiguous, in the acc dtype: an operand of the GEMMs);
+// the Gram sum (acc dtype, shaped like the Gram; undefined: none
 // kept); and where the products go, one of two (the other undefined), both in the acc dtype:
 //   out       p × n: F G is added to it;
 //   partials  (panels × p × p): panel j writes (F G)[:, panel j] F[:, panel j]ᵀ, so F G Fᵀ is their sum and
@@ -77,7 +91,7 @@ struct Panel {
 
 // Hands a panel's (F G)[:, c0:c0+w] (acc: p × w, row-major) to where its layer wants it; f_panel is room for
 // p × w more values.
-template <typename factor_t, typename acc_t>
+template <typename acc_t>
 LORM_EXT_CPU_CLONES void emit_panel(
     const PanelLayer& layer, const Panel& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
@@ -90,10 +104,10 @@ LORM_EXT_CPU_CLONES void emit_panel(
     }
     return;
   }
-  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
-  for (int64_t l = 0; l < p; ++l) {  // F[:, c0:c0+w] upcast once, contiguous
+  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
+  for (int64_t l = 0; l < p; ++l) {  // F[:, c0:c0+w], contiguous
     for (int64_t c = 0; c < w; ++c) {
-      f_panel[l * w + c] = static_cast<acc_t>(f[l * n + c0 + c]);
+      f_panel[l * w + c] = f[l * n + c0 + c];
     }
   }
   // partial[k][l] = Σ_c acc[k][c] F[l][c]: four dot products per pass over a row of acc.
@@ -129,27 +143,22 @@ LORM_EXT_CPU_CLONES void emit_panel(
   }
 }
 
-template <typename input_t, typename factor_t, typename acc_t>
+template <typename input_t, typename acc_t>
 LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
   const int64_t s0 = layer.gram.stride(0), s1 = layer.gram.stride(1);
   const input_t* g = layer.gram.const_data_ptr<input_t>();
-  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
   acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
-  scratch.assign(p * w + kRowsPerSweep * w + kRowsPerSweep * p + p * w, acc_t(0));
+  scratch.assign(p * w + kBlockRows * w + p * w, acc_t(0));
   acc_t* acc = scratch.data();
-  acc_t* rows = acc + p * w;
-  acc_t* f_cols = rows + kRowsPerSweep * w;  // F[:, i:i+4], row-major p × 4
-  acc_t* f_panel = f_cols + kRowsPerSweep * p;  // for emit_panel
-  for (int64_t i = 0; i < n; i += kRowsPerSweep) {
-    const int64_t m = std::min(kRowsPerSweep, n - i);
-    for (int64_t j = 0; j < kRowsPerSweep; ++j) {
+  acc_t* rows = acc + p * w;  // G[i0:i0+h, c0:c0+w] in the acc dtype
+  acc_t* f_panel = rows + kBlockRows * w;  // for emit_panel
+  for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+    const int64_t h = std::min(kBlockRows, n - i0);
+    for (int64_t j = 0; j < h; ++j) {
+      const input_t* src = g + (i0 + j) * s0 + c0 * s1;
       acc_t* row = rows + j * w;
-      if (j >= m) {  // past the last row: contributes zero
-        std::fill(row, row + w, acc_t(0));
-        continue;
-      }
-      const input_t* src = g + (i + j) * s0 + c0 * s1;
       if (s1 == 1) {
         for (int64_t c = 0; c < w; ++c) {
           row[c] = static_cast<acc_t>(src[c]);
@@ -160,28 +169,30 @@ LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel,
         }
       }
       if (gram_sum != nullptr) {
-        acc_t* sum_row = gram_sum + (i + j) * n + c0;
+        acc_t* sum_row = gram_sum + (i0 + j) * n + c0;
         for (int64_t c = 0; c < w; ++c) {
           sum_row[c] += row[c];
         }
       }
     }
-    for (int64_t k = 0; k < p; ++k) {
-      for (int64_t j = 0; j < kRowsPerSweep; ++j) {
-        f_cols[k * kRowsPerSweep + j] = j < m ? static_cast<acc_t>(f[k * n + i + j]) : acc_t(0);
+    // The next block's rows start on their way from memory while this block's GEMM computes.
+    for (int64_t j = i0 + h; j < std::min(n, i0 + h + kBlockRows); ++j) {
+      const char* next = reinterpret_cast<const char*>(g + j * s0 + c0 * s1);
+      for (int64_t byte = 0; byte < w * s1 * static_cast<int64_t>(sizeof(input_t)); byte += 64) {
+        __builtin_prefetch(next + byte, 0, 2);
       }
     }
-    multiply_add_sweep<acc_t>(acc, f_cols, rows, p, w);
+    multiply_add<acc_t>(acc, f + i0, n, rows, p, h, w);
   }
-  emit_panel<factor_t, acc_t>(layer, panel, acc, f_panel);
+  emit_panel<acc_t>(layer, panel, acc, f_panel);
 }
 
-template <typename input_t, typename factor_t, typename acc_t>
+template <typename input_t, typename acc_t>
 LORM_EXT_CPU_CLONES void diagonal_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), s0 = layer.gram.stride(0);
   const int64_t c0 = panel.begin, w = panel.width;
   const input_t* g = layer.gram.const_data_ptr<input_t>();
-  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
   scratch.resize(w + 2 * p * w);
   acc_t* diag = scratch.data();  // the panel's diagonal, upcast once and contiguous
   acc_t* acc = diag + w;
@@ -196,20 +207,20 @@ LORM_EXT_CPU_CLONES void diagonal_panel(const PanelLayer& layer, const Panel& pa
     }
   }
   for (int64_t k = 0; k < p; ++k) {
-    const factor_t* f_row = f + k * n + c0;
+    const acc_t* f_row = f + k * n + c0;
     for (int64_t c = 0; c < w; ++c) {
-      acc[k * w + c] = static_cast<acc_t>(f_row[c]) * diag[c];
+      acc[k * w + c] = f_row[c] * diag[c];
     }
   }
-  emit_panel<factor_t, acc_t>(layer, panel, acc, f_panel);
+  emit_panel<acc_t>(layer, panel, acc, f_panel);
 }
 
-template <typename input_t, typename factor_t, typename acc_t>
+template <typename input_t, typename acc_t>
 void run_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
   if (is_diagonal_gram(layer.gram)) {
-    diagonal_panel<input_t, factor_t, acc_t>(layer, panel, scratch);
+    diagonal_panel<input_t, acc_t>(layer, panel, scratch);
   } else {
-    full_panel<input_t, factor_t, acc_t>(layer, panel, scratch);
+    full_panel<input_t, acc_t>(layer, panel, scratch);
   }
 }
 
@@ -232,15 +243,11 @@ void accumulate_panels(const std::vector<PanelLayer>& layers) {
       const Panel& panel = panels[t];
       const PanelLayer& layer = layers[panel.layer];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_panel", [&] {
-        using input_t = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(layer.factor.scalar_type(), "merge_panel_factor", [&] {
-          using factor_t = scalar_t;
-          if (layer.acc_dtype() == at::kDouble) {
-            run_panel<input_t, factor_t, double>(layer, panel, scratch_double);
-          } else {
-            run_panel<input_t, factor_t, float>(layer, panel, scratch_float);
-          }
-        });
+        if (layer.acc_dtype() == at::kDouble) {
+          run_panel<scalar_t, double>(layer, panel, scratch_double);
+        } else {
+          run_panel<scalar_t, float>(layer, panel, scratch_float);
+        }
       });
     }
   });
@@ -251,8 +258,8 @@ at::Tensor as_accumulator(const at::Tensor& t, const at::Tensor& accumulator) {
   return t.detach().to(accumulator.scalar_type()).contiguous();
 }
 
-// A factor as the panels read it: float32 and float64 as they are, other dtypes in the accumulator's.
-at::Tensor as_panel_factor(const at::Tensor& t, const at::Tensor& accumulator) {
+// B_k as the row kernels read it: float32 and float64 as they are, other dtypes in the accumulator's.
+at::Tensor as_row_factor(const at::Tensor& t, const at::Tensor& accumulator) {
   const auto dtype = t.scalar_type();
   return dtype == at::kFloat || dtype == at::kDouble ? t.detach().contiguous() : as_accumulator(t, accumulator);
 }
@@ -278,7 +285,7 @@ void gram_weighted_accumulate_cpu(
   std::vector<PanelLayer> layers;
   for (size_t i = 0; i < grams.size(); ++i) {
     const at::Tensor& sum = gram_sums[i];
-    const at::Tensor factor = as_panel_factor(factors[i], sum);
+    const at::Tensor factor = as_accumulator(factors[i], sum);
     // With lefts, F G goes to a scratch first and L (F G) into the weighted sum below.
     const at::Tensor out = has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options())
                                      : weighted_sums[i].detach();
@@ -414,14 +421,14 @@ void projected_accumulate_cpu(
   std::vector<PanelLayer> layers;
   std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
-    PanelLayer layer{grams[i].detach(), as_panel_factor(shared_factors[i], projection_sums[i])};
+    PanelLayer layer{grams[i].detach(), as_accumulator(shared_factors[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
     const int64_t panels = ceil_div(n, panel_width(r, projection_sums[i].element_size()));
     // Every panel writes its own partial; an empty Gram has no panel and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
     layer.partials = n == 0 ? at::zeros({1, r, r}, options) : at::empty({panels, r, r}, options);
     layers.push_back(std::move(layer));
-    rights.push_back(as_panel_factor(factors[i], projection_sums[i]));
+    rights.push_back(as_row_factor(factors[i], projection_sums[i]));
   }
   accumulate_panels(layers);
   std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());
