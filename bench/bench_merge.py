@@ -1,22 +1,30 @@
-"""CPU benchmark: the fused LoRM merge against the reference and an authors'-style loop, on ViT-B/16 shapes.
+"""CPU benchmark: the fused ops and merges against plain PyTorch, the reference and an authors'-style loop.
 
     python bench/bench_merge.py --out bench/results/cpu.json
 
-Three paths compute the same A-step or B-step for 48 ViT-B/16 layers (36 with 768 inputs, 12 with 3072;
-outputs 2304/768/3072/768) and K clients:
-- fused: lorm_ext's streaming mergers; clients arrive one at a time, one batched solve per layer shape; timed
-  as users run them (every client's values checked before it is added) and with the value checks off.
-- reference: lorm_ext.reference (the specification: all clients in lists, torch.pinverse in float64).
-- authors: a per-layer loop in the style of fed-mammoth's LoRM server (clients stacked, torch.pinverse in
-  float64, the B-step through out × in products, and α = 0 Grams kept as full diagonal matrices).
+Four tables, every fused path next to the plain PyTorch a competent user would write for the same result and
+next to its floor on this machine (ceilings — copy bandwidth, float32/float64 matmul rates — measured in the
+same run, per thread count):
+- Gram accumulation (3152 tokens = 16 images × 197): fused against `G.addmm_(Xᵀ, X)` (fp32 X; for 16-bit X
+  the authors' hook, upcast then the same matmul), at each thread count of --threads.
+- Value checks (`gram_stats`) against the torch ops that check the same (finite, symmetric, diagonal range).
+- The batched PSD solve against `torch.linalg.cholesky` + `torch.cholesky_solve`.
+- Merges: the A-step or B-step for ViT-B/16 layers (36 with 768 inputs, 12 with 3072; outputs
+  2304/768/3072/768; --layers takes the first N) and K clients, by
+  fused: lorm_ext's streaming mergers; clients arrive one at a time, one batched solve per layer shape; timed
+    as users run them (every client's values checked before it is added) and with the value checks off;
+  plain: the same streaming sums written with torch ops (upcast, add, addmm), then a Cholesky solve;
+  reference: lorm_ext.reference (the specification: all clients in lists, torch.pinverse in float64);
+  authors: a per-layer loop in the style of fed-mammoth's LoRM server (clients stacked, torch.pinverse in
+    float64, the B-step through out × in products, and α = 0 Grams kept as full diagonal matrices).
 All K clients' Grams of ViT-B do not fit in this machine's memory at K = 50 (27 GB in float32), so the
-reference and authors' paths get one layer's K clients at a time and the fused path one client at a time.
-Times exclude making the inputs; they are medians of --repeats runs for the fused paths and of --slow-repeats
-runs (default one: minutes each at K = 50) for the others. Each path's peak memory is the process's peak
-resident set above what it held when the path started (Linux VmHWM, reset per path). Ceilings — copy bandwidth, float32/float64 matmul
-rates — are measured in the same run, and each fused result is printed next to its floor: the larger of
-(bytes it must move / copy bandwidth) and (FLOPs it must do / float64 matmul rate), per client, plus the
-final solve's FLOPs. The fused results are also checked against the reference (max relative difference).
+reference and authors' paths get one layer's K clients at a time and the streaming paths one client at a time.
+Times exclude making the inputs; they are medians of --repeats runs (fused and plain interleaved) and of
+--slow-repeats runs for the others. Peak memory is the process's peak resident set above what it held when
+the path started (Linux VmHWM, reset per path). Floors: the larger of (bytes it must move / copy bandwidth)
+and (FLOPs it must do / float64 matmul rate), per client, plus the final solve's FLOPs. The fused results are
+checked against the reference (max relative difference). The machine (CPU model, ISA, threads) is printed and
+written to the JSON.
 """
 
 from __future__ import annotations
@@ -120,6 +128,42 @@ def per_layer(clients: Clients, k: int, step: str, solve) -> tuple[float, dict]:
     return seconds, merged
 
 
+def plain(clients: Clients, k: int, step: str) -> tuple[float, dict]:
+    """What a competent user writes with torch ops: the same streaming sums (upcast, add, addmm) one client at a
+    time, then one Cholesky solve per layer (a diagonal Gram divides)."""
+    names = [name for name, _, _ in clients.layers]
+    shared = {n: a.double() for n, a in clients.shared_a().items()} if step == "B" else {}
+    dens, nums, seconds = {}, {}, 0.0
+    for c in range(k):
+        layers = [clients.layer(c, i) for i in range(len(names))]
+        start = time.perf_counter()
+        for name, (a, b, g) in zip(names, layers):
+            g = g.double()
+            if step == "A":
+                product = a.double() * g if clients.diagonal else a.double() @ g
+                den = g
+            else:
+                A = shared[name]
+                den = (A * g) @ A.T if clients.diagonal else A @ g @ A.T
+                product = b.double() @ den
+            if name in dens:
+                dens[name] += den
+                nums[name] += product
+            else:
+                dens[name], nums[name] = den.clone(), product
+        seconds += time.perf_counter() - start
+        del layers
+    start = time.perf_counter()
+    merged = {}
+    for name in names:
+        den, num = dens[name], nums[name]
+        if den.dim() == 1:
+            merged[name] = num / den
+        else:
+            merged[name] = torch.cholesky_solve(num.T, torch.linalg.cholesky(den)).T
+    return seconds + time.perf_counter() - start, merged
+
+
 def reference_solve(step):
     if step == "A":
         return lambda As, Bs, Gs, shared_a: ref.a_step_ref(As, Gs)
@@ -145,6 +189,86 @@ def authors_solve(step, diagonal):
         return E2 @ A.T @ G_inv
 
     return a_step if step == "A" else b_step
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(fn, repeats: int):
+    """Median seconds over repeats, the peak resident memory above the starting point, the last result."""
+    times, peaks, result = [], [], None
+    for _ in range(repeats):
+        result = None  # free the previous result before measuring again
+        reset_peak_rss()
+        baseline = current_rss_mb()
+        seconds, result = fn()
+        times.append(seconds)
+        peaks.append(peak_rss_mb() - baseline)
+    return statistics.median(times), max(peaks), result
+
+
+def ceilings() -> dict:
+    """Copy bandwidth and matmul rates of this machine at the current thread count, measured now."""
+    src = torch.ones(64 * 2**20)  # 256 MiB of float32
+    dst = torch.empty_like(src)
+    copy = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy.append(time.perf_counter() - start)
+    out = {"copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9}
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        rates = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            rates.append(2 * 2048**3 / (time.perf_counter() - start) / 1e9)
+        out[f"matmul_{str(dtype).removeprefix('torch.')}_GFLOPs"] = statistics.median(rates)
+    return out
+
+
+def machine() -> dict:
+    """The CPU model, its widest vector ISA, the ATen CPU capability in use and the thread count."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    return {"cpu": model, "isa": isa, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def interleaved(paths: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument path, the paths run in turn in every repeat (noise hits all alike)."""
+    times = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -223,12 +347,16 @@ class Row:
     r: int
     fused_s: float
     fused_unchecked_s: float
+    plain_s: float
     reference_s: float
     authors_s: float
     floor_s: float
+    fused_over_floor: float
+    speedup_vs_plain: float
     speedup_vs_reference: float
     speedup_vs_authors: float
     fused_peak_MB: float
+    plain_peak_MB: float
     reference_peak_MB: float
     authors_peak_MB: float
     max_rel_diff_vs_reference: float
@@ -240,34 +368,135 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(((a[n] - b[n].to(a[n])).abs().max() / b[n].abs().max().clamp_min(1e-300)).item() for n in a)
 
 
+TOKENS = 3152  # 16 images × 197 tokens of ViT-B/16
+
+
 def gram_rows(ceil, widths, repeats) -> list[dict]:
-    """Gram accumulation of ViT-B/16 layer inputs (3152 tokens = 16 images × 197) into an fp32 G."""
+    """Gram accumulation of ViT-B/16 layer inputs into an fp32 G: fused against plain torch, interleaved."""
     rows = []
     for width in widths:
         for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(3152, width).to(dtype)
+            x = torch.randn(TOKENS, width).to(dtype)
             truth = ref.gram_ref(x, dtype=torch.float64)
-            fused_t, ref_t = [], []
-            for _ in range(repeats):
-                g = torch.zeros(width, width)
-                start = time.perf_counter()
-                ops.gram_accumulate_([g], [x])
-                fused_t.append(time.perf_counter() - start)
-                h = torch.zeros(width, width)
-                start = time.perf_counter()
-                h += x.float().T @ x.float()  # the authors' hook: upcast, then a full fp32 matmul
-                ref_t.append(time.perf_counter() - start)
-            f, r_ = statistics.median(fused_t), statistics.median(ref_t)
-            triangle_flops = width * (width + 1) * 3152
+            g, h = torch.zeros(width, width), torch.zeros(width, width)
+            # plain: G.addmm_(Xᵀ, X) for fp32 X; a 16-bit X upcast first (the authors' hook does exactly this)
+            xt = (lambda: x.T) if dtype == torch.float32 else (lambda: x.float().T)
+            xs = (lambda: x) if dtype == torch.float32 else (lambda: x.float())
+            times = interleaved({"fused": lambda: ops.gram_accumulate_([g], [x]), "plain": lambda: h.addmm_(xt(), xs())}, repeats)
+            g.zero_(), h.zero_()
+            ops.gram_accumulate_([g], [x])
+            h.addmm_(xt(), xs())
+            triangle_flops = width * (width + 1) * TOKENS
             scale = truth.abs().max().item()
             rows.append({
-                "width": width, "input": str(dtype).removeprefix("torch."), "fused_s": f, "reference_s": r_,
-                "speedup": r_ / f,
-                "fused_fraction_of_fp32_matmul_rate": triangle_flops / f / 1e9 / ceil["matmul_float32_GFLOPs"],
+                "threads": torch.get_num_threads(), "width": width, "input": str(dtype).removeprefix("torch."),
+                "fused_s": times["fused"], "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
+                "fused_fraction_of_fp32_matmul_rate": triangle_flops / times["fused"] / 1e9 / ceil["matmul_float32_GFLOPs"],
                 "fused_rel_err": (g.double() - truth).abs().max().item() / scale,
-                "reference_rel_err": (h.double() - truth).abs().max().item() / scale,
+                "plain_rel_err": (h.double() - truth).abs().max().item() / scale,
             })
     return rows
+
+
+def block_grams(layers, dtype) -> list[torch.Tensor]:
+    """One positive definite Gram per layer of the given widths (the merge's client Grams, or their sums)."""
+    out = []
+    for _, _, width in layers:
+        x = torch.randn(width + 64, width, dtype=torch.float64)
+        out.append(((x.T @ x) / width).to(dtype))
+    return out
+
+
+def stats_rows(ceil, layers, repeats) -> list[dict]:
+    """Value checks of one client's fp32 Grams: gram_stats against the torch ops a user would check them with."""
+    grams = block_grams(layers, torch.float32)
+
+    def plain():
+        for g in grams:
+            torch.isfinite(g).all().item(), (g - g.T).abs().max().item(), g.diagonal().aminmax()
+
+    times = interleaved({"fused": lambda: ops.gram_stats(grams), "plain": plain}, repeats)
+    gb = sum(g.numel() * g.element_size() for g in grams) / 1e9
+    return [{
+        "threads": torch.get_num_threads(), "grams": len(grams), "GB": gb, "fused_s": times["fused"],
+        "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
+        "fused_GBps": gb / times["fused"], "fused_fraction_of_copy_bandwidth": gb / times["fused"] / ceil["copy_GBps"],
+    }]
+
+
+def solve_rows(ceil, layers, r, repeats) -> list[dict]:
+    """The A-step's final solve (r rows per layer) on fp64 sums: psd_right_solve against torch's Cholesky."""
+    rows = []
+    for width in sorted({w for _, _, w in layers}):
+        count = sum(1 for _, _, w in layers if w == width)
+        grams = torch.stack(block_grams([l for l in layers if l[2] == width], torch.float64))
+        rhs = torch.randn(count, r, width, dtype=torch.float64)
+        plain = lambda: torch.cholesky_solve(rhs.mT, torch.linalg.cholesky(grams)).mT  # noqa: E731
+        times = interleaved({"fused": lambda: ops.psd_right_solve(rhs, grams), "plain": plain}, repeats)
+        flops = count * (width**3 / 3 + 2 * r * width * width)
+        rows.append({
+            "threads": torch.get_num_threads(), "width": width, "layers": count, "r": r, "fused_s": times["fused"],
+            "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
+            "fused_fraction_of_fp64_matmul_rate": flops / times["fused"] / 1e9 / ceil["matmul_float64_GFLOPs"],
+            "max_rel_diff": ((ops.psd_right_solve(rhs, grams) - plain()).abs().max() / plain().abs().max()).item(),
+        })
+    return rows
+
+
+def table(rows: list[dict], columns: dict) -> str:
+    """A markdown table of the given {key: header} columns."""
+    def cell(v):
+        return "–" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def merge_rows(args, layers, ceil) -> list[Row]:
+    rows = []
+    for step in args.steps:
+        for kind in args.grams:
+            diagonal = kind == "diagonal"
+            for k in args.clients:
+                for r in args.ranks:
+                    clients = Clients(layers, r, diagonal, args.seed)
+                    f_s, u_s, p_s, f_mem, p_mem = [], [], [], 0.0, 0.0
+                    for _ in range(args.repeats):  # the streaming paths interleaved
+                        t, m, f_out = measure(lambda: fused(clients, k, step), 1)
+                        f_s.append(t)
+                        f_mem = max(f_mem, m)
+                        u_s.append(measure(lambda: fused(clients, k, step, validate=False), 1)[0])
+                        t, m, _ = measure(lambda: plain(clients, k, step), 1)
+                        p_s.append(t)
+                        p_mem = max(p_mem, m)
+                    f_s, u_s, p_s = map(statistics.median, (f_s, u_s, p_s))
+                    r_s, r_mem, r_out = float("nan"), float("nan"), None
+                    if not args.no_reference:
+                        r_s, r_mem, r_out = measure(lambda: per_layer(clients, k, step, reference_solve(step)), args.slow_repeats)
+                    a_s, a_mem = float("nan"), float("nan")
+                    if not args.no_authors:
+                        a_s, a_mem, _ = measure(
+                            lambda: per_layer(clients, k, step, authors_solve(step, diagonal)), args.slow_repeats
+                        )
+                    floor = fused_floor(layers, k, r, step, diagonal, ceil)
+                    diff = max_rel_diff(f_out, r_out) if r_out is not None else float("nan")
+                    rows.append(Row(step, kind, k, r, f_s, u_s, p_s, r_s, a_s, floor, f_s / floor, p_s / f_s, r_s / f_s,
+                                    a_s / f_s, f_mem, p_mem, r_mem, a_mem, diff, args.repeats, args.slow_repeats))
+                    print(table([asdict(rows[-1])], MERGE_COLUMNS).splitlines()[-1], flush=True)
+    return rows
+
+
+MERGE_COLUMNS = {
+    "step": "step", "grams": "Grams", "K": "K", "r": "r", "fused_s": "fused s", "fused_unchecked_s": "fused, no value checks s",
+    "plain_s": "plain s", "floor_s": "floor s", "fused_over_floor": "fused / floor", "speedup_vs_plain": "× vs plain",
+    "reference_s": "reference s", "authors_s": "authors s", "speedup_vs_reference": "× vs reference",
+    "speedup_vs_authors": "× vs authors", "fused_peak_MB": "fused peak MB", "plain_peak_MB": "plain peak MB",
+    "reference_peak_MB": "reference peak MB", "max_rel_diff_vs_reference": "max rel diff",
+}
+
+
+def nan_to_none(d: dict) -> dict:
+    return {k: None if isinstance(v, float) and v != v else v for k, v in d.items()}
 
 
 def main(argv=None) -> None:
@@ -277,59 +506,56 @@ def main(argv=None) -> None:
     p.add_argument("--steps", nargs="+", default=["A", "B"], choices=["A", "B"])
     p.add_argument("--grams", nargs="+", default=["full", "diagonal"], choices=["full", "diagonal"])
     p.add_argument("--layers", type=int, default=len(VIT_B_LAYERS), help="use only the first N ViT-B layers")
-    p.add_argument("--gram-widths", type=int, nargs="*", default=[768, 3072], help="Gram accumulation widths")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of the fused path (median reported)")
+    p.add_argument("--gram-widths", type=int, nargs="*", default=[64, 768, 3072], help="Gram accumulation widths")
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                   help="thread counts of the op tables (Gram accumulation, value checks, solve)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the fused and plain paths (median reported)")
     p.add_argument("--slow-repeats", type=int, default=1, help="repeats of the reference and authors' paths")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference (its rel diff is then not checked)")
     p.add_argument("--no-authors", action="store_true", help="skip the authors'-style loop (most of the run time)")
     p.add_argument("--out", type=Path, default=Path("bench/results/cpu.json"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 1 <= args.layers <= len(VIT_B_LAYERS):
         p.error(f"--layers must be in 1..{len(VIT_B_LAYERS)}")
+    if any(t < 1 for t in args.threads):
+        p.error("--threads must be positive")
     layers = VIT_B_LAYERS[: args.layers]
+    threads_at_start = torch.get_num_threads()
+    info = machine()
+    print(f"# {info['cpu']} ({info['isa']}, ATen {info['aten_cpu_capability']}), torch {info['torch']}")
 
-    ceil = ceilings()
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items()))
-    grams = gram_rows(ceil, args.gram_widths, max(args.repeats, 3))
-    print("\n| Gram width | input | fused s | reference s | speedup | fraction of fp32 matmul rate | fused rel err | reference rel err |")
-    print("|---|---|---|---|---|---|---|---|")
-    for g in grams:
-        print(f"| {g['width']} | {g['input']} | {g['fused_s']:.4f} | {g['reference_s']:.4f} | {g['speedup']:.2f} | "
-              f"{g['fused_fraction_of_fp32_matmul_rate']:.2f} | {g['fused_rel_err']:.1e} | {g['reference_rel_err']:.1e} |")
+    ceils, grams, stats, solves = {}, [], [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        ceil = ceils[threads] = ceilings()
+        print(f"\n## {threads} thread(s): " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items()))
+        grams += gram_rows(ceil, args.gram_widths, max(args.repeats, 5))
+        stats += stats_rows(ceil, layers[:4], max(args.repeats, 5))
+        solves += solve_rows(ceil, layers[:4], max(args.ranks), max(args.repeats, 3))
+    print("\n" + table(grams, {"threads": "threads", "width": "width", "input": "input", "fused_s": "fused s",
+                               "plain_s": "plain s", "speedup_vs_plain": "× vs plain",
+                               "fused_fraction_of_fp32_matmul_rate": "fraction of fp32 matmul rate",
+                               "fused_rel_err": "fused rel err", "plain_rel_err": "plain rel err"}))
+    print("\n" + table(stats, {"threads": "threads", "grams": "Grams", "GB": "GB", "fused_s": "fused s",
+                               "plain_s": "plain s", "speedup_vs_plain": "× vs plain", "fused_GBps": "fused GB/s",
+                               "fused_fraction_of_copy_bandwidth": "fraction of copy bandwidth"}))
+    print("\n" + table(solves, {"threads": "threads", "width": "width", "layers": "layers", "r": "r",
+                                "fused_s": "fused s", "plain_s": "plain s", "speedup_vs_plain": "× vs plain",
+                                "fused_fraction_of_fp64_matmul_rate": "fraction of fp64 matmul rate",
+                                "max_rel_diff": "max rel diff"}))
 
-    rows = []
-    print("\n| step | Grams | K | r | fused s | fused, no value checks s | floor s | reference s | authors s "
-          "| × vs reference | × vs authors "
-          "| fused peak MB | reference peak MB | authors peak MB | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for step in args.steps:
-        for kind in args.grams:
-            diagonal = kind == "diagonal"
-            for k in args.clients:
-                for r in args.ranks:
-                    clients = Clients(layers, r, diagonal, args.seed)
-                    f_s, f_mem, f_out = measure(lambda: fused(clients, k, step), args.repeats)
-                    u_s, _, _ = measure(lambda: fused(clients, k, step, validate=False), args.repeats)
-                    r_s, r_mem, r_out = measure(lambda: per_layer(clients, k, step, reference_solve(step)), args.slow_repeats)
-                    a_s, a_mem = float("nan"), float("nan")
-                    if not args.no_authors:
-                        a_s, a_mem, _ = measure(
-                            lambda: per_layer(clients, k, step, authors_solve(step, diagonal)), args.slow_repeats
-                        )
-                    row = Row(step, kind, k, r, f_s, u_s, r_s, a_s, fused_floor(layers, k, r, step, diagonal, ceil), r_s / f_s,
-                              a_s / f_s, f_mem, r_mem, a_mem, max_rel_diff(f_out, r_out), args.repeats, args.slow_repeats)
-                    rows.append(row)
-                    print(f"| {step} | {kind} | {k} | {r} | {f_s:.3f} | {u_s:.3f} | {row.floor_s:.3f} | {r_s:.3f} | {a_s:.2f} | "
-                          f"{row.speedup_vs_reference:.2f} | {row.speedup_vs_authors:.1f} | {f_mem:.0f} | {r_mem:.0f} | "
-                          f"{a_mem:.0f} | {row.max_rel_diff_vs_reference:.1e} |", flush=True)
+    torch.set_num_threads(threads_at_start)
+    ceil = ceils.get(threads_at_start) or ceilings()
+    print(f"\n## merges, {threads_at_start} thread(s), {len(layers)} layers")
+    print("\n".join(table([], MERGE_COLUMNS).splitlines()[:2]))
+    rows = merge_rows(args, layers, ceil)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
-        "machine": {"processor": platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "ceilings": ceil, "gram_accumulation": grams,
-        "merge": [{k: None if v != v else v for k, v in asdict(r).items()} for r in rows],  # NaN (skipped) -> null
+        "machine": info, "ceilings_by_threads": ceils, "gram_accumulation": grams, "value_checks": stats,
+        "solve": solves, "merge": [nan_to_none(asdict(r)) for r in rows],  # NaN (skipped) -> null
     }, indent=2))
     print(f"\nwrote {args.out}")
 

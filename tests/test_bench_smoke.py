@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_merge_runs_and_paths_agree(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_merge.py"), "--layers", "2", "--clients", "2", "--ranks", "3",
-           "--repeats", "1", "--gram-widths", "40", "--out", str(out)]
+           "--repeats", "1", "--gram-widths", "40", "--threads", "1", "2", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert {row["step"] for row in result["merge"]} == {"A", "B"}
@@ -19,7 +19,12 @@ def test_bench_merge_runs_and_paths_agree(tmp_path):
     for row in result["merge"]:
         assert row["max_rel_diff_vs_reference"] < 1e-8, row
     for row in result["gram_accumulation"]:
-        assert row["fused_rel_err"] <= 2 * row["reference_rel_err"] + 1e-6, row
+        assert row["fused_rel_err"] <= 2 * row["plain_rel_err"] + 1e-6, row
+    assert {row["threads"] for row in result["gram_accumulation"]} == {1, 2}
+    assert result["value_checks"] and result["solve"]
+    for row in result["solve"]:
+        assert row["max_rel_diff"] < 1e-10, row
+    assert result["machine"]["isa"] in {"AVX-512", "AVX2", "other"} and result["machine"]["cpu"]
 
 
 def test_bench_merge_without_the_authors_path(tmp_path):
