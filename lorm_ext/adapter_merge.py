@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     _MUST_AGREE_FIELDS,
+    _PANEL_ENTRIES,
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFile,
@@ -157,18 +158,15 @@ class _GroupSums:
             else:
                 ag = torch.zeros_like(a)
                 for panel in grams.panels(key, modules):
-                    p = _to_device(panel.values, self.device).double()
+                    p = _to_device(panel.values, self.device)
                     start, stop = panel.start, panel.stop
-                    if panel.mirrored:  # G = U + Uᵀ − diag(U): the strict upper part stands for the lower too
-                        strict = p.triu(1)
-                        for total in sums:
-                            total[start:stop, start:] += p
-                            total[start:, start:stop] += strict.mT
+                    upper = p if panel.mirrored else p[:, start:]
+                    for total in sums:  # ΣG keeps its upper triangle only, mirrored once before the solve
+                        total[start:stop, start:] += upper
+                    if panel.mirrored:  # columns stop.. of the panel stand for G[stop:, start:stop] too
                         ag[:, start:].addmm_(a[:, start:stop], p)
-                        ag[:, start:stop].addmm_(a[:, start:], strict.mT)
+                        ag[:, start:stop].addmm_(a[:, stop:], p[:, stop - start:].mT)
                     else:
-                        for total in sums:
-                            total[start:stop] += p
                         ag.addmm_(a[:, start:stop], p)
             progress.read(grams.nbytes(key))
             row = 0
@@ -189,6 +187,9 @@ class _GroupSums:
     def solve(self, methods: Sequence[str], rank: int, max_iters: int, tol: float, scored: Mapping[str, AdapterFile]):
         """{method: {module: (B, A)}} for each method asked for, and {name: {module: objective}} for them, 'zero'
         and each ``scored`` adapter."""
+        for gram in {id(g): g for g in self.gram.values()}.values():
+            if gram.dim() == 2:
+                _mirror_upper_(gram)
         merged: dict[str, dict[str, tuple[Tensor, Tensor]]] = {m: {} for m in methods}
         objectives: dict[str, dict[str, float]] = {m: {} for m in (*methods, "zero", *scored)}
         for modules, numerators, gram in self.batches:
@@ -218,6 +219,17 @@ class _GroupSums:
                     B, A = adapter.factors(module, self.device)
                     objectives[name][module] = float(excess_objective(numerators[i], gram, B, A) + constants[i])
         return merged, objectives
+
+
+def _mirror_upper_(gram: Tensor) -> None:
+    """Copy the upper triangle of a square matrix onto its lower one, in place, a panel of rows at a time."""
+    width = gram.shape[0]
+    step = max(1, min(width, _PANEL_ENTRIES // width))
+    for start in range(0, width, step):
+        stop = min(start + step, width)
+        gram[stop:, start:stop] = gram[start:stop, stop:].mT
+        block = gram[start:stop, start:stop]
+        block.copy_(block.triu() + block.triu(1).mT)
 
 
 class _Progress:

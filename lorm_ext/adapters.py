@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .gram import GramCollector
-from .validation import LayerError, check_gram
+from .validation import LayerError, check_gram, symmetry_tolerance
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -389,16 +389,20 @@ GRAM_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float
 _PANEL_ENTRIES = 1 << 22
 
 
-def _triangle_offset(row: int, width: int) -> int:
-    """Where row ``row`` starts in the packed upper triangle (rows of n, n−1, ..., 1 entries)."""
-    return row * width - row * (row - 1) // 2
+# Rows per panel of a stored triangle: its diagonal blocks are stored whole, 256 / n more than n(n+1)/2 entries.
+TRIANGLE_PANEL_ROWS = 256
+
+
+def triangle_entries(width: int, panel_rows: int = TRIANGLE_PANEL_ROWS) -> int:
+    """Entries of a stored triangle of an n × n Gram: panel p holds rows pT..pT+T−1, columns pT..n−1."""
+    return sum(min(panel_rows, width - s) * (width - s) for s in range(0, width, panel_rows))
 
 
 @dataclass
 class GramPanel:
-    """Rows [start, stop) of one Gram G. ``mirrored``: the panel holds columns start.. of the upper triangle
-    (zeros below the diagonal) and its strictly upper part stands for the lower part too; otherwise it is
-    the full rows."""
+    """Rows [start, stop) of one Gram G in float64. ``mirrored``: the panel holds columns start.. only (its
+    diagonal block whole), and its columns stop.. stand for the lower part G[stop:, start:stop] too;
+    otherwise it is the full rows."""
 
     start: int
     stop: int
@@ -411,7 +415,8 @@ class GramFile:
     same input share one), ``kinds`` each stored Gram to (layout, width).
 
     Format 2 (``save_grams``): one tensor per distinct input, its layout — "full" (n × n), "triangle" (the
-    upper triangle packed row by row, n(n+1)/2 entries) or "diagonal" (n) — and the module index in the JSON
+    upper triangle in panels of T = ``panel_rows`` rows: panel p is rows pT..pT+T−1, columns pT..n−1, so about
+    n(n + T)/2 entries) or "diagonal" (n) — and the module index in the JSON
     metadata entry ``GRAM_INDEX_KEY``; float32, bfloat16, float16 or float64. The first format (no index)
     is read too: each key a module, (n × n) full or (n) diagonal.
     """
@@ -423,6 +428,7 @@ class GramFile:
             index_text = (handle.metadata() or {}).get(GRAM_INDEX_KEY)
         self.first_format = index_text is None
         if self.first_format:
+            self.panel_rows = {}
             self.index = {key: key for key in info}
             self.kinds = {key: ("diagonal" if len(shape) == 1 else "full", shape[0] if shape else 0)
                           for key, (shape, _) in info.items()}
@@ -431,6 +437,7 @@ class GramFile:
                 index = json.loads(index_text)
                 self.index, self.kinds = dict(index["modules"]), {k: (v["layout"], int(v["width"]))
                                                                   for k, v in index["grams"].items()}
+                self.panel_rows = {k: int(v.get("panel_rows", 0)) for k, v in index["grams"].items()}
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise AdapterFileError(self.path, f"the {GRAM_INDEX_KEY!r} metadata is not a Gram index: {err!r}") from None
         self._info = info
@@ -445,7 +452,10 @@ class GramFile:
         if key not in self._info:
             raise AdapterFileError(self.path, f"the index names a Gram {key!r} that the file does not hold", module)
         shape, dtype = self._info[key]
-        expected = {"full": (width, width), "triangle": (width * (width + 1) // 2,), "diagonal": (width,)}.get(layout)
+        if layout == "triangle" and self.panel_rows.get(key, 0) < 1:
+            raise AdapterFileError(self.path, f"triangle Gram {key!r} has no positive panel_rows in the index", module)
+        triangle = (triangle_entries(width, self.panel_rows[key]),) if layout == "triangle" else None
+        expected = {"full": (width, width), "triangle": triangle, "diagonal": (width,)}.get(layout)
         if expected is None:
             raise AdapterFileError(self.path, f"Gram {key!r} has an unknown layout {layout!r}", module)
         if shape != expected:
@@ -474,7 +484,7 @@ class GramFile:
 
     def nbytes(self, key: str) -> int:
         layout, width = self.kinds[key]
-        entries = {"full": width * width, "triangle": width * (width + 1) // 2, "diagonal": width}[layout]
+        entries = {"full": width * width, "diagonal": width}.get(layout) or triangle_entries(width, self.panel_rows[key])
         return entries * self._info[key][1].itemsize
 
     def _problem(self, key: str, modules: Sequence[str], problem: str) -> AdapterFileError:
@@ -491,8 +501,8 @@ class GramFile:
         return g
 
     def panels(self, key: str, modules: Sequence[str]) -> Iterable[GramPanel]:
-        """A full Gram as row panels in its stored dtype, each checked (finite, non-negative diagonal; a "full"
-        Gram is checked whole first, symmetry included, as ``validation.check_gram``)."""
+        """A full Gram as row panels in float64 (exact from every storage dtype), each checked: finite,
+        non-negative diagonal; a "full" Gram is checked whole first, symmetry included, as ``check_gram``."""
         with _open_safetensors(self.path) as handle:  # opened per Gram: no mapping outlives its use
             yield from self._panels(handle, key, modules)
 
@@ -506,18 +516,26 @@ class GramFile:
             except LayerError as err:
                 raise self._problem(key, modules, err.problem) from None
             for start in range(0, width, step):
-                yield GramPanel(start, min(start + step, width), gram[start:start + step], False)
+                yield GramPanel(start, min(start + step, width), gram[start:start + step].double(), False)
             return
-        for start in range(0, width, step):
-            stop = min(start + step, width)
-            packed = _read_tensor(handle, self.path, key, modules[0],
-                                  slice(_triangle_offset(start, width), _triangle_offset(stop, width)))
-            if not bool(torch.isfinite(packed).all()):
+        rows = self.panel_rows[key]
+        offset = 0
+        for start in range(0, width, rows):
+            stop = min(start + rows, width)
+            size = (stop - start) * (width - start)
+            values = _read_tensor(handle, self.path, key, modules[0], slice(offset, offset + size)).double()
+            offset += size
+            # a sum of float64 values read from float16/bfloat16/float32 cannot overflow: finite iff all are
+            if not math.isfinite(values.sum()) and not bool(torch.isfinite(values).all()):
                 raise self._problem(key, modules, f"gram contains NaN or Inf in rows {start}..{stop - 1}")
-            values = torch.zeros(stop - start, width - start, dtype=packed.dtype)
-            values.masked_scatter_(torch.ones(values.shape, dtype=torch.bool).triu_(), packed)
-            if bool((values.diagonal() < 0).any()):
+            values = values.view(stop - start, width - start)
+            diagonal, block = values.diagonal(), values[:, : stop - start]
+            if bool((diagonal < 0).any()):
                 raise self._problem(key, modules, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+            asymmetry = float((block - block.mT).abs().max())
+            if asymmetry > symmetry_tolerance(self._info[key][1]) * float(diagonal.max()):
+                raise self._problem(key, modules, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g} in rows "
+                                    f"{start}..{stop - 1})")
             yield GramPanel(start, stop, values, True)
 
     def dense(self, module: str) -> Tensor:
@@ -526,13 +544,13 @@ class GramFile:
         if self.is_diagonal(module):
             return self.diagonal(key, [module])
         width = self.kinds[key][1]
-        gram = torch.zeros(width, width, dtype=self._info[key][1])
+        gram = torch.zeros(width, width, dtype=torch.float64)
         for panel in self.panels(key, [module]):
-            gram[panel.start:panel.stop, -panel.values.shape[1]:] = panel.values
+            start, stop = panel.start, panel.stop
+            gram[start:stop, -panel.values.shape[1]:] = panel.values
             if panel.mirrored:
-                strict = panel.values.triu(1)
-                gram[panel.start:, panel.start:panel.stop] += strict.mT
-        return gram
+                gram[stop:, start:stop] = panel.values[:, stop - start:].mT
+        return gram.to(self._info[key][1])
 
 
 def read_grams(path: str | os.PathLike, widths: Mapping[str, int]) -> dict[str, Tensor]:
@@ -558,7 +576,7 @@ def save_grams(
     """Write {module: Gram} as a Gram file (format 2, see ``GramFile``), atomically.
 
     Modules whose Gram is the same tensor object (``collect_grams`` gives q/k/v of a block one) share one
-    stored Gram. Full Grams are stored as ``layout`` "triangle" (half the size) or "full"; ``dtype`` (float32,
+    stored Gram. Full Grams are stored as ``layout`` "triangle" (about half the size) or "full"; ``dtype`` (float32,
     bfloat16, float16 or float64; default: each Gram's own) is the storage dtype — bfloat16 halves the size
     again and reads back exactly into a float64 accumulator, but rounds the Gram to 8 significant bits.
     """
@@ -581,8 +599,9 @@ def save_grams(
         if gram.dim() == 1:
             kinds[key] = {"layout": "diagonal", "width": gram.shape[0]}
         elif layout == "triangle":
-            kinds[key] = {"layout": "triangle", "width": gram.shape[0]}
-            stored = stored.masked_select(torch.ones(stored.shape, dtype=torch.bool).triu_())
+            width, rows = gram.shape[0], TRIANGLE_PANEL_ROWS
+            kinds[key] = {"layout": "triangle", "width": width, "panel_rows": rows}
+            stored = torch.cat([stored[s:s + rows, s:].reshape(-1) for s in range(0, width, rows)])
         else:
             kinds[key] = {"layout": "full", "width": gram.shape[0]}
         tensors[key] = stored.contiguous()

@@ -489,22 +489,26 @@ _CHOLESKY_PIVOT_TOLERANCE = 1e-12
 _SKETCH_OVERSAMPLING = 8
 
 
-def _top_singular(x: Tensor, rank: int, rank_bound: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The top ``rank`` singular triplets (U, S, Vh) of x (batched m × n).
+def _top_singular(
+    numerator: Tensor, rank: int, rank_bound: int | None, times_w=None, w_times=None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets (U, S, Vh) of x = N W (batched m × n; W = I without ``times_w``).
 
-    With ``rank_bound`` ≥ rank(x) (an adapter merge knows one: rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next
-    to min(m, n), x = Q Qᵀ x for Q an orthonormal basis of x Ω with Ω a Gaussian n × (bound + oversampling):
-    the SVD of the small Qᵀ x is then the SVD of x, exact up to rounding, at O(m n bound) instead of O(m n²).
+    ``times_w(M)`` = M W and ``w_times(Ω)`` = W Ω. With ``rank_bound`` ≥ rank(N) (an adapter merge knows one:
+    rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next to min(m, n), x = Q Qᵀ x for Q an orthonormal basis of
+    N (W Ω), Ω Gaussian n × (bound + oversampling): the SVD of the small (Qᵀ N) W is then the SVD of x, exact up
+    to rounding, at O(m n bound) instead of O(m n²) and without ever forming the m × n product x.
     """
-    m, n = x.shape[-2:]
+    times_w = times_w or (lambda m: m)
+    m, n = numerator.shape[-2:]
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
     if width is None or 2 * width >= min(m, n):
-        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(times_w(numerator), full_matrices=False)
         return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
-    generator = torch.Generator(device=x.device).manual_seed(0)  # reproducible merges
-    omega = torch.randn(n, width, generator=generator, dtype=x.dtype, device=x.device)
-    Q = torch.linalg.qr(x @ omega).Q
-    U, S, Vh = torch.linalg.svd(Q.mT @ x, full_matrices=False)
+    generator = torch.Generator(device=numerator.device).manual_seed(0)  # reproducible merges
+    omega = torch.randn(n, width, generator=generator, dtype=numerator.dtype, device=numerator.device)
+    Q = torch.linalg.qr(numerator @ (w_times(omega) if w_times is not None else omega)).Q
+    U, S, Vh = torch.linalg.svd(times_w(Q.mT @ numerator), full_matrices=False)
     return (Q @ U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
 
 
@@ -532,17 +536,22 @@ def low_rank_exact(
     """
     diagonal = gram.dim() == numerator.dim() - 1
     L = None if diagonal or rcond != DEFAULT_RCOND else _cholesky_factor(gram)
-    if L is not None:
-        ml = torch.linalg.solve_triangular(L.mT, numerator, upper=True, left=False)
-        U, S, Vh = _top_singular(ml, rank, rank_bound)
+    if L is not None:  # W = L⁻ᵀ: M L = N G⁻¹ L = N L⁻ᵀ
+        U, S, Vh = _top_singular(
+            numerator, rank, rank_bound,
+            lambda m: torch.linalg.solve_triangular(L.mT, m, upper=True, left=False),
+            lambda omega: torch.linalg.solve_triangular(L.mT, omega, upper=True),
+        )
         return U * S.unsqueeze(-2), torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
     eigenvalues, eigenvectors = (gram, None) if diagonal else torch.linalg.eigh(gram)
     keep = eigenvalues > rcond * eigenvalues.abs().amax(-1, keepdim=True)
     root_inv = torch.where(keep, eigenvalues.clamp_min(0).rsqrt(), torch.zeros_like(eigenvalues)).unsqueeze(-2)
-    ml = numerator * root_inv if diagonal else (numerator @ eigenvectors) * root_inv
-    U, S, Vh = _top_singular(ml, rank, rank_bound)
-    A = Vh * root_inv
-    return U * S.unsqueeze(-2), A if diagonal else A @ eigenvectors.mT
+    if diagonal:  # W = diag(Λ^-½)
+        U, S, Vh = _top_singular(numerator, rank, rank_bound, lambda m: m * root_inv, lambda o: root_inv.mT * o)
+        return U * S.unsqueeze(-2), Vh * root_inv
+    scaled = eigenvectors * root_inv  # W = U Λ^-½ (pseudo-inverse root: dropped eigenvalues give zero columns)
+    U, S, Vh = _top_singular(numerator, rank, rank_bound, lambda m: m @ scaled, lambda o: scaled @ o)
+    return U * S.unsqueeze(-2), Vh @ scaled.mT
 
 
 def low_rank_alternating(

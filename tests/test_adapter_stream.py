@@ -132,11 +132,17 @@ def test_streamed_merge_equals_in_memory_merge_and_reference(clients, tmp_path, 
         assert result.objectives["alternating"][module] >= result.objectives["exact"][module] * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("small_panels", [False, True])
 @pytest.mark.parametrize(("layout", "dtype", "diagonal"), [
     ("full", torch.float32, False), ("triangle", torch.bfloat16, False), ("triangle", torch.float16, False),
     ("triangle", torch.float64, True), ("triangle", torch.bfloat16, True),
 ])
-def test_gram_storage_reads_back_exactly_and_merges_like_the_reference(tmp_path, layout, dtype, diagonal):
+def test_gram_storage_reads_back_exactly_and_merges_like_the_reference(tmp_path, monkeypatch, layout, dtype, diagonal,
+                                                                       small_panels):
+    if small_panels:  # many panels per Gram (triangles of 5 rows, folds of 4 rows), as for 4096 wide Grams
+        monkeypatch.setattr(adapters, "TRIANGLE_PANEL_ROWS", 5)
+        monkeypatch.setattr(adapters, "_PANEL_ENTRIES", 50)
+        monkeypatch.setattr(adapter_merge, "_PANEL_ENTRIES", 50)
     deltas = [write_adapter(tmp_path / f"a{k}", 2, seed=k) for k in range(2)]
     grams = [shared_grams(k, diagonal=diagonal) for k in range(2)]
     files = []
@@ -173,8 +179,10 @@ def test_gram_file_sizes_and_sharing(tmp_path):
             for p in ("full32.safetensors", "tri32.safetensors", "tri16.safetensors", "unshared.safetensors")}
     assert data["unshared.safetensors"] == 12 * HIDDEN * HIDDEN * 4 + 2 * FFN * FFN * 4
     assert data["full32.safetensors"] == 6 * HIDDEN * HIDDEN * 4 + 2 * FFN * FFN * 4
-    assert data["tri32.safetensors"] == (6 * HIDDEN * (HIDDEN + 1) // 2 + 2 * FFN * (FFN + 1) // 2) * 4
+    assert data["tri32.safetensors"] == (6 * adapters.triangle_entries(HIDDEN) + 2 * adapters.triangle_entries(FFN)) * 4
     assert data["tri16.safetensors"] * 2 == data["tri32.safetensors"]
+    for width in (4096, 11008):  # panels of 256 rows: their diagonal blocks whole, a few % above n(n+1)/2
+        assert width * (width + 1) / 2 < adapters.triangle_entries(width) < 0.54 * width * width
 
 
 def test_first_gram_format_still_reads(tmp_path):
