@@ -19,8 +19,8 @@
 namespace lorm_ext {
 namespace {
 
-// Tile pairs of 128 × 128: enough of them to balance the threads, few enough to keep the task list short.
-constexpr int64_t kStatsTile = 64;
+// Tile pairs of 64 × 64 per parallel task (a 16 KiB fp32 mirror tile stays in L1 while its blocks are swept).
+constexpr int64_t kStatsTaskTile = 64;
 
 // The fast passes compare in float for 16- and 32-bit inputs (enough against a sqrt(eps) tolerance).
 template <typename scalar_t>
@@ -230,8 +230,8 @@ at::Tensor gram_stats_cpu(at::TensorList grams_in) {
     });
     const int64_t n = gram.size(0), covered = n / width * width;
     vector_region.push_back(covered);
-    for (const auto& [ti, tj] : upper_triangle_tiles(covered, kStatsTile)) {
-      tasks.push_back({StatsTask::kTilePair, l, ti * kStatsTile, tj * kStatsTile});
+    for (const auto& [ti, tj] : upper_triangle_tiles(covered, kStatsTaskTile)) {
+      tasks.push_back({StatsTask::kTilePair, l, ti * kStatsTaskTile, tj * kStatsTaskTile});
     }
     if (covered < n) {
       tasks.push_back({StatsTask::kBorder, l});
@@ -252,7 +252,7 @@ at::Tensor gram_stats_cpu(at::TensorList grams_in) {
             return;
           case StatsTask::kTilePair:
             per_task[t] = tile_pair_stats(
-                g, n, task.i0, std::min(kStatsTile, covered - task.i0), task.j0, std::min(kStatsTile, covered - task.j0));
+                g, n, task.i0, std::min(kStatsTaskTile, covered - task.i0), task.j0, std::min(kStatsTaskTile, covered - task.j0));
             return;
           case StatsTask::kBorder:  // columns [covered, n) against every row: a rectangle and a corner
             per_task[t] = tile_pair_stats_exact(g, n, 0, covered, covered, n - covered);

@@ -39,6 +39,11 @@ int64_t panel_width(int64_t p, size_t acc_size) {
   return std::clamp<int64_t>(fit / 16 * 16, 16, 256);
 }
 
+// How many panels an n-wide Gram is cut into: the one rule for the panel loop and the B-step's partials.
+int64_t panel_count(int64_t n, int64_t p, size_t acc_size) {
+  return ceil_div(n, panel_width(p, acc_size));
+}
+
 // acc (p × w, row-major) += f (p × h, row leading dimension ldf) · rows (h × w, row-major), single-threaded.
 // In BLAS's column-major terms that is accᵀ += rowsᵀ fᵀ, so no operand is transposed.
 template <typename acc_t>
@@ -79,6 +84,9 @@ struct PanelLayer {
   }
   int64_t panel_width() const {
     return lorm_ext::panel_width(factor.size(0), at::elementSize(acc_dtype()));
+  }
+  int64_t panel_count() const {
+    return lorm_ext::panel_count(gram.size(0), factor.size(0), at::elementSize(acc_dtype()));
   }
 };
 
@@ -230,10 +238,12 @@ void accumulate_panels(const std::vector<PanelLayer>& layers) {
   std::vector<Panel> panels;
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& layer = layers[l];
-    const int64_t n = layer.gram.size(0);
-    const int64_t w = layer.panel_width();
-    for (int64_t c = 0, index = 0; c < n; c += w, ++index) {
-      panels.push_back({l, index, c, std::min(w, n - c)});
+    const int64_t n = layer.gram.size(0), w = layer.panel_width(), count = layer.panel_count();
+    TORCH_INTERNAL_ASSERT(
+        !layer.partials.defined() || layer.partials.size(0) == std::max<int64_t>(count, 1),
+        "merge panels: one B-step partial per panel");
+    for (int64_t index = 0; index < count; ++index) {
+      panels.push_back({l, index, index * w, std::min(w, n - index * w)});
     }
   }
   at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t begin, int64_t end) {
@@ -316,8 +326,7 @@ void reduce_partials(const at::Tensor& partials, const at::Tensor& projection_su
 }
 
 // ΣBP[o0:o1] += B_k[o0:o1] P_k for a rank R known at compile time: each row is R broadcasts and R vector
-// multiply-adds against a local copy of P_k. On ViT-B's 48 layers (diagonal Grams) one call took 0.13 ms at
-// r = 1 and 0.28 ms at r = 4 this way, against 0.31 and 0.70 ms with a per-layer at::addmm.
+// multiply-adds against a local copy of P_k, which beats a per-layer at::addmm at small ranks.
 template <int64_t R, typename factor_t, typename acc_t>
 LORM_EXT_CPU_CLONES void add_projected_rows(
     acc_t* __restrict__ weighted, const factor_t* __restrict__ b, const acc_t* __restrict__ p, int64_t o0, int64_t o1) {
@@ -340,8 +349,7 @@ LORM_EXT_CPU_CLONES void add_projected_rows(
   }
 }
 
-// The ranks with a compiled row kernel; others go through at::addmm (at r = 16 the row kernel was slower:
-// 5.4 against 3.6 ms per call).
+// The ranks with a compiled row kernel; others go through at::addmm (at r = 16 BLAS is the faster of the two).
 bool has_row_kernel(int64_t r) {
   return r == 1 || r == 2 || r == 4 || r == 8;
 }
@@ -353,7 +361,8 @@ void add_projected_rows_of_rank(
     case 1: return add_projected_rows<1>(weighted, b, p, o0, o1);
     case 2: return add_projected_rows<2>(weighted, b, p, o0, o1);
     case 4: return add_projected_rows<4>(weighted, b, p, o0, o1);
-    default: return add_projected_rows<8>(weighted, b, p, o0, o1);
+    case 8: return add_projected_rows<8>(weighted, b, p, o0, o1);
+    default: TORCH_INTERNAL_ASSERT(false, "no row kernel for rank ", r, " (has_row_kernel disagrees)");
   }
 }
 
@@ -423,7 +432,7 @@ void projected_accumulate_cpu(
   for (size_t i = 0; i < grams.size(); ++i) {
     PanelLayer layer{grams[i].detach(), as_accumulator(shared_factors[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
-    const int64_t panels = ceil_div(n, panel_width(r, projection_sums[i].element_size()));
+    const int64_t panels = panel_count(n, r, projection_sums[i].element_size());
     // Every panel writes its own partial; an empty Gram has no panel and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
     layer.partials = n == 0 ? at::zeros({1, r, r}, options) : at::empty({panels, r, r}, options);

@@ -22,19 +22,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// The widest tile (GEMM-efficient: single-threaded sgemm reaches ~93% of its large-matrix rate at 512,
-// ~85% at 256) that still gives every thread a few tasks to balance the load.
-inline int64_t tile_width(int64_t n) {
-  const int64_t wanted_tasks = 3 * static_cast<int64_t>(at::get_num_threads());
-  for (int64_t tile : {512, 256, 128}) {
-    const int64_t t = ceil_div(n, tile);
-    if (t * (t + 1) / 2 >= wanted_tasks) {
-      return tile;
-    }
-  }
-  return 64;
-}
-
 // (i, j) tile indices with i <= j: the blocks of the upper triangle.
 inline std::vector<std::pair<int64_t, int64_t>> upper_triangle_tiles(int64_t n, int64_t tile) {
   const int64_t t = ceil_div(n, tile);
