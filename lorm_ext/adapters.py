@@ -612,12 +612,20 @@ def save_grams(
 # ---------------------------------------------------------------------------------------------------------
 # Writing: files atomically, adapters streamed into a temporary folder renamed into place
 
+def _default_mode(mode: int) -> int:
+    """``mode`` under the process umask: what open() or mkdir() would give (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """write(temporary path) in path's folder, then os.replace: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode(0o666))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -675,6 +683,7 @@ class OutputFolder:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
+            os.chmod(self.tmp, _default_mode(0o777))
         except OSError as err:
             raise AdapterFileError(self.target, f"cannot be created: {err.strerror}") from None
         return self
