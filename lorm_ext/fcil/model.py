@@ -134,7 +134,18 @@ def _timm_model(network: str, num_classes: int, weights: str | None) -> nn.Modul
     overlay = dict(file=weights, custom_load=weights.endswith(".npz"))
     if network == EMBEDDED_NETWORK:
         overlay["input_size"] = (kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"])
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(
+            arch, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
+        )
+    except Exception as error:  # safetensors, torch.load and timm report unreadable files with many exception types
+        remedy = (
+            "reinstall lorm_ext (python -m lorm_ext.fcil.pretrain FILE pretrains one to pass as --pretrained_path)"
+            if weights == EMBEDDED_WEIGHTS
+            else "pass a readable timm checkpoint of this network with --pretrained_path, or --pretrained False"
+        )
+        problem = f"{type(error).__name__}: {str(error).partition(chr(10))[0]}"
+        raise ConfigError(f"{weights}: cannot load {arch} weights from it ({problem}); {remedy}") from None
 
 
 def _augment_digits(images: Tensor, affine: v2.RandomAffine) -> Tensor:

@@ -84,14 +84,17 @@ def _nan(t: torch.Tensor) -> torch.Tensor:
 CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
     "truncated": (lambda blob, path: blob[: len(blob) // 2], "not a readable checkpoint (RuntimeError"),
     "empty": (lambda blob, path: b"", "not a readable checkpoint ("),
-    "random bytes": (lambda blob, path: np.random.default_rng(0).bytes(4096), "not a readable checkpoint (UnpicklingError"),
+    "random bytes": (
+        lambda blob, path: np.random.default_rng(0).bytes(4096),
+        "not a readable checkpoint (UnpicklingError",
+    ),
     "code in a pickle": (
         lambda blob, path: pickle.dumps({"next_unit": _RunsCode(path.parent / "ran")}),
         "not a readable checkpoint (UnpicklingError: Weights only load failed",
     ),
     "next_unit a string": (_tampered(_set(["next_unit"], "3")), "next_unit '3' is not in [1, 4]"),
     "next_unit past the plan": (_tampered(_set(["next_unit"], 9)), "next_unit 9 is not in [1, 4]"),
-    "a record lost": (_tampered(_set(["records"], lambda r: r[:-1])), "records must be a list of the 3 completed units"),
+    "a record lost": (_tampered(_set(["records"], lambda r: r[:-1])), "records must be a list of the 3 completed"),
     "records reordered": (_tampered(_set(["records"], lambda r: r[::-1])), "record 0 is not that of task 0 round 0"),
     "a record without seconds": (
         _tampered(_set(["records", 2], lambda r: {k: v for k, v in r.items() if k != "seconds"})),
@@ -188,4 +191,28 @@ def test_the_command_line_prints_the_one_line(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err.strip()
-    assert re.fullmatch(rf"lorm-fcil: error: {re.escape(str(run_dir / CHECKPOINT))}: cannot resume .* whole run folder", err)
+    path = re.escape(str(run_dir / CHECKPOINT))
+    assert re.fullmatch(rf"lorm-fcil: error: {path}: cannot resume from this checkpoint: .* whole run folder", err)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "random bytes", "a tensor of another shape"])
+def test_an_unreadable_backbone_weights_file_is_one_line_naming_it(tmp_path, tiny_config, kind):
+    from safetensors.torch import load_file, save_file
+
+    from lorm_ext.fcil.model import EMBEDDED_WEIGHTS, build_model
+
+    path = tmp_path / "weights.safetensors"
+    blob = open(EMBEDDED_WEIGHTS, "rb").read()
+    if kind == "a tensor of another shape":
+        weights = load_file(EMBEDDED_WEIGHTS)
+        weights["blocks.0.attn.qkv.weight"] = weights["blocks.0.attn.qkv.weight"][:-1]
+        save_file(weights, str(path))
+    else:
+        path.write_bytes({"truncated": blob[: len(blob) // 2], "empty": b"", "random bytes": os.urandom(512)}[kind])
+    config = tiny_config(pretrained=True, pretrained_path=str(path))
+    with pytest.raises(ConfigError) as error:
+        build_model(config, 4, str(path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: cannot load vit_tiny_patch16_224 weights from it (")
+    assert message.endswith("pass a readable timm checkpoint of this network with --pretrained_path, or --pretrained False")
+    assert "\n" not in message
