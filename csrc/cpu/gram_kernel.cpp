@@ -1,17 +1,20 @@
 // CPU Gram accumulation: G += XᵀX in place.
 //
-// Full Grams: the upper triangle is computed by recursive halving: G[a, a] and G[b, b] recursively, G[a, b] as one
-// GEMM X[:, a]ᵀ X[:, b] whose transpose also goes into G[b, a]; blocks at most leaf_width wide are one GEMM. About
-// half the FLOPs of a full XᵀX, in few large GEMMs that BLAS runs at its multithreaded rate (many small
-// single-threaded tile GEMMs inside a parallel loop lose that rate, and collapse when a vCPU is taken away). The
-// update is exactly symmetric: a symmetric G stays so. 16-bit inputs (and float32 into a float64 G) are upcast a
-// bounded chunk of rows at a time. Diagonal Grams: column sums of squares accumulated in double.
+// Full Grams: only the upper triangle is computed, as the blocks of a recursive halving (G[a, a] and G[b, b]
+// halved again, G[a, b] one off-diagonal block; diagonal blocks at most kLeafWidth wide are one full GEMM), about
+// half the FLOPs of a full XᵀX. The blocks, the off-diagonal ones cut into tiles, are independent GEMM tasks that
+// the threads pull from one queue, largest first, each task a single-threaded BLAS GEMM into a per-thread scratch
+// added to its block and mirrored into the transposed block. Pulling keeps both threads busy when one of them is
+// descheduled on a shared machine (a fixed split of the work, or a multithreaded GEMM per block, waits for it).
+// The update is exactly symmetric: a symmetric G stays so. 16-bit inputs (and float32 into a float64 G) are
+// upcast a bounded chunk of rows at a time. Diagonal Grams: column sums of squares accumulated in double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../checks.h"
@@ -20,86 +23,123 @@
 namespace lorm_ext {
 namespace {
 
-// Bytes of upcast rows of X held at once, and of one GEMM's product: bounds the op's scratch memory.
-constexpr int64_t kScratchBytes = int64_t{64} << 20;
+// Bytes of upcast rows of X held at once: bounds the op's scratch memory.
+constexpr int64_t kUpcastBytes = int64_t{64} << 20;
 // Columns per diagonal task: enough contiguous work per row to amortise the strided walk down X.
 constexpr int64_t kDiagonalGrain = 64;
+// Diagonal blocks at most this wide are one full GEMM (half of it wasted); wider ones are halved. A Gram narrower
+// than twice this is still halved once while its halves stay at least kMinLeafWidth wide (see bench/README.md).
+constexpr int64_t kLeafWidth = 128;
+constexpr int64_t kMinLeafWidth = 32;
+// Off-diagonal blocks are cut into tiles at most this wide: GEMMs near BLAS's rate, tasks small enough to balance.
+constexpr int64_t kTileWidth = 512;
 // Split points are multiples of this, so that GEMM operands start on cache-line and vector boundaries.
-constexpr int64_t kSplitAlign = 64;
+constexpr int64_t kSplitAlign = 32;
 
-// Diagonal blocks this wide or narrower are one full GEMM (half of it wasted); wider ones are halved. Each halving
-// saves FLOPs but makes the GEMMs smaller: with more threads a GEMM must be larger to keep them all busy.
-int64_t leaf_width() {
-  return at::get_num_threads() > 1 ? 384 : 256;
+// One GEMM task: G[row0:row0+rows, col0:col0+cols] += X[:, rows]ᵀ X[:, cols], and the same into the transposed
+// block. A diagonal task (row0 == col0) adds the upper triangle of its product and mirrors it.
+struct GemmTask {
+  int64_t row0, rows, col0, cols;
+  bool diagonal() const {
+    return row0 == col0;
+  }
+  int64_t cost() const {
+    return rows * cols;
+  }
+};
+
+void plan_block(int64_t lo, int64_t hi, int64_t leaf, std::vector<GemmTask>& tasks) {
+  const int64_t width = hi - lo;
+  if (width <= leaf) {
+    tasks.push_back({lo, width, lo, width});
+    return;
+  }
+  const int64_t mid = lo + ceil_div(width / 2, kSplitAlign) * kSplitAlign;
+  plan_block(lo, mid, leaf, tasks);
+  for (int64_t r0 = lo; r0 < mid; r0 += kTileWidth) {
+    for (int64_t c0 = mid; c0 < hi; c0 += kTileWidth) {
+      tasks.push_back({r0, std::min(kTileWidth, mid - r0), c0, std::min(kTileWidth, hi - c0)});
+    }
+  }
+  plan_block(mid, hi, leaf, tasks);
 }
 
-// A GEMM product of rows × cols in the scratch buffer (reused: no allocation or page faults per GEMM).
-at::Tensor product_view(at::Tensor& scratch, int64_t rows, int64_t cols) {
-  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+// The upper triangle of an n-wide Gram as GEMM tasks, largest first (so the last tasks pulled are small ones).
+std::vector<GemmTask> plan_tasks(int64_t n) {
+  const int64_t leaf = n >= 2 * kLeafWidth ? kLeafWidth : std::max(kMinLeafWidth, ceil_div(n / 2, kSplitAlign) * kSplitAlign);
+  std::vector<GemmTask> tasks;
+  plan_block(0, n, leaf, tasks);
+  std::stable_sort(tasks.begin(), tasks.end(), [](const GemmTask& a, const GemmTask& b) { return a.cost() > b.cost(); });
+  return tasks;
 }
 
-// G[lo + r, lo + c] += S[r, c] for r <= c, mirrored into G[lo + c, lo + r]: the diagonal block's update made
-// exactly symmetric (GEMM rounding may differ between S[r, c] and S[c, r]).
+// G[row0 + r, col0 + c] += S[r, c] and G[col0 + c, row0 + r] += S[r, c] (a diagonal task: r <= c only, the
+// diagonal once), in kMirrorBlock-square blocks so that the mirrored writes stay within a few cache lines.
+constexpr int64_t kMirrorBlock = 16;
 template <typename scalar_t>
-void add_mirrored(const at::Tensor& gram, const at::Tensor& product, int64_t lo) {
-  const int64_t n = gram.size(0), w = product.size(0);
-  scalar_t* g = gram.mutable_data_ptr<scalar_t>() + lo * n + lo;
-  const scalar_t* s = product.const_data_ptr<scalar_t>();
-  for (int64_t r = 0; r < w; ++r) {
-    g[r * n + r] += s[r * w + r];
-    for (int64_t c = r + 1; c < w; ++c) {
-      const scalar_t v = s[r * w + c];
-      g[r * n + c] += v;
-      g[c * n + r] += v;
+void add_mirrored(scalar_t* g, int64_t n, const scalar_t* s, const GemmTask& task) {
+  const bool diagonal = task.diagonal();
+  for (int64_t r0 = 0; r0 < task.rows; r0 += kMirrorBlock) {
+    const int64_t r1 = std::min(task.rows, r0 + kMirrorBlock);
+    for (int64_t c0 = diagonal ? r0 : 0; c0 < task.cols; c0 += kMirrorBlock) {
+      const int64_t c1 = std::min(task.cols, c0 + kMirrorBlock);
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = g + (task.row0 + r) * n + task.col0;
+        for (int64_t c = diagonal ? std::max(c0, r) : c0; c < c1; ++c) {
+          row[c] += s[r * task.cols + c];
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        scalar_t* row = g + (task.col0 + c) * n + task.row0;
+        for (int64_t r = r0; r < (diagonal ? std::min(r1, c) : r1); ++r) {
+          row[r] += s[r * task.cols + c];
+        }
+      }
     }
   }
 }
 
-// G[lo:hi, lo:hi] += X[:, lo:hi]ᵀ X[:, lo:hi], computing only upper-triangle blocks.
-void accumulate_block(const at::Tensor& gram, const at::Tensor& x, int64_t lo, int64_t hi, at::Tensor& scratch) {
-  const int64_t width = hi - lo;
-  if (width <= leaf_width()) {
-    const at::Tensor xs = x.narrow(1, lo, width);
-    at::Tensor product = product_view(scratch, width, width);
-    at::mm_out(product, xs.t(), xs);
-    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_add_mirrored", [&] {
-      add_mirrored<scalar_t>(gram, product, lo);
+// Scratch for a thread's GEMM products (at most kTileWidth² or a leaf's), kept between calls: a fresh buffer would
+// be page-faulted in on every call, which costs as much as a small Gram's GEMM.
+template <typename scalar_t>
+scalar_t* product_scratch(int64_t elements) {
+  thread_local std::vector<scalar_t> kept;
+  if (static_cast<int64_t>(kept.size()) < elements) {
+    kept.resize(elements);
+  }
+  return kept.data();
+}
+
+// Runs the tasks on X (rows × n, in G's dtype): every thread pulls the next task until none is left.
+void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
+  std::atomic<size_t> next{0};
+  const int64_t n = gram.size(0);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
+      const auto options = gram.options();
+      for (size_t t = next++; t < tasks.size(); t = next++) {
+        const GemmTask& task = tasks[t];
+        scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
+        at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
+        at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+        add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, s, task);
+      }
     });
-    return;
-  }
-  const int64_t mid = lo + ceil_div(width / 2, kSplitAlign) * kSplitAlign;
-  accumulate_block(gram, x, lo, mid, scratch);
-  // G[lo:mid, mid:hi] += X[:, lo:mid]ᵀ X[:, mid:hi], in column chunks that fit the scratch buffer.
-  const int64_t rows = mid - lo;
-  const int64_t chunk = std::max<int64_t>(kSplitAlign, scratch.numel() / rows / kSplitAlign * kSplitAlign);
-  const at::Tensor left = x.narrow(1, lo, rows).t();
-  for (int64_t c0 = mid; c0 < hi; c0 += chunk) {
-    const int64_t cols = std::min(chunk, hi - c0);
-    at::Tensor product = product_view(scratch, rows, cols);
-    at::mm_out(product, left, x.narrow(1, c0, cols));
-    gram.narrow(0, lo, rows).narrow(1, c0, cols).add_(product);
-    gram.narrow(0, c0, cols).narrow(1, lo, rows).add_(product.t());
-  }
-  accumulate_block(gram, x, mid, hi, scratch);
+  });
 }
 
 void accumulate_full(const at::Tensor& gram, const at::Tensor& x) {
-  const int64_t n = gram.size(0);
-  const int64_t rows = x.size(0);
   const auto dtype = gram.scalar_type();
-  const int64_t element = static_cast<int64_t>(at::elementSize(dtype));
-  const int64_t half = ceil_div(n, 2 * kSplitAlign) * kSplitAlign;  // the largest off-diagonal block's rows
-  const int64_t leaf = std::min(n, leaf_width());
-  const int64_t scratch_elements =
-      std::max(leaf * leaf, std::min(half * (n - half), std::max(kScratchBytes / element, half * kSplitAlign)));
-  at::Tensor scratch = at::empty({scratch_elements}, gram.options());
+  const std::vector<GemmTask> tasks = plan_tasks(gram.size(0));
   if (x.scalar_type() == dtype) {
-    accumulate_block(gram, x, 0, n, scratch);
+    run_tasks(gram, x, tasks);
     return;
   }
-  const int64_t row_chunk = std::max<int64_t>(1, kScratchBytes / (element * n));
+  const int64_t rows = x.size(0);
+  const int64_t row_chunk = std::max<int64_t>(1, kUpcastBytes / (static_cast<int64_t>(at::elementSize(dtype)) * gram.size(0)));
   for (int64_t r0 = 0; r0 < rows; r0 += row_chunk) {
-    accumulate_block(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), 0, n, scratch);
+    run_tasks(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), tasks);
   }
 }
 
