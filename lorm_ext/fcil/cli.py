@@ -197,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:  # every seed's data and split before the first run trains
             if config.seed not in data:
                 data[config.seed] = prepare(config)
-                os.makedirs(os.path.join(output_dir, "splits"), exist_ok=True)
-                with open(os.path.join(output_dir, "splits", f"seed{config.seed}.json"), "wb") as file:
+                split_path = os.path.join(output_dir, "splits", f"seed{config.seed}.json")
+                os.makedirs(os.path.dirname(split_path), exist_ok=True)
+                with open(f"{split_path}.tmp{os.getpid()}", "wb") as file:  # atomic: runs may share the folder
                     file.write(split_bytes(data[config.seed]))
+                os.replace(file.name, split_path)
     except ConfigError as error:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2
