@@ -90,9 +90,10 @@ struct Block<double> {
   static constexpr int kWidth = 4;
 };
 
+// W elements from src into a vector (an out-parameter: returning a 32-byte vector from a function compiled for
+// baseline x86-64 would be an ABI question; this inlines into the cloned callers either way).
 template <typename value_t, typename scalar_t>
-inline typename Block<value_t>::vec load_block_row(const scalar_t* src) {
-  typename Block<value_t>::vec v;
+inline void load_block_row(typename Block<value_t>::vec& v, const scalar_t* src) {
   if constexpr (std::is_same_v<value_t, scalar_t>) {
     std::memcpy(&v, src, sizeof(v));
   } else {
@@ -100,7 +101,6 @@ inline typename Block<value_t>::vec load_block_row(const scalar_t* src) {
       v[k] = static_cast<value_t>(src[k]);
     }
   }
-  return v;
 }
 
 // Rows i and i + b exchange their (b-wide) off-diagonal blocks; stages b = W/2, …, 1 transpose the W × W block.
@@ -142,11 +142,12 @@ LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t 
     for (int64_t c = diagonal_tile ? r : 0; c < tj; c += W) {
       vec mirror[W];
       for (int k = 0; k < W; ++k) {
-        mirror[k] = load_block_row<value_t>(g + (j0 + c + k) * n + i0 + r);
+        load_block_row<value_t>(mirror[k], g + (j0 + c + k) * n + i0 + r);
       }
       transpose_block(mirror);
       for (int k = 0; k < W; ++k) {
-        const vec a = load_block_row<value_t>(g + (i0 + r + k) * n + j0 + c);
+        vec a;
+        load_block_row<value_t>(a, g + (i0 + r + k) * n + j0 + c);
         const vec d = a - mirror[k];
         const vec magnitude = d < 0 ? -d : d;
         asymmetry = magnitude > asymmetry ? magnitude : asymmetry;

@@ -1,9 +1,9 @@
-// C++ test of the lorm_ext libtorch library: calls the ops through the dispatcher, the way a C++ user
-// would, and compares them with plain ATen computations. Prints every check; exits non-zero if any failed.
+// C++ test of the lorm_ext libtorch library: calls every op through the public header <lorm_ext/ops.h>, the
+// way a C++ user would, and compares them with plain ATen computations. Prints every check; exits non-zero if any failed.
 // Runs on CPU, and also on CUDA when the library has its CUDA implementations and a GPU is present.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <lorm_ext/ops.h>
 
 #include <cstdlib>
 #include <iostream>
@@ -33,19 +33,11 @@ void expect_close(
   failures += ok ? 0 : 1;
 }
 
-void gram_accumulate_(at::TensorList grams, at::TensorList inputs) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorm_ext::gram_accumulate_", "")
-                             .typed<void(at::TensorList, at::TensorList)>();
-  op.call(grams, inputs);
-}
-
-at::Tensor psd_right_solve(const at::Tensor& rhs, const at::Tensor& gram, double rcond) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorm_ext::psd_right_solve", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(rhs, gram, rcond);
-}
+using lorm_ext::gram_accumulate_;
+using lorm_ext::gram_stats;
+using lorm_ext::gram_weighted_accumulate_;
+using lorm_ext::projected_accumulate_;
+using lorm_ext::psd_right_solve;
 
 at::Tensor flat_float(const at::Tensor& x, int64_t n) {
   return x.reshape({-1, n}).to(at::kFloat);
@@ -77,6 +69,45 @@ void test_gram_accumulate(const at::Device device) {
       "gram_accumulate_ diagonal, bf16 -> fp32" + where, grams[1], g0_diag + xd.square().sum(0), 1e-5, 1e-5);
   expect_close(
       "gram_accumulate_ full, strided fp32 -> fp64" + where, grams[2], g0_double + xs.t().mm(xs), 1e-12, 0);
+}
+
+// The merge sums against ATen in float64: RegMean / A-step with and without lefts, and the B-step's projection.
+void test_merge_sums(const at::Device device) {
+  const std::string where = " [" + device.str() + "]";
+  const int64_t n = 50, r = 4, out = 30;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  const auto f64 = f32.dtype(at::kDouble);
+  const at::Tensor x = at::randn({80, n}, f32);
+  const at::Tensor gram = x.t().mm(x);
+  const at::Tensor a = at::randn({r, n}, f32), b = at::randn({out, r}, f32);
+  const at::Tensor g = gram.to(at::kDouble), a64 = a.to(at::kDouble), b64 = b.to(at::kDouble);
+
+  at::Tensor gram_sum = at::ones({n, n}, f64), weighted = at::ones({r, n}, f64), left_weighted = at::ones({out, n}, f64);
+  at::Tensor second_sum = at::ones({n, n}, f64);
+  gram_weighted_accumulate_({gram_sum}, {weighted}, {gram}, {a});
+  gram_weighted_accumulate_({second_sum}, {left_weighted}, {gram}, {a}, {b});
+  expect_close("gram_weighted_accumulate_ gram sum" + where, gram_sum, 1 + g, 1e-12, 0);
+  expect_close("gram_weighted_accumulate_ F G" + where, weighted, 1 + a64.mm(g), 1e-12, 0);
+  expect_close("gram_weighted_accumulate_ L F G" + where, left_weighted, 1 + b64.mm(a64.mm(g)), 1e-12, 0);
+
+  at::Tensor projection_sum = at::ones({r, r}, f64), projected = at::ones({out, r}, f64);
+  projected_accumulate_({projection_sum}, {projected}, {gram}, {a}, {b});
+  const at::Tensor p = a64.mm(g).mm(a64.t());
+  expect_close("projected_accumulate_ A G Aᵀ" + where, projection_sum, 1 + p, 1e-12, 0);
+  expect_close("projected_accumulate_ B P" + where, projected, 1 + b64.mm(p), 1e-12, 0);
+}
+
+// gram_stats: asymmetry, diagonal range and non-finite count, of a full and a diagonal Gram in one call.
+void test_gram_stats(const at::Device device) {
+  const std::string where = " [" + device.str() + "]";
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor gram = at::eye(20, f64).mul_(2);
+  gram.index_put_({3, 7}, 0.5);
+  gram.index_put_({5, 5}, -1.0);
+  const at::Tensor diagonal = at::full({9}, 3.0, f64).index_fill_(0, at::tensor({4}, f64.dtype(at::kLong)), NAN);
+  const at::Tensor stats = gram_stats({gram, diagonal});
+  const at::Tensor expected = at::tensor({0.5, -1.0, 2.0, 0.0, 0.0, 3.0, 3.0, 1.0}, f64).view({2, 4});
+  expect_close("gram_stats" + where, stats, expected, 0, 0);
 }
 
 // rhs @ pinv(G) for a batch of one well-conditioned SPD Gram and one of rank 5 (the eigendecomposition
@@ -137,6 +168,8 @@ int main() {
     for (const auto& device : devices) {
       at::manual_seed(0);
       test_gram_accumulate(device);
+      test_merge_sums(device);
+      test_gram_stats(device);
       test_psd_right_solve(device);
       test_bad_input(device);
     }
