@@ -233,8 +233,8 @@ def eigh_exact(numerator, gram, rank):
     return low_rank_exact(numerator.unsqueeze(0), gram.unsqueeze(0).clone(), rank, rcond=1e-300)  # rcond ≠ default: eigh
 
 
-def solver_rows(shapes, rank, rank_sums, eigh_max) -> list[dict]:
-    rows = []
+def solver_rows(shapes, rank, rank_sums, eigh_max, rows: list, save) -> None:
+    """Append one row per (shape, Σ r_k) to ``rows``, saving after each."""
     for out, width in shapes:
         for rank_sum in rank_sums:
             g = torch.Generator().manual_seed(out + width + rank_sum)
@@ -258,7 +258,7 @@ def solver_rows(shapes, rank, rank_sums, eigh_max) -> list[dict]:
             print(f"| {out} × {width} | {rank_sum} | {timed['lorm_ext'][0]:.2f} | {timed['plain_torch'][0]:.2f} | "
                   f"{timed['eigh'][0] if 'eigh' in timed else float('nan'):.2f} | "
                   f"{timed['plain_torch'][0] / timed['lorm_ext'][0]:.1f} | {rows[-1]['max_rel_diff']:.1e} |", flush=True)
-    return rows
+            save()
 
 
 def main(argv=None) -> None:
@@ -273,16 +273,27 @@ def main(argv=None) -> None:
     p.add_argument("--peft-clients", type=int, nargs="*", default=[10], help="N at which PEFT's merges run too")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--solver-rank-sums", type=int, nargs="*", default=[160, 1600])
+    p.add_argument("--solver-widths", choices=("hidden", "ffn"), nargs="*", default=["hidden", "ffn"],
+                   help="solver rows for a q_proj-like (hidden × hidden) and a gate_proj-like (ffn × hidden) module")
     p.add_argument("--eigh-max", type=int, default=4096, help="largest width the eigendecomposition row runs at")
     p.add_argument("--dir", type=Path, default=Path("/tmp/lorm-bench-adapters"), help="generated inputs (kept)")
     p.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
     args = p.parse_args(argv)
 
     info, ceil = machine(), ceilings()
+    rows, solver = [], []
+
+    def save() -> None:  # after every row: a long run that is stopped keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
+            "machine": info, "ceilings": ceil, "rows": rows, "exact_solver": solver,
+            "note": "full-Gram rows reuse distinct_gram_files Gram files across clients",
+        }, indent=2))
+
     print(f"# {info['cpu']} ({info['isa']}), {info['threads']} threads, torch {info['torch']}")
     n_max = max(args.clients)
     sets = {"diagonal": args.blocks, "full": args.full_blocks}
-    rows = []
     print("\n| Grams | blocks | N | LoRM s | adapters/s | input GB | input GB/s | disk read GB/s | copy GB/s | "
           "peak RSS MB | peak anon MB | PEFT svd s | PEFT svd peak RSS MB | PEFT cat s | PEFT cat peak RSS MB | "
           "objective LoRM exact | PEFT svd | PEFT cat | zero |")
@@ -330,17 +341,12 @@ def main(argv=None) -> None:
             cells += [f"{o['lorm_exact']:.4e}"] + [f"{o[k]:.4e}" if k in o else "–" for k in ("peft_svd", "peft_cat")]
             cells += [f"{o['zero']:.4e}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+            save()
 
     print("\n| module | Σ r_k | lorm_ext s | plain torch s | eigh s | × vs plain | max rel diff |")
     print("|---|---|---|---|---|---|---|")
-    solver = solver_rows([(args.hidden, args.hidden), (args.ffn, args.hidden)], args.rank, args.solver_rank_sums,
-                         args.eigh_max)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
-        "machine": info, "ceilings": ceil, "rows": rows, "exact_solver": solver,
-        "note": "full-Gram rows reuse distinct_gram_files Gram files across clients",
-    }, indent=2))
+    shapes = {"hidden": (args.hidden, args.hidden), "ffn": (args.ffn, args.hidden)}
+    solver_rows([shapes[w] for w in args.solver_widths], args.rank, args.solver_rank_sums, args.eigh_max, solver, save)
     print(f"\nwrote {args.out}")
 
 
