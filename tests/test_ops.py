@@ -439,3 +439,24 @@ def test_meta_tensors_mixed_with_real_ones_are_refused(device):
     with pytest.raises(RuntimeError, match="lorm_ext::gram_stats: tensors on several devices"):
         ops.gram_stats([g, meta])
     assert torch.equal(g, torch.zeros(4, 4, device=device))
+
+
+def test_bad_shapes_are_reported_while_tracing(device):
+    """The fake kernels check shapes, so torch.compile names the op and the problem at trace time."""
+    gram = torch.zeros(6, 6, device=device)
+
+    def accumulate(g, x):
+        ops.gram_accumulate_([g], [x])
+        return g
+
+    with pytest.raises(Exception, match=r"lorm_ext::gram_accumulate_: inputs\[0\] has 5 features but grams\[0\] is for 6"):
+        torch.compile(accumulate, backend="aot_eager", fullgraph=True)(gram, torch.randn(3, 5, device=device))
+
+    def weighted(s, w, g, f):
+        ops.gram_weighted_accumulate_([s], [w], [g], [f])
+        return s
+
+    with pytest.raises(Exception, match=r"factors\[0\] must be \(p, 6\)"):
+        torch.compile(weighted, backend="aot_eager", fullgraph=True)(
+            gram, torch.zeros(2, 6, device=device), gram.clone(), torch.randn(2, 5, device=device))
+    assert torch.equal(gram, torch.zeros(6, 6, device=device))
