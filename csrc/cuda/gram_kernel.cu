@@ -8,7 +8,8 @@
 //                       The products of two 16-bit inputs are exact in fp32; each 32-row slice is summed
 //                       on the tensor cores from zero and then added into separate fp32 accumulators with
 //                       ordinary round-to-nearest adds, so the tensor cores' own accumulation rounding only
-//                       ever touches 32-term partial sums.
+//                       ever touches 32-term partial sums. Needs sm_80: compiled for an older architecture
+//                       its body is a trap, and the host sends 16-bit inputs to the SIMT kernel instead.
 //   SIMT kernel         every other combination (float32 X into float32 G; anything into float64 G):
 //                       64×64 tiles, X upcast to G's dtype as it is loaded, exact FMA in G's dtype. No TF32.
 //   diagonal kernel     1-D G: column sums of squares, accumulated in float64 per thread.
@@ -25,16 +26,6 @@
 
 namespace lorm_ext::cuda {
 namespace {
-
-// Upper-triangle tile number `index` of a side of `tiles` tiles: row ti holds tiles (ti, ti..tiles-1).
-__device__ __forceinline__ void triangle_tile(int tiles, int index, int& ti, int& tj) {
-  ti = 0;
-  while (index >= tiles - ti) {
-    index -= tiles - ti;
-    ++ti;
-  }
-  tj = ti + index;
-}
 
 // What one block does: tile number `tile` (upper-triangle order, or a column block) of one pair, over rows
 // [row_begin, row_end) = row split number `split`.
@@ -245,6 +236,10 @@ __device__ __forceinline__ void mma_step(const uint32_t* si, const uint32_t* sj,
 
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // Compiled for an architecture without mma.sync m16n8k16: never launched (kernel_support() tells the host).
+  __trap();
+#else
   // [stage][operand i / j][feature * kPitch + pair]: 40 KiB, reused for the epilogue.
   __shared__ __align__(16) uint32_t smem[2][2][tc::kOperandWords];
   const TileWork work = tile_work(params, /*triangle=*/true);
@@ -306,6 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
     flush_staged_tile(work, staged, tc::kStagePitch, 64, tc::kTile, tc::kTile, half * 64);
     __syncthreads();
   }
+#endif
 }
 
 // ------------------------------------------------------------------------------------------ SIMT kernel
@@ -507,6 +503,17 @@ __global__ void __launch_bounds__(kThreads) gram_reduce_splits_kernel(GramParams
 }
 
 }  // namespace
+
+cudaError_t kernel_support(int* simt_arch, int* tensor_core_arch) {
+  cudaFuncAttributes simt{}, tensor_core{};
+  cudaError_t status = cudaFuncGetAttributes(&simt, gram_simt_kernel<float, float>);
+  if (status == cudaSuccess) {
+    status = cudaFuncGetAttributes(&tensor_core, gram_tensor_core_kernel<BFloat16>);
+  }
+  *simt_arch = simt.ptxVersion;
+  *tensor_core_arch = tensor_core.ptxVersion;
+  return status;
+}
 
 template <typename input_t, typename acc_t>
 cudaError_t GramLaunch<input_t, acc_t>::resident_blocks(GramKernel kernel, int* blocks_per_sm) {
