@@ -9,7 +9,7 @@
 //                       on the tensor cores from zero and then added into separate fp32 accumulators with
 //                       ordinary round-to-nearest adds, so the tensor cores' own accumulation rounding only
 //                       ever touches 32-term partial sums. Needs sm_80: compiled for an older architecture
-//                       its body is a trap, and the host sends 16-bit inputs to the SIMT kernel instead.
+//                       its mma is a trap, and the host sends 16-bit inputs to the SIMT kernel instead.
 //   SIMT kernel         every other combination (float32 X into float32 G; anything into float64 G):
 //                       64×64 tiles, X upcast to G's dtype as it is loaded, exact FMA in G's dtype. No TF32.
 //   diagonal kernel     1-D G: column sums of squares, accumulated in float64 per thread.
@@ -122,22 +122,30 @@ struct MmaOp;
 template <>
 struct MmaOp<BFloat16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no mma.sync m16n8k16 before sm_80; the host never launches this (kernel_support)
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
 template <>
 struct MmaOp<Half16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no mma.sync m16n8k16 before sm_80; the host never launches this (kernel_support)
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -236,10 +244,6 @@ __device__ __forceinline__ void mma_step(const uint32_t* si, const uint32_t* sj,
 
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParams params) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  // Compiled for an architecture without mma.sync m16n8k16: never launched (kernel_support() tells the host).
-  __trap();
-#else
   // [stage][operand i / j][feature * kPitch + pair]: 40 KiB, reused for the epilogue.
   __shared__ __align__(16) uint32_t smem[2][2][tc::kOperandWords];
   const TileWork work = tile_work(params, /*triangle=*/true);
@@ -301,7 +305,6 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
     flush_staged_tile(work, staged, tc::kStagePitch, 64, tc::kTile, tc::kTile, half * 64);
     __syncthreads();
   }
-#endif
 }
 
 // ------------------------------------------------------------------------------------------ SIMT kernel

@@ -234,8 +234,8 @@ struct StatsLaunch {
 
 // What the current device can run of this build: `simt_arch` and `tensor_core_arch` are the virtual
 // architectures (__CUDA_ARCH__ / 10) of the code the device would execute for the SIMT Gram kernel (all
-// kernels but the tensor-core one are compiled alike) and for the tensor-core Gram kernel, whose body
-// exists only from 80 on (mma.sync m16n8k16). An error means the build holds no code for this device.
+// kernels but the tensor-core one are compiled alike) and for the tensor-core Gram kernel, whose mma.sync
+// m16n8k16 exists only from 80 on (a trap below). An error means the build holds no code for this device.
 cudaError_t kernel_support(int* simt_arch, int* tensor_core_arch);
 
 }  // namespace lorm_ext::cuda
