@@ -13,6 +13,7 @@
 #
 # PYTHON (default python3) is the interpreter whose torch is used; the machine needs nvcc, pytest and the
 # project's dependencies, and no internet (the install is --no-build-isolation --no-deps).
+# GPU_CHECK_WORKERS (default 4; 0: none) pytest-xdist processes for the whole suite, where xdist is installed.
 set -uo pipefail
 
 PY=${PYTHON:-python3}
@@ -70,9 +71,14 @@ step build 300 build.log env TORCH_CUDA_ARCH_LIST="$CAPABILITY" MAX_JOBS="$(npro
 if [[ ${STEPS[-1]} != "build|passed|"* ]]; then
   echo "gpu_check: the build did not pass, so nothing else ran; see $DIR/build.log" >&2
 else
-  # The whole suite with the custom kernels: the run that may make them the default.
-  step "tests, custom kernels (whole suite)" 200 tests_custom.log env LORM_EXT_CUDA_KERNELS=custom \
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs tests
+  # The whole suite with the custom kernels: the run that may make them the default. Most of its time is CPU
+  # tests, so pytest-xdist (where installed) spreads the files over GPU_CHECK_WORKERS processes.
+  WORKERS=()
+  if ((${GPU_CHECK_WORKERS:-4} > 0)) && "$PY" -c 'import xdist' >/dev/null 2>&1; then
+    WORKERS=(-n "${GPU_CHECK_WORKERS:-4}" --dist loadfile)
+  fi
+  step "tests, custom kernels (whole suite)" 240 tests_custom.log env LORM_EXT_CUDA_KERNELS=custom \
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs "${WORKERS[@]}" tests
   # The CUDA tests (the cuda device parameter, tests/test_cuda_kernel*.py) with the ATen implementation.
   step "tests, aten (CUDA tests)" 100 tests_aten.log env LORM_EXT_CUDA_KERNELS=aten \
     "$PY" -m pytest -q -p no:cacheprovider -rfEs tests -k cuda
