@@ -5,8 +5,9 @@
 #
 # It builds lorm_ext for the GPU present only, runs the whole test suite with the custom kernels
 # (LORM_EXT_CUDA_KERNELS=custom) and the CUDA tests with the ATen implementation (=aten), runs
-# compute-sanitizer memcheck and racecheck on a few small kernel tests, and runs bench/bench_gpu.py with
-# settings that fit in about 3.5 minutes. Every log, the benchmark JSON and summary.txt go to one folder:
+# compute-sanitizer memcheck and racecheck on a few small kernel tests, and runs bench/bench_gpu.py capped at
+# 210 s (settings estimated, not yet timed on a GPU; the JSON keeps every finished row). Every log, the
+# benchmark JSON and summary.txt go to one folder:
 # $OUT when set, else bench/results/gpu_check. Each step has a time cap, and a deadline keeps the whole run
 # under GPU_CHECK_SECONDS (default 530 s, under 9 minutes); a step that would start past it is skipped.
 # Exit status: 0 when every step passed, 1 when one failed, timed out or was skipped, 2 without a GPU.

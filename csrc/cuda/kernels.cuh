@@ -6,7 +6,7 @@
 // kernel's 1-D grid assigns block b to the last descriptor whose first_block <= b. Descriptors travel by
 // value in the kernel parameters (CUDA >= 12.1 allows 32 KiB on sm_70+): no host-to-device copy, so a
 // launch needs no synchronisation and can be captured in a CUDA graph (tests/test_cuda_kernels.py captures
-// every op). Longer lists take several launches.
+// each op that launches them). Longer lists take several launches.
 #pragma once
 
 #include <cuda_runtime_api.h>
