@@ -18,7 +18,7 @@ from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 
 
 def want_cuda() -> bool:

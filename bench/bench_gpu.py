@@ -1,6 +1,11 @@
-"""GPU benchmark of the custom CUDA kernels: Gram accumulation and the streaming merge, on ViT-B/16 shapes.
+"""GPU benchmark of the CUDA ops: Gram accumulation and the streaming merge, on ViT-B/16 shapes.
 
     python bench/bench_gpu.py --out bench/results/gpu.json
+
+Every fused row is timed with each CUDA implementation (`--kernels`, default both): `custom`, the kernels of
+csrc/cuda/, and `aten`, the ATen compositions that are the default (LORM_EXT_CUDA_KERNELS).
+The JSON is rewritten after every row ("complete" turns true at the end), so a run cut short keeps what it
+measured.
 
 Ceilings are measured in the same run: a 1 GiB device-to-device copy (bandwidth, read + write) and large
 torch.matmul in bfloat16, float32 (TF32 off) and float64 (FLOP/s). Every result is printed next to its
@@ -58,14 +63,15 @@ def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str
 
 
 GRAM_COLUMNS = [
-    ("case", "case", "s"), ("width", "width", "s"), ("fused ms", "fused_ms", ".3f"), ("floor ms", "floor_ms", ".3f"),
+    ("case", "case", "s"), ("width", "width", "s"), ("kernels", "kernels", "s"), ("fused ms", "fused_ms", ".3f"),
+    ("floor ms", "floor_ms", ".3f"),
     ("reference ms", "reference_ms", ".3f"), ("speedup", "speedup", ".2f"),
     ("fraction of bf16 matmul rate", "fraction_of_bf16_rate", ".2f"), ("fused rel err", "fused_rel_err", ".1e"),
     ("reference rel err", "reference_rel_err", ".1e"),
 ]
 
 MERGE_COLUMNS = [
-    ("step", "step", "s"), ("Grams", "grams", "s"), ("K", "K", "d"), ("r", "r", "d"),
+    ("step", "step", "s"), ("Grams", "grams", "s"), ("K", "K", "d"), ("r", "r", "d"), ("kernels", "kernels", "s"),
     ("reduction ms/client", "reduction_ms", ".3f"), ("floor ms/client", "reduction_floor_ms", ".3f"),
     ("fraction of copy BW", "fraction_of_copy_bandwidth", ".2f"), ("fused s", "fused_s", ".4f"),
     ("floor s", "floor_s", ".4f"), ("authors s", "authors_s", ".2f"), ("× vs authors", "speedup_vs_authors", ".1f"),
@@ -77,6 +83,8 @@ MERGE_COLUMNS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=["gram", "merge"], choices=["gram", "merge"])
+    p.add_argument("--kernels", nargs="+", default=["custom", "aten"], choices=["custom", "aten"],
+                   help="CUDA implementations to time (ops.use_cuda_kernels)")
     p.add_argument("--gram-widths", type=int, nargs="+", default=[768, 3072])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 16])
@@ -167,7 +175,7 @@ def gram_floor_s(widths: list[int], ceil: dict) -> float:
     return max(bytes_ / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_bfloat16_GFLOPs"] * 1e9))
 
 
-def gram_case(case: str, widths: list[int], ceil: dict, repeats: int, seed: int) -> dict:
+def gram_case(case: str, widths: list[int], kernels: str, ceil: dict, repeats: int, seed: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     xs = [torch.randn(TOKENS, n, device="cuda", generator=gen).to(torch.bfloat16) for n in widths]
     grams = [torch.zeros(n, n, device="cuda") for n in widths]
@@ -181,19 +189,21 @@ def gram_case(case: str, widths: list[int], ceil: dict, repeats: int, seed: int)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        fused_s = cuda_seconds(lambda: ops.gram_accumulate_(grams, xs), repeats)
-        reference_s = cuda_seconds(reference, repeats)
-        for g, h in zip(grams, refs):
-            g.zero_()
-            h.zero_()
-        ops.gram_accumulate_(grams, xs)
-        reference()
+        with ops.use_cuda_kernels(kernels):
+            fused_s = cuda_seconds(lambda: ops.gram_accumulate_(grams, xs), repeats)
+            reference_s = cuda_seconds(reference, repeats)
+            for g, h in zip(grams, refs):
+                g.zero_()
+                h.zero_()
+            ops.gram_accumulate_(grams, xs)
+            reference()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     exact = [x.double().T @ x.double() for x in xs]
     flops = sum(TOKENS * n * (n + 1) for n in widths)
     return {
         "case": case, "width": "+".join(str(n) for n in sorted(set(widths))) if len(widths) > 1 else str(widths[0]),
+        "kernels": kernels,
         "pairs": len(widths), "fused_ms": fused_s * 1e3, "floor_ms": gram_floor_s(widths, ceil) * 1e3,
         "reference_ms": reference_s * 1e3, "speedup": reference_s / fused_s,
         "fraction_of_bf16_rate": flops / fused_s / 1e9 / ceil["matmul_bfloat16_GFLOPs"],
@@ -202,10 +212,15 @@ def gram_case(case: str, widths: list[int], ceil: dict, repeats: int, seed: int)
     }
 
 
-def gram_rows(args, ceil: dict) -> list[dict]:
-    rows = [gram_case("one layer", [n], ceil, args.repeats, args.seed) for n in args.gram_widths]
-    rows.append(gram_case("48 ViT-B layers, one call", [n for _, _, n in VIT_B_LAYERS], ceil, args.repeats, args.seed))
-    return rows
+def gram_rows(args, ceil: dict, rows: list[dict], save) -> None:
+    cases = [("one layer", [n]) for n in args.gram_widths]
+    cases.append(("48 ViT-B layers, one call", [n for _, _, n in VIT_B_LAYERS]))
+    print("\n" + markdown_table(GRAM_COLUMNS, []), flush=True)
+    for case, widths in cases:
+        for kernels in args.kernels:
+            rows.append(gram_case(case, widths, kernels, ceil, args.repeats, args.seed))
+            print(markdown_table(GRAM_COLUMNS, rows[-1:]).splitlines()[-1], flush=True)
+            save()
 
 
 # ----------------------------------------------------------------------------------------------- merge
@@ -260,7 +275,14 @@ def client_pool(r: int, diagonal: bool, seed: int):
     return pool, shared_a
 
 
-def merge_row(step: str, kind: str, k: int, r: int, pool, shared_a, args, ceil: dict) -> dict:
+def merge_row(step: str, kind: str, k: int, r: int, kernels: str, pool, shared_a, args, ceil: dict):
+    """(the fused columns of one row, the merged factors), with the CUDA implementation `kernels`."""
+    with ops.use_cuda_kernels(kernels):
+        row, merged = _merge_row(step, kind, k, r, pool, shared_a, args, ceil)
+    return {"kernels": kernels} | row, merged
+
+
+def _merge_row(step: str, kind: str, k: int, r: int, pool, shared_a, args, ceil: dict):
     diagonal = kind == "diagonal"
     names = [name for name, _, _ in VIT_B_LAYERS]
 
@@ -299,40 +321,50 @@ def merge_row(step: str, kind: str, k: int, r: int, pool, shared_a, args, ceil: 
             ceil["matmul_float64_GFLOPs"] * 1e9),
         "fused_peak_MB": fused_peak / 2**20,
     }
-    if not args.no_authors:
-        solve = authors_solve(step, diagonal)
-
-        def authors():  # one transformer block: every block has the same shapes
-            out = {}
-            for i in range(LAYERS_PER_BLOCK):
-                As, Bs, Gs = map(list, zip(*(pool[c % DISTINCT_CLIENTS][i] for c in range(k))))
-                out[names[i]] = solve(As, Bs, Gs, shared_a.get(names[i]))
-            return out
-
-        block_s, authors_peak, authors_out = measure(authors, args.slow_repeats, warmup=0)
-        authors_s = block_s * (len(VIT_B_LAYERS) // LAYERS_PER_BLOCK)
-        row.update({
-            "authors_s": authors_s, "speedup_vs_authors": authors_s / fused_s, "authors_peak_MB": authors_peak / 2**20,
-            "max_rel_diff_vs_authors": max(
-                ((merged[n] - authors_out[n]).abs().max() / authors_out[n].abs().max()).item() for n in authors_out),
-        })
-    return row
+    return row, merged
 
 
-def merge_rows(args, ceil: dict) -> list[dict]:
-    rows = []
+def authors_merge(step: str, kind: str, k: int, pool, shared_a, args):
+    """(seconds for all 48 layers, peak bytes, merged factors of the timed block) of the authors'-style loop."""
+    solve = authors_solve(step, kind == "diagonal")
+    names = [name for name, _, _ in VIT_B_LAYERS]
+
+    def authors():  # one transformer block: every block has the same shapes
+        out = {}
+        for i in range(LAYERS_PER_BLOCK):
+            As, Bs, Gs = map(list, zip(*(pool[c % DISTINCT_CLIENTS][i] for c in range(k))))
+            out[names[i]] = solve(As, Bs, Gs, shared_a.get(names[i]))
+        return out
+
+    block_s, peak, out = measure(authors, args.slow_repeats, warmup=0)
+    return block_s * (len(VIT_B_LAYERS) // LAYERS_PER_BLOCK), peak, out
+
+
+def merge_rows(args, ceil: dict, rows: list[dict], save) -> None:
     print("\n" + markdown_table(MERGE_COLUMNS, []), flush=True)
     for kind in args.grams:
         for r in args.ranks:
             pool, shared_a = client_pool(r, kind == "diagonal", args.seed)
             for step in args.steps:
                 for k in args.clients:
-                    row = merge_row(step, kind, k, r, pool, shared_a, args, ceil)
-                    rows.append(row)
-                    print(markdown_table(MERGE_COLUMNS, [row]).splitlines()[-1], flush=True)
+                    authors = None if args.no_authors else authors_merge(step, kind, k, pool, shared_a, args)
+                    for kernels in args.kernels:
+                        row, merged = merge_row(step, kind, k, r, kernels, pool, shared_a, args, ceil)
+                        if authors is not None:
+                            authors_s, authors_peak, authors_out = authors
+                            row.update({
+                                "authors_s": authors_s, "speedup_vs_authors": authors_s / row["fused_s"],
+                                "authors_peak_MB": authors_peak / 2**20,
+                                "max_rel_diff_vs_authors": max(
+                                    ((merged[n] - authors_out[n]).abs().max() / authors_out[n].abs().max()).item()
+                                    for n in authors_out),
+                            })
+                        rows.append(row)
+                        print(markdown_table(MERGE_COLUMNS, [row]).splitlines()[-1], flush=True)
+                        save()
+                    del authors
             del pool, shared_a
             torch.cuda.empty_cache()
-    return rows
 
 
 def main(argv=None) -> None:
@@ -348,15 +380,19 @@ def main(argv=None) -> None:
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv),
         "device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
-        "ceilings": ceil,
+        "ceilings": ceil, "complete": False,
     }
-    if "gram" in args.sections:
-        result["gram_accumulation"] = gram_rows(args, ceil)
-        print("\n" + markdown_table(GRAM_COLUMNS, result["gram_accumulation"]), flush=True)
-    if "merge" in args.sections:
-        result["merge"] = merge_rows(args, ceil)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+
+    def save():
+        args.out.write_text(json.dumps(result, indent=2))
+
+    if "gram" in args.sections:
+        gram_rows(args, ceil, result.setdefault("gram_accumulation", []), save)
+    if "merge" in args.sections:
+        merge_rows(args, ceil, result.setdefault("merge", []), save)
+    result["complete"] = True
+    save()
     print(f"\nwrote {args.out}")
 
 

@@ -1,9 +1,18 @@
 // lorm_ext._C: loading this module runs the TORCH_LIBRARY registrations of every op
-// (torch.ops.lorm_ext.*). The pybind11 functions report how the library was built.
+// (torch.ops.lorm_ext.*). The pybind11 functions report how the library was built and, in a CUDA build,
+// which CUDA implementation the ops run (cuda/aten_ops.h).
 #include <pybind11/pybind11.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "checks.h"
+
+#ifdef LORM_EXT_WITH_CUDA
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "cuda/aten_ops.h"
+#endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lorm_ext native library: registers torch.ops.lorm_ext.*";
@@ -20,4 +29,27 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "symmetry_tolerance", &lorm_ext::symmetry_tolerance,
       "The largest max |G - G^T| accepted for a Gram of this dtype, relative to its largest diagonal entry.");
+#ifdef LORM_EXT_WITH_CUDA
+  // An invalid choice is a ValueError with c10's message alone (its what() carries a C++ backtrace).
+  m.def(
+      "cuda_kernels",
+      [] {
+        try {
+          return std::string(lorm_ext::cuda::kernels_name(lorm_ext::cuda::kernels()));
+        } catch (const c10::Error& e) {
+          throw pybind11::value_error(e.what_without_backtrace());
+        }
+      },
+      "The CUDA implementation the ops run: 'aten' or 'custom'.");
+  m.def(
+      "set_cuda_kernels",
+      [](const std::string& name) {
+        try {
+          lorm_ext::cuda::set_kernels(name);
+        } catch (const c10::Error& e) {
+          throw pybind11::value_error(e.what_without_backtrace());
+        }
+      },
+      "Make the ops run the named CUDA implementation, 'aten' or 'custom', from now on.");
+#endif
 }

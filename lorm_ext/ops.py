@@ -6,7 +6,8 @@ Gram collector check first and name the model layer. ``lorm_ext.reference`` is t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -20,6 +21,27 @@ _ops = torch.ops.lorm_ext
 def compiled_with_cuda() -> bool:
     """Whether the CUDA implementations were compiled into this build of lorm_ext._C."""
     return _C.compiled_with_cuda()
+
+
+def cuda_kernels() -> str:
+    """Which CUDA implementation the ops run: ``"aten"`` (compositions of ATen ops: cuBLAS, a few reductions;
+    the default) or ``"custom"`` (the kernels of csrc/cuda/). Chosen by the environment variable
+    ``LORM_EXT_CUDA_KERNELS``, read once; an invalid value raises ValueError here and at every CUDA op call."""
+    if not compiled_with_cuda():
+        raise RuntimeError("lorm_ext was built without its CUDA implementations (see LORM_EXT_CUDA in README.md)")
+    return _C.cuda_kernels()
+
+
+@contextmanager
+def use_cuda_kernels(name: str) -> Iterator[None]:
+    """Run the CUDA ops with implementation ``name`` (``"aten"`` or ``"custom"``) inside the block, for the
+    whole process; the choice before is restored afterwards. For tests and benchmarks that compare the two."""
+    previous = cuda_kernels()
+    _C.set_cuda_kernels(name)
+    try:
+        yield
+    finally:
+        _C.set_cuda_kernels(previous)
 
 
 def gram_accumulate_(grams: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:

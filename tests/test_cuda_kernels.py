@@ -1,10 +1,14 @@
-"""GPU-only checks of the custom CUDA kernels (csrc/cuda/), beyond the device-parametrized op tests.
+"""GPU-only checks of the CUDA implementations (csrc/cuda/), beyond the device-parametrized op tests.
 
-They target what the kernels do differently from a plain matmul: the tensor-core path for 16-bit inputs and
-its accuracy against the upcast-then-fp32 reference, grouped launches of many pairs of mixed widths (and more
-pairs than one launch holds), row splits with atomic adds, strided inputs, diagonal Grams, float64
-accumulators, the merge passes for ranks that span several 16-row chunks, and streaming equal to batch.
-Everything is compared with float64 computed from the same inputs.
+They target what the custom kernels do differently from a plain matmul: the tensor-core path for 16-bit
+inputs and its accuracy against the upcast-then-fp32 reference, grouped launches of many pairs of mixed widths
+(and more pairs than one launch holds), row splits reduced in a fixed order, strided inputs, diagonal Grams,
+float64 accumulators, the merge passes for ranks that span several 16-row chunks, and streaming equal to
+batch. Everything is compared with float64 computed from the same inputs.
+
+These tests run the implementation LORM_EXT_CUDA_KERNELS selects (bench/gpu_check.sh runs the file under
+both); the last section runs both in one process and compares them with each other and with float64, and
+captures every op in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def test_empty_inputs_leave_grams_unchanged():
 
 
 def test_mixed_cpu_and_gpu_entries_are_refused():
-    with pytest.raises(RuntimeError, match="CUDA device"):
+    with pytest.raises(RuntimeError, match=r"grams\[1\] is on cpu but entry 0 is on cuda:\d+; all entries of one call"):
         ops.gram_accumulate_(
             [torch.zeros(3, 3, device=DEVICE), torch.zeros(3, 3)],
             [torch.randn(4, 3, device=DEVICE), torch.randn(4, 3)],
@@ -371,3 +375,154 @@ def test_merger_end_to_end_on_gpu():
     merged = merger.merge()["layer"]
     expected = regmean_ref([f.cpu() for f in factors], [g.cpu() for g in grams])
     assert rel_err(merged.cpu(), expected) < 1e-8
+
+
+# ---------------------------------------------------------------------------- both implementations
+
+KERNELS = ["aten", "custom"]
+
+
+def under_each(fn) -> dict:
+    """{implementation: fn()} for the ATen implementation and the custom kernels."""
+    results = {}
+    for name in KERNELS:
+        with ops.use_cuda_kernels(name):
+            results[name] = fn()
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_implementations_agree_on_gram_accumulation(dtype, acc, diagonal):
+    """Widths below, at and above the ATen path's 1024-column panels and one launch's tiles, on Grams that
+    already hold a symmetric sum: both within rounding of float64, and both updates exactly symmetric."""
+    shapes = [(3152, 768), (40, 1100), (700, 33), (5, 1), (300, 2050)]
+    xs = [activations(rows, n, dtype, seed=i) for i, (rows, n) in enumerate(shapes)]
+    starts = []
+    for x in xs:
+        n = x.shape[1]
+        start = torch.rand(n, device=DEVICE, dtype=acc) if diagonal else torch.randn(n, n, device=DEVICE, dtype=acc)
+        starts.append(start if diagonal else start + start.T)
+
+    def accumulate():
+        grams = [s.clone() for s in starts]
+        ops.gram_accumulate_(grams, xs)
+        return grams
+
+    results = under_each(accumulate)
+    for aten, custom, start, x in zip(results["aten"], results["custom"], starts, xs):
+        exact = start.double() + exact_gram(x, acc, diagonal)
+        assert rel_err(aten, exact) < ACC_TOL[acc], ("aten", x.shape)
+        assert rel_err(custom, exact) < ACC_TOL[acc], ("custom", x.shape)
+        assert rel_err(aten, custom) < 2 * ACC_TOL[acc], x.shape
+        if not diagonal:
+            assert torch.equal(aten, aten.T) and torch.equal(custom, custom.T), x.shape
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rank", [1, 17])
+def test_implementations_agree_on_merge_reductions(acc, rank):
+    widths = [1, 65, 768, 1100]
+    gram_dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+    grams = [random_gram(n, gram_dtypes[i], i % 2 == 1, seed=i, transposed=i == 2) for i, n in enumerate(widths)]
+    factors = [torch.randn(rank, n, device=DEVICE) for n in widths]
+    lefts = [torch.randn(3, rank, device=DEVICE, dtype=torch.float64) for _ in widths]
+    bs = [torch.randn(40, rank, device=DEVICE, dtype=torch.bfloat16) for _ in widths]
+    shared = [torch.randn(rank, n, device=DEVICE) for n in widths]
+
+    def reduce():
+        out = []
+        for with_lefts in (False, True):
+            gs = [torch.ones(g.shape, device=DEVICE, dtype=acc) for g in grams]
+            ws = [torch.ones(3 if with_lefts else rank, n, device=DEVICE, dtype=acc) for n in widths]
+            ops.gram_weighted_accumulate_(gs, ws, grams, factors, lefts if with_lefts else None)
+            out.append((gs, ws))
+        ps = [torch.ones(rank, rank, device=DEVICE, dtype=acc) for _ in widths]
+        bps = [torch.ones(40, rank, device=DEVICE, dtype=acc) for _ in widths]
+        ops.projected_accumulate_(ps, bps, grams, shared, bs)
+        return out, (ps, bps)
+
+    results = under_each(reduce)
+    for i, g in enumerate(grams):
+        gd, ad, bd = g.to(acc).double(), shared[i].to(acc).double(), bs[i].to(acc).double()
+        p = (ad * gd if gd.dim() == 1 else ad @ gd) @ ad.T
+        expected = [weighted_expected(g, factors[i], None, acc), weighted_expected(g, factors[i], lefts[i], acc)]
+        for name in KERNELS:
+            weighted, (ps, bps) = results[name]
+            for (gs, ws), (eg, ew) in zip(weighted, expected):
+                assert rel_err(gs[i], 1 + eg) < ACC_TOL[acc], (name, i)
+                assert rel_err(ws[i], 1 + ew) < 10 * ACC_TOL[acc], (name, i)
+            assert rel_err(ps[i], 1 + p) < 10 * ACC_TOL[acc], (name, i)
+            assert rel_err(bps[i], 1 + bd @ p) < 10 * ACC_TOL[acc], (name, i)
+        for (aten_gs, aten_ws), (custom_gs, custom_ws) in zip(results["aten"][0], results["custom"][0]):
+            assert torch.equal(aten_gs[i], custom_gs[i])  # one exact add of the upcast Gram in both
+            assert rel_err(aten_ws[i], custom_ws[i].double()) < 10 * ACC_TOL[acc]
+
+
+def test_implementations_agree_on_gram_stats():
+    """Both compute every statistic in float64 from the same values, so they agree exactly: Grams of all
+    input dtypes, full and diagonal, with NaN, Inf, asymmetric pairs and negative diagonals, more of them than
+    one launch holds."""
+    from test_ops import gram_stats_truth
+
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    grams = []
+    for i in range(300):
+        n = [1, 2, 31, 33, 100, 1500][i % 6] if i < 12 else 1 + i % 40
+        g = random_gram(n, torch.float64, i % 5 == 0, seed=i).to(dtypes[i % 4])
+        if i % 3 == 0:
+            flat = g.view(-1)
+            flat[(7 * i) % flat.numel()] = float("nan") if i % 2 else float("inf")
+        if i % 4 == 1 and g.dim() == 2 and n > 1:
+            g[0, n - 1] += 1.5
+            g[n - 1, n - 1] = -2.0
+        grams.append(g)
+    results = under_each(lambda: ops.gram_stats(grams))
+    assert torch.equal(results["aten"], results["custom"])
+    for g, row in zip(grams, results["custom"].tolist()):
+        if torch.isfinite(g if g.dim() == 1 else g.diagonal()).any():  # the truth needs a finite diagonal entry
+            assert row == pytest.approx(gram_stats_truth(g), rel=1e-12), (tuple(g.shape), g.dtype)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_ops_can_be_captured_in_a_cuda_graph(kernels):
+    """The accumulation ops and gram_stats need no host synchronisation: captured once in a CUDA graph and
+    replayed twice, they add their sums twice and return the statistics of the eager call."""
+    n, r = 300, 8
+    x = activations(700, n, torch.bfloat16)
+    gram_k = random_gram(n, torch.float32, False, seed=1)
+    diagonal_k = random_gram(n, torch.float32, True, seed=2)
+    a, b = torch.randn(r, n, device=DEVICE), torch.randn(30, r, device=DEVICE)
+    sums = {
+        "gram": torch.zeros(n, n, device=DEVICE), "diagonal": torch.zeros(n, device=DEVICE),
+        "gram_sum": torch.zeros(n, n, device=DEVICE, dtype=torch.float64),
+        "weighted": torch.zeros(r, n, device=DEVICE, dtype=torch.float64),
+        "projection": torch.zeros(r, r, device=DEVICE, dtype=torch.float64),
+        "projected": torch.zeros(30, r, device=DEVICE, dtype=torch.float64),
+    }
+
+    def step():
+        ops.gram_accumulate_([sums["gram"], sums["diagonal"]], [x, x])
+        ops.gram_weighted_accumulate_([sums["gram_sum"]], [sums["weighted"]], [gram_k], [a])
+        ops.projected_accumulate_([sums["projection"]], [sums["projected"]], [gram_k], [a], [b])
+        return ops.gram_stats([gram_k, diagonal_k])
+
+    with ops.use_cuda_kernels(kernels):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graph asks
+            eager_stats = step()
+        torch.cuda.current_stream().wait_stream(side)
+        eager = {key: value.clone() for key, value in sums.items()}
+        for value in sums.values():
+            value.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured_stats = step()
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured_stats, eager_stats)
+    for key, value in sums.items():
+        assert rel_err(value, 2 * eager[key].double()) < 1e-6, key

@@ -1,5 +1,5 @@
-// Device helpers shared by the kernels: on-the-fly upcasts and the block -> item lookup of grouped
-// launches (see kernels.cuh).
+// Device helpers shared by the kernels: on-the-fly upcasts, the block -> item lookup of grouped launches
+// (see kernels.cuh) and the numbering of upper-triangle tiles.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -29,6 +29,16 @@ __device__ __forceinline__ acc_t upcast(float v) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t upcast(double v) {
   return static_cast<acc_t>(v);
+}
+
+// Upper-triangle tile number `index` of a side of `tiles` tiles: row ti holds tiles (ti, ti..tiles-1).
+__device__ __forceinline__ void triangle_tile(int tiles, int index, int& ti, int& tj) {
+  ti = 0;
+  while (index >= tiles - ti) {
+    index -= tiles - ti;
+    ++ti;
+  }
+  tj = ti + index;
 }
 
 // Index of the item this block works for: the last one whose first_block <= blockIdx.x. Items are sorted

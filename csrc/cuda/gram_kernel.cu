@@ -8,7 +8,8 @@
 //                       The products of two 16-bit inputs are exact in fp32; each 32-row slice is summed
 //                       on the tensor cores from zero and then added into separate fp32 accumulators with
 //                       ordinary round-to-nearest adds, so the tensor cores' own accumulation rounding only
-//                       ever touches 32-term partial sums.
+//                       ever touches 32-term partial sums. Needs sm_80: compiled for an older architecture
+//                       its mma is a trap, and the host sends 16-bit inputs to the SIMT kernel instead.
 //   SIMT kernel         every other combination (float32 X into float32 G; anything into float64 G):
 //                       64×64 tiles, X upcast to G's dtype as it is loaded, exact FMA in G's dtype. No TF32.
 //   diagonal kernel     1-D G: column sums of squares, accumulated in float64 per thread.
@@ -25,16 +26,6 @@
 
 namespace lorm_ext::cuda {
 namespace {
-
-// Upper-triangle tile number `index` of a side of `tiles` tiles: row ti holds tiles (ti, ti..tiles-1).
-__device__ __forceinline__ void triangle_tile(int tiles, int index, int& ti, int& tj) {
-  ti = 0;
-  while (index >= tiles - ti) {
-    index -= tiles - ti;
-    ++ti;
-  }
-  tj = ti + index;
-}
 
 // What one block does: tile number `tile` (upper-triangle order, or a column block) of one pair, over rows
 // [row_begin, row_end) = row split number `split`.
@@ -131,22 +122,30 @@ struct MmaOp;
 template <>
 struct MmaOp<BFloat16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no mma.sync m16n8k16 before sm_80; the host never launches this (kernel_support)
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
 template <>
 struct MmaOp<Half16> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no mma.sync m16n8k16 before sm_80; the host never launches this (kernel_support)
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -507,6 +506,17 @@ __global__ void __launch_bounds__(kThreads) gram_reduce_splits_kernel(GramParams
 }
 
 }  // namespace
+
+cudaError_t kernel_support(int* simt_arch, int* tensor_core_arch) {
+  cudaFuncAttributes simt{}, tensor_core{};
+  cudaError_t status = cudaFuncGetAttributes(&simt, gram_simt_kernel<float, float>);
+  if (status == cudaSuccess) {
+    status = cudaFuncGetAttributes(&tensor_core, gram_tensor_core_kernel<BFloat16>);
+  }
+  *simt_arch = simt.ptxVersion;
+  *tensor_core_arch = tensor_core.ptxVersion;
+  return status;
+}
 
 template <typename input_t, typename acc_t>
 cudaError_t GramLaunch<input_t, acc_t>::resident_blocks(GramKernel kernel, int* blocks_per_sm) {

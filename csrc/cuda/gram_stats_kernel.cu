@@ -1,6 +1,8 @@
-// CUDA gram_stats kernel: one read of a Gram for its validation (host side: ops_cuda.cu). Each block owns one
-// 32 × 32 tile of the upper triangle, stages the mirror tile G[c0:, r0:] through shared memory (coalesced
-// loads, transposed reads) and writes its partial statistics; the host combines the blocks.
+// CUDA gram_stats kernels: one read of many Grams for their validation (host side: ops_cuda.cu). One
+// launch covers all the Grams of a dtype (see kernels.cuh): a block of a full Gram owns one 32 × 32 tile of
+// its upper triangle and stages the mirror tile G[c0:, r0:] through shared memory (coalesced loads,
+// transposed reads); a block of a diagonal Gram owns kStatsChunk entries. Each block writes its partial
+// statistics, and a second launch, one block per Gram, combines them in a fixed order into the Gram's row.
 #include <cuda/std/limits>
 
 #include "device_utils.cuh"
@@ -8,20 +10,71 @@
 namespace lorm_ext::cuda {
 namespace {
 
-constexpr int kRowsPerPass = kThreads / kStatsTile;  // blockDim = (32, 8): each thread covers 4 tile rows
+constexpr int kRowsPerPass = kThreads / kStatsTile;  // a full-Gram block's threads as (32, 8): 4 tile rows each
+
+struct Stats {
+  double asymmetry = 0.0;
+  double min_diagonal = ::cuda::std::numeric_limits<double>::infinity();
+  double max_diagonal = -::cuda::std::numeric_limits<double>::infinity();
+  double nonfinite = 0.0;
+
+  __device__ void add_diagonal(double v) {
+    if (!isfinite(v)) {
+      nonfinite += 1;
+      return;
+    }
+    min_diagonal = fmin(min_diagonal, v);
+    max_diagonal = fmax(max_diagonal, v);
+  }
+
+  __device__ void add(const StatsPartial& p) {
+    asymmetry = fmax(asymmetry, p.max_asymmetry);
+    min_diagonal = fmin(min_diagonal, p.min_diagonal);
+    max_diagonal = fmax(max_diagonal, p.max_diagonal);
+    nonfinite += p.nonfinite;
+  }
+};
+
+// The block's statistics: every thread's combined by a tree over shared memory, a fixed order. Returns
+// the total in thread 0.
+__device__ StatsPartial block_combine(const Stats& mine) {
+  __shared__ StatsPartial reduce[kThreads];
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  reduce[tid] = {mine.asymmetry, mine.min_diagonal, mine.max_diagonal, mine.nonfinite};
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      Stats s;
+      s.add(reduce[tid]);
+      s.add(reduce[tid + stride]);
+      reduce[tid] = {s.asymmetry, s.min_diagonal, s.max_diagonal, s.nonfinite};
+    }
+    __syncthreads();
+  }
+  return reduce[0];
+}
 
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) gram_stats_kernel(
-    const input_t* __restrict__ gram, int64_t n, StatsPartial* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads) gram_stats_kernel(StatsParams params) {
   __shared__ double mirror[kStatsTile][kStatsTile + 1];  // +1: no bank conflicts on the transposed read
-  __shared__ double reduce[4][kThreads];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kStatsTile + tx;
-  const int64_t tile_r = blockIdx.y, tile_c = blockIdx.x;
-  double asymmetry = 0.0, nonfinite = 0.0;
-  double min_diagonal = ::cuda::std::numeric_limits<double>::infinity(), max_diagonal = -min_diagonal;
+  const StatsItem item = params.items[find_item(params)];
+  const int64_t local = blockIdx.x - item.first_block;
+  const auto* gram = static_cast<const input_t*>(item.gram);
+  const int64_t n = item.n;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  Stats stats;
 
-  if (tile_r <= tile_c) {  // uniform per block, so every thread of it reaches the barrier below
-    const int64_t r0 = tile_r * kStatsTile, c0 = tile_c * kStatsTile;
+  if (item.diagonal) {  // uniform per block, so every thread of it reaches the barriers
+    for (int u = 0; u < kStatsChunk / kThreads; ++u) {
+      const int64_t e = local * kStatsChunk + u * kThreads + ty * kStatsTile + tx;
+      if (e < n) {
+        stats.add_diagonal(upcast<double>(gram[e]));
+      }
+    }
+  } else {
+    int tile_r, tile_c;
+    triangle_tile(item.tiles, static_cast<int>(local), tile_r, tile_c);
+    const int64_t r0 = int64_t{tile_r} * kStatsTile, c0 = int64_t{tile_c} * kStatsTile;
     for (int y = ty; y < kStatsTile; y += kRowsPerPass) {
       const int64_t row = c0 + y, col = r0 + tx;
       mirror[y][tx] = (row < n && col < n) ? upcast<double>(gram[row * n + col]) : 0.0;
@@ -35,44 +88,49 @@ __global__ void __launch_bounds__(kThreads) gram_stats_kernel(
       }
       const double a = upcast<double>(gram[r * n + c]);
       const double b = mirror[tx][y];  // G[c, r]
-      const bool a_finite = isfinite(a), b_finite = isfinite(b);
-      if (!a_finite || !b_finite) {
-        nonfinite += (!a_finite) + (r != c && !b_finite);
+      if (r == c) {
+        stats.add_diagonal(a);
         continue;
       }
-      asymmetry = fmax(asymmetry, fabs(a - b));
-      if (r == c) {
-        min_diagonal = fmin(min_diagonal, a);
-        max_diagonal = fmax(max_diagonal, a);
+      const bool a_finite = isfinite(a), b_finite = isfinite(b);
+      if (!a_finite || !b_finite) {
+        stats.nonfinite += (!a_finite) + (!b_finite);
+        continue;
       }
+      stats.asymmetry = fmax(stats.asymmetry, fabs(a - b));
     }
   }
 
-  reduce[0][tid] = asymmetry;
-  reduce[1][tid] = min_diagonal;
-  reduce[2][tid] = max_diagonal;
-  reduce[3][tid] = nonfinite;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (tid < stride) {
-      reduce[0][tid] = fmax(reduce[0][tid], reduce[0][tid + stride]);
-      reduce[1][tid] = fmin(reduce[1][tid], reduce[1][tid + stride]);
-      reduce[2][tid] = fmax(reduce[2][tid], reduce[2][tid + stride]);
-      reduce[3][tid] += reduce[3][tid + stride];
-    }
-    __syncthreads();
+  const StatsPartial total = block_combine(stats);
+  if (tx == 0 && ty == 0) {
+    item.partials[local] = total;
   }
-  if (tid == 0) {
-    partials[blockIdx.y * gridDim.x + blockIdx.x] = {reduce[0][0], reduce[1][0], reduce[2][0], reduce[3][0]};
+}
+
+// Block i combines Gram i's partials: each thread a strided subset in order, then the block's tree.
+__global__ void __launch_bounds__(kThreads) gram_stats_finish_kernel(StatsParams params) {
+  const StatsItem item = params.items[blockIdx.x];
+  Stats stats;
+  for (int64_t b = threadIdx.x + threadIdx.y * blockDim.x; b < item.blocks; b += kThreads) {
+    stats.add(item.partials[b]);
+  }
+  const StatsPartial total = block_combine(stats);
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    *item.out = total;
   }
 }
 
 }  // namespace
 
 template <typename input_t>
-cudaError_t StatsLaunch<input_t>::launch(const input_t* gram, int64_t n, StatsPartial* partials, cudaStream_t stream) {
-  const auto tiles = static_cast<unsigned>(ceil_div(n, kStatsTile));
-  gram_stats_kernel<input_t><<<dim3(tiles, tiles), dim3(kStatsTile, kRowsPerPass), 0, stream>>>(gram, n, partials);
+cudaError_t StatsLaunch<input_t>::launch(const StatsParams& params, int64_t blocks, cudaStream_t stream) {
+  const dim3 threads(kStatsTile, kRowsPerPass);
+  gram_stats_kernel<input_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(params);
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    return status;
+  }
+  gram_stats_finish_kernel<<<static_cast<unsigned>(params.count), threads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -1,17 +1,26 @@
 // The interface between the host side of the CUDA ops (ops_cuda.cu, which sees torch) and the kernels
-// (gram_kernel.cu, merge_kernel.cu, which see only CUDA headers, so nvcc compiles them quickly): POD launch
-// parameters and explicitly instantiated launchers, as in Dao-AILab/causal-conv1d.
+// (gram_kernel.cu, merge_kernel.cu, gram_stats_kernel.cu, which see only CUDA headers, so nvcc compiles them
+// quickly): POD launch parameters and explicitly instantiated launchers, as in Dao-AILab/causal-conv1d.
 //
 // Grouped launches: the host fills one descriptor per layer with `first_block` increasing from 0, and the
 // kernel's 1-D grid assigns block b to the last descriptor whose first_block <= b. Descriptors travel by
-// value in the kernel parameters (CUDA >= 12.1 allows 32 KiB on sm_70+): no host-to-device copy, and the
-// launches can be captured in CUDA graphs. Longer lists take several launches.
+// value in the kernel parameters (CUDA >= 12.1 allows 32 KiB on sm_70+): no host-to-device copy, so a
+// launch needs no synchronisation and can be captured in a CUDA graph (tests/test_cuda_kernels.py captures
+// each op that launches them). Longer lists take several launches.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
+
+// Build-time guards for what the kernels rely on; the run-time side is kernel_support() below.
+#if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
+#error "lorm_ext's CUDA kernels need CUDA >= 12.1: their launch descriptors (~10 KiB) exceed the 4 KiB of kernel parameters older toolkits allow (build with LORM_EXT_CUDA=0, or a newer toolkit)"
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "lorm_ext's CUDA kernels need sm_70 or newer (kernel parameters over 4 KiB): drop the older architectures from TORCH_CUDA_ARCH_LIST"
+#endif
 
 namespace lorm_ext::cuda {
 
@@ -184,22 +193,49 @@ struct FinishLaunch {
 
 // ------------------------------------------------------------------------------------------ gram_stats
 
-constexpr int kStatsTile = 32;  // a block owns one kStatsTile² tile of the upper triangle
+constexpr int kStatsTile = 32;                    // a block of a full Gram owns one 32 × 32 upper-triangle tile
+constexpr int kStatsChunk = 4 * kThreads;         // a block of a diagonal Gram owns this many entries
 
-// One block's statistics; blocks below the diagonal report neutral values (0, +inf, -inf, 0).
+// One block's statistics, combined per Gram by the finishing kernel.
 struct StatsPartial {
   double max_asymmetry;
   double min_diagonal;
   double max_diagonal;
   double nonfinite;
 };
-static_assert(sizeof(StatsPartial) == 4 * sizeof(double), "the host reads the partials as a (blocks, 4) float64 tensor");
+static_assert(sizeof(StatsPartial) == 4 * sizeof(double), "a row of the op's (grams, 4) float64 result");
 
-// Grid (tiles, tiles) over a contiguous (n, n) Gram, one StatsPartial per block (row-major over the grid).
-// Instantiated for input_t in {Half16, BFloat16, float, double}.
+struct StatsItem {
+  const void* gram;       // input_t, contiguous: (n, n), or (n,) when diagonal
+  StatsPartial* partials; // one per block of this Gram
+  StatsPartial* out;      // this Gram's row of the result
+  int64_t n;
+  int64_t blocks;         // tiles * (tiles + 1) / 2, or ceil(n / kStatsChunk) when diagonal
+  int64_t first_block;
+  int32_t tiles;          // tiles per side
+  int32_t diagonal;
+};
+
+struct StatsParams {
+  int count;
+  StatsItem items[kMaxItems];
+};
+static_assert(sizeof(StatsParams) <= kMaxParamBytes, "StatsParams must fit in a kernel's parameters");
+
+// The statistics of all the Grams of one launch: one block per tile or chunk over all of them, then one
+// block per Gram combining its partials in a fixed order into its row of the result. Instantiated for
+// input_t in {Half16, BFloat16, float, double}.
 template <typename input_t>
 struct StatsLaunch {
-  static cudaError_t launch(const input_t* gram, int64_t n, StatsPartial* partials, cudaStream_t stream);
+  static cudaError_t launch(const StatsParams& params, int64_t blocks, cudaStream_t stream);
 };
+
+// ------------------------------------------------------------------------------------------ support
+
+// What the current device can run of this build: `simt_arch` and `tensor_core_arch` are the virtual
+// architectures (__CUDA_ARCH__ / 10) of the code the device would execute for the SIMT Gram kernel (all
+// kernels but the tensor-core one are compiled alike) and for the tensor-core Gram kernel, whose mma.sync
+// m16n8k16 exists only from 80 on (a trap below). An error means the build holds no code for this device.
+cudaError_t kernel_support(int* simt_arch, int* tensor_core_arch);
 
 }  // namespace lorm_ext::cuda

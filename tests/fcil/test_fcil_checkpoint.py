@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from lorm_testing import needs_mlxtend
 
 from lorm_ext.fcil import cli, driver
 from lorm_ext.fcil.config import ConfigError
@@ -176,6 +177,7 @@ def test_the_intact_checkpoint_still_resumes(interrupted, tmp_path):
     assert len(results["accuracy_after_task"]) == 2 and not (run_dir / CHECKPOINT).exists()
 
 
+@needs_mlxtend
 def test_the_command_line_prints_the_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)  # the CLI pins it
     threads = torch.get_num_threads()

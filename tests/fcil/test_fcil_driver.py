@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from lorm_testing import needs_mlxtend
 from safetensors.torch import load_file
 
 from lorm_ext.fcil import cli
@@ -121,13 +122,13 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
     [
         (["--distribution_alpha", "0"], "Dirichlet β.* must be > 0"),
         (["--distribution_alpha", "-0.5"], "Dirichlet β.* must be > 0"),
-        (["--num_clients", "200"], "too few for 200 clients"),
+        pytest.param(["--num_clients", "200"], "too few for 200 clients", marks=needs_mlxtend),
         (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
         (["--r", "65"], "--r 65 exceeds the width of layer 'blocks.0.attn.qkv'"),
         (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
         (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
         (["--participation_rate", "0.05"], "selects nobody"),
-        (["--n_tasks", "3"], "10 classes cannot form 3 tasks"),
+        pytest.param(["--n_tasks", "3"], "10 classes cannot form 3 tasks", marks=needs_mlxtend),
         (["--dataset", "cifar100"], "give --data_path"),
         (["--dataset", "cifar100", "--data_path", "/no/such/archive"], "does not exist"),
         (["--train_matrix", "C"], "alt, A or B"),
