@@ -19,8 +19,9 @@
 namespace lorm_ext {
 namespace {
 
-// Tile pairs of 64 × 64 per parallel task (a 16 KiB fp32 mirror tile stays in L1 while its blocks are swept).
-constexpr int64_t kStatsTaskTile = 64;
+// Tile pairs of 256 × 256 per parallel task: rows of 1 KiB (fp32) for the memory system; the W-row strips of
+// the mirror tile that a sweep revisits stay in L1.
+constexpr int64_t kStatsTaskTile = 256;
 
 // The fast passes compare in float for 16- and 32-bit inputs (enough against a sqrt(eps) tolerance).
 template <typename scalar_t>
