@@ -271,58 +271,6 @@ def interleaved(paths: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-# ------------------------------------------------------------------------------------------ measurement
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def measure(fn, repeats: int):
-    """Median seconds over repeats, the peak resident memory above the starting point, the last result."""
-    times, peaks, result = [], [], None
-    for _ in range(repeats):
-        result = None  # free the previous result before measuring again
-        reset_peak_rss()
-        baseline = current_rss_mb()
-        seconds, result = fn()
-        times.append(seconds)
-        peaks.append(peak_rss_mb() - baseline)
-    return statistics.median(times), max(peaks), result
-
-
-def ceilings() -> dict:
-    """Copy bandwidth and matmul rates of this machine, measured now."""
-    src = torch.ones(64 * 2**20)  # 256 MiB of float32
-    dst = torch.empty_like(src)
-    copy = []
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        copy.append(time.perf_counter() - start)
-    out = {"copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9}
-    for dtype in (torch.float32, torch.float64):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        rates = []
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            rates.append(2 * 2048**3 / (time.perf_counter() - start) / 1e9)
-        out[f"matmul_{str(dtype).removeprefix('torch.')}_GFLOPs"] = statistics.median(rates)
-    return out
-
-
 def fused_floor(layers, k, r, step, diagonal, ceil) -> float:
     """Seconds the fused merge cannot beat on this machine: traffic or FLOPs per client, plus the solve."""
     bandwidth, rate = ceil["copy_GBps"] * 1e9, ceil["matmul_float64_GFLOPs"] * 1e9
