@@ -104,10 +104,7 @@ void add_mirrored(scalar_t* g, int64_t n, const scalar_t* s, const GemmTask& tas
 template <typename scalar_t>
 scalar_t* product_scratch(int64_t elements) {
   thread_local std::vector<scalar_t> kept;
-  if (static_cast<int64_t>(kept.size()) < elements) {
-    kept.resize(elements);
-  }
-  return kept.data();
+  return aligned_scratch(kept, elements);
 }
 
 // Runs the tasks on X (rows × n, in G's dtype): every thread pulls the next task until none is left.

@@ -158,10 +158,11 @@ LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel,
   const input_t* g = layer.gram.const_data_ptr<input_t>();
   const acc_t* f = layer.factor.const_data_ptr<acc_t>();
   acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
-  scratch.assign(p * w + kBlockRows * w + p * w, acc_t(0));
-  acc_t* acc = scratch.data();
-  acc_t* rows = acc + p * w;  // G[i0:i0+h, c0:c0+w] in the acc dtype
-  acc_t* f_panel = rows + kBlockRows * w;  // for emit_panel
+  const int64_t acc_size = aligned_count<acc_t>(p * w), rows_size = aligned_count<acc_t>(kBlockRows * w);
+  acc_t* acc = aligned_scratch(scratch, acc_size + rows_size + p * w);
+  std::fill(acc, acc + p * w, acc_t(0));
+  acc_t* rows = acc + acc_size;  // G[i0:i0+h, c0:c0+w] in the acc dtype
+  acc_t* f_panel = rows + rows_size;  // for emit_panel
   for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
     const int64_t h = std::min(kBlockRows, n - i0);
     for (int64_t j = 0; j < h; ++j) {

@@ -22,6 +22,27 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Scratch memory for BLAS operands: `elements` values at a 64-byte boundary inside `buffer`, which grows as needed
+// and is kept by the caller between uses. The alignment is fixed because MKL's results may depend on the
+// alignment of its operands, and a merge must give the same bits in every process.
+constexpr int64_t kScratchAlignment = 64;
+template <typename T>
+T* aligned_scratch(std::vector<T>& buffer, int64_t elements) {
+  const int64_t pad = kScratchAlignment / static_cast<int64_t>(sizeof(T));
+  if (static_cast<int64_t>(buffer.size()) < elements + pad) {
+    buffer.resize(elements + pad);
+  }
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + kScratchAlignment - 1) & ~static_cast<uintptr_t>(kScratchAlignment - 1));
+}
+
+// n rounded up so that consecutive scratch regions of T stay 64-byte aligned.
+template <typename T>
+int64_t aligned_count(int64_t n) {
+  const int64_t step = kScratchAlignment / static_cast<int64_t>(sizeof(T));
+  return ceil_div(n, step) * step;
+}
+
 // (i, j) tile indices with i <= j: the blocks of the upper triangle.
 inline std::vector<std::pair<int64_t, int64_t>> upper_triangle_tiles(int64_t n, int64_t tile) {
   const int64_t t = ceil_div(n, tile);
