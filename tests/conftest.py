@@ -22,3 +22,12 @@ def seed() -> int:
     torch.manual_seed(value)
     print(f"LORM_TEST_SEED={value}")
     return value
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend_flags():
+    """lorm-fcil's main() switches oneDNN off in its process (fcil/environment.pin_cpu_kernels); tests that call
+    it in-process must not leave that to later tests, whose subprocesses (Ray workers) start with it on."""
+    mkldnn = torch.backends.mkldnn.enabled
+    yield
+    torch.backends.mkldnn.enabled = mkldnn
