@@ -88,6 +88,11 @@ void gram_accumulate(at::TensorList grams, at::TensorList inputs) {
   }
 }
 
+// m G for a full Gram, m · diag(G) for a diagonal one (both ATen merge sums need it).
+at::Tensor times_gram(const at::Tensor& m, const at::Tensor& gram) {
+  return is_diagonal_gram(gram) ? m.mul(gram) : at::mm(m, gram);
+}
+
 void gram_weighted_accumulate(
     at::TensorList gram_sums,
     at::TensorList weighted_sums,
@@ -103,7 +108,7 @@ void gram_weighted_accumulate(
     if (lefts.empty()) {
       diagonal ? weighted_sums[i].addcmul_(factor, gram) : weighted_sums[i].addmm_(factor, gram);
     } else {
-      weighted_sums[i].addmm_(lefts[i].detach().to(acc), diagonal ? factor.mul(gram) : at::mm(factor, gram));
+      weighted_sums[i].addmm_(lefts[i].detach().to(acc), times_gram(factor, gram));
     }
   }
 }
@@ -118,7 +123,7 @@ void projected_accumulate(
     const auto acc = projection_sums[i].scalar_type();
     const at::Tensor gram = grams[i].detach().to(acc);
     const at::Tensor a = shared_factors[i].detach().to(acc);
-    const at::Tensor projection = at::mm(is_diagonal_gram(gram) ? a.mul(gram) : at::mm(a, gram), a.mT());
+    const at::Tensor projection = at::mm(times_gram(a, gram), a.mT());
     projection_sums[i].add_(projection);
     weighted_sums[i].addmm_(factors[i].detach().to(acc), projection);
   }
