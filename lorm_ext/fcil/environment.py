@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 
 # ATen and oneDNN take their AVX2 kernels on every x86 CPU with AVX2 (AVX-512 ones would differ from an AVX2
@@ -76,6 +77,30 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def code_record() -> dict:
+    """Which code made a run: the sha256 of the package's Python sources (the same on every machine, unlike the
+    compiled extension) and, when the package sits in a git checkout, its commit and whether it had edits."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            with open(path, "rb") as file:
+                digest.update(file.read() + b"\0")
+    record = {"source_sha256": digest.hexdigest(), "git_commit": None, "git_dirty": None}
+    try:
+        git = ["git", "-C", package]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10)
+            record |= {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return record
+
+
 def machine_record(weights: str | None) -> dict:
     """What a reader needs to tell two runs' machines apart: CPU model and ISA, the kernels torch used, the
     threads, the switches of CPU_ENVIRONMENT as this process has them, the backbone file's sha256."""
@@ -96,4 +121,5 @@ def machine_record(weights: str | None) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "backbone_sha256": file_sha256(weights) if weights is not None else None,
+        "code": code_record(),
     }

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import re
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +18,11 @@ import pytest
 from lorm_testing import needs_mlxtend
 from safetensors.torch import load_file
 
+import lorm_ext
 from lorm_ext.fcil import cli
 from lorm_ext.fcil.config import STRATEGIES, ConfigError
 from lorm_ext.fcil.driver import run, units
-from lorm_ext.fcil.environment import CPU_ENVIRONMENT, NATIVE_KERNELS, missing_cpu_environment
+from lorm_ext.fcil.environment import CPU_ENVIRONMENT, NATIVE_KERNELS, code_record, missing_cpu_environment
 from lorm_ext.fcil.metrics import comparison_table, summarize, wins_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,8 +105,19 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     env = results[0]["environment"]
     assert env["variables"] == {k: os.environ.get(k, v) for k, v in CPU_ENVIRONMENT.items()} | {NATIVE_KERNELS: None}
     assert env["threads"] == 1 and env["onednn"] is False and env["backbone_sha256"] is None  # --pretrained False
+    assert env["code"] == code_record() and len(env["code"]["source_sha256"]) == 64
     split = tmp_path / "resumed" / "splits" / "seed0.json"
     assert hashlib.sha256(split.read_bytes()).hexdigest() == results[0]["split_sha256"] == results[1]["split_sha256"]
+
+
+def test_code_record_changes_with_the_sources(tmp_path):
+    package = tmp_path / "lorm_ext"
+    shutil.copytree(os.path.dirname(lorm_ext.__file__), package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    load = lambda: runpy.run_path(str(package / "fcil" / "environment.py"))["code_record"]()  # noqa: E731
+    before = load()
+    assert before["source_sha256"] == code_record()["source_sha256"] and before["git_commit"] is None
+    (package / "fcil" / "config.py").write_text((package / "fcil" / "config.py").read_text() + "\n# edited\n")
+    assert load()["source_sha256"] != before["source_sha256"]
 
 
 def test_cpu_settings_keep_what_the_user_set(monkeypatch):
