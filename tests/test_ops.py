@@ -89,10 +89,12 @@ def weighted_truth(gram_sum, weighted_sum, gram, factor, left):
 
 @pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
 @pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("n,p", [(1, 1), (33, 4), (300, 64), (257, 16)])
+@pytest.mark.parametrize("n,p", [(1, 1), (33, 4), (300, 64), (257, 16), (1100, 8), (520, 136)])
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("with_left", [False, True])
 def test_gram_weighted_accumulate_matches_reference(device, sum_dtype, input_dtype, n, p, diagonal, with_left):
+    # On the CPU, n = 1100 is three row chunks whose products are added in order; (520, 136) is read in row
+    # chunks with float32 sums and in column panels with float64 ones (its float64 F G does not fit the cache)
     gram = random_gram(n, n + 5, dtype=input_dtype, device=device, diagonal=diagonal)
     factor = torch.randn(p, n, device=device).to(input_dtype)
     left = torch.randn(11, p, device=device).to(input_dtype) if with_left else None
@@ -106,11 +108,12 @@ def test_gram_weighted_accumulate_matches_reference(device, sum_dtype, input_dty
 
 @pytest.mark.parametrize("sum_dtype", GRAM_DTYPES)
 @pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (20, 2, 7), (50, 8, 300), (300, 16, 70), (129, 64, 3), (1000, 6, 5)])
+@pytest.mark.parametrize("n,r,m", [(1, 1, 1), (40, 1, 9), (20, 2, 7), (50, 8, 300), (300, 16, 70), (129, 64, 3), (1000, 6, 5), (600, 128, 4)])  # fmt: skip
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_projected_accumulate_matches_reference(device, sum_dtype, input_dtype, n, r, m, diagonal):
-    # n = 1000 spans several column panels, so P is a sum of per-panel partials; r = 6 leaves a remainder after
-    # the kernels' four-at-a-time dot products; r ∈ {1, 2, 4, 8} take the row kernels (m = 300: several row
+    # n = 1000 spans two row chunks (CPU) or several column panels (CUDA), so P is a sum of per-task partials;
+    # (600, 128) is read in column panels on the CPU with float64 sums; r = 6 leaves a remainder after the
+    # kernels' four-at-a-time dot products; r ∈ {1, 2, 4, 8} take the row kernels (m = 300: several row
     # blocks), the other ranks at::addmm
     gram = random_gram(n, n + 2, dtype=input_dtype, device=device, diagonal=diagonal)
     a, b = torch.randn(r, n, device=device).to(input_dtype), torch.randn(m, r, device=device).to(input_dtype)

@@ -4,8 +4,7 @@
 // halved again, G[a, b] one off-diagonal block; diagonal blocks at most kLeafWidth wide are one full GEMM), about
 // half the FLOPs of a full XᵀX. The blocks, the off-diagonal ones cut into tiles, are independent GEMM tasks that
 // the threads pull from one queue, largest first, each task a single-threaded BLAS GEMM into a per-thread scratch
-// added to its block and mirrored into the transposed block. Pulling keeps both threads busy when one of them is
-// descheduled on a shared machine (a fixed split of the work, or a multithreaded GEMM per block, waits for it).
+// added to its block and mirrored into the transposed block (tiling.h's pull_tasks).
 // The update is exactly symmetric: a symmetric G stays so. 16-bit inputs (and float32 into a float64 G) are
 // upcast a bounded chunk of rows at a time. Diagonal Grams: column sums of squares accumulated in double.
 #include <ATen/ATen.h>
@@ -14,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "../checks.h"
@@ -107,21 +105,17 @@ scalar_t* product_scratch(int64_t elements) {
   return aligned_scratch(kept, elements);
 }
 
-// Runs the tasks on X (rows × n, in G's dtype): every thread pulls the next task until none is left.
+// Runs the tasks on X (rows × n, in G's dtype).
 void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
-  std::atomic<size_t> next{0};
   const int64_t n = gram.size(0);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
-      const auto options = gram.options();
-      for (size_t t = next++; t < tasks.size(); t = next++) {
-        const GemmTask& task = tasks[t];
-        scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
-        at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
-        at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
-        add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, s, task);
-      }
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
+    const auto options = gram.options();
+    pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      const GemmTask& task = tasks[t];
+      scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
+      at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
+      at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+      add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, s, task);
     });
   });
 }

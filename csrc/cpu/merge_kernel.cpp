@@ -1,11 +1,15 @@
 // CPU streaming merge accumulators: one pass over each client Gram.
 //
-// The work is a list of column panels over all layers, split over threads with at::parallel_for. A panel task
-// walks the rows of G[:, c0:c0+w] once, a block of rows at a time: it upcasts the block to the accumulator dtype,
-// adds it into ΣG when the op keeps one, and accumulates F G[:, c0:c0+w] in a p × w scratch with one
-// single-threaded BLAS GEMM per block (the GEMMs of different panels run in parallel). Diagonal Grams are panels
-// too, one elementwise sweep. The B-step's P = A G Aᵀ is finished inside each panel (an r × r partial per panel),
-// so A G is never stored; its out × r products B_k P_k run in row kernels at small r and through at::addmm above.
+// Each layer's Gram is read in one of two ways, whichever keeps the products in cache:
+//   row chunks (when the p × n product F G fits in kProductBytes): a task walks chunk rows [i0, i0+kChunkRows)
+//     of G a block of rows at a time, each block a contiguous stretch of memory: it upcasts the block to the
+//     accumulator dtype, adds it into ΣG when the op keeps one, and accumulates F[:, rows] G[rows, :] into the
+//     chunk's p × n product with one single-threaded BLAS GEMM. Chunk products are added in chunk order.
+//   column panels (wider products): a task walks all rows of G[:, c0:c0+w] the same way into a p × w product.
+// Diagonal Grams are panels too, one elementwise sweep. Tasks are pulled from one queue, largest first; each
+// writes only its own product and its own part of ΣG, so the result does not depend on the threads. The B-step's
+// P = A G Aᵀ is finished inside each task (an r × r partial per task), so A G is never stored; its out × r
+// products B_k P_k run in row kernels at small r and through at::addmm above.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,17 +35,32 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace lorm_ext {
 namespace {
 
-// Rows of G upcast per GEMM: the (rows × w) block stays in L2 next to the p × w scratch.
+// Column panels: rows of G upcast per GEMM, so that the (rows × w) block stays in L2 next to the p × w product.
 constexpr int64_t kBlockRows = 256;
-// Panel width: the p × w scratch stays within ~256 KiB (L2) and w is a multiple of the vector width.
+// Panel width: the p × w product stays within ~256 KiB (L2) and w is a multiple of the vector width.
 int64_t panel_width(int64_t p, size_t acc_size) {
   const int64_t fit = static_cast<int64_t>((256 * 1024) / (std::max<int64_t>(p, 1) * acc_size));
   return std::clamp<int64_t>(fit / 16 * 16, 16, 256);
 }
 
-// How many panels an n-wide Gram is cut into: the one rule for the panel loop and the B-step's partials.
-int64_t panel_count(int64_t n, int64_t p, size_t acc_size) {
-  return ceil_div(n, panel_width(p, acc_size));
+// Row chunks: taken when the p × n product fits in kProductBytes; a block of upcast rows is at most
+// kRowBlockBytes (both in L2 together), and kChunkRows rows make one task.
+constexpr int64_t kProductBytes = int64_t{512} << 10;
+constexpr int64_t kRowBlockBytes = int64_t{512} << 10;
+constexpr int64_t kChunkRows = 512;
+
+bool uses_row_chunks(int64_t n, int64_t p, size_t acc_size) {
+  return p * n * static_cast<int64_t>(acc_size) <= kProductBytes;
+}
+
+// Rows per block of a row chunk: a power of two from 8 to kBlockRows (a Gram of up to kBlockRows rows whose
+// product fits is then one block, the same GEMM as its one panel).
+int64_t row_block_rows(int64_t n, size_t acc_size) {
+  int64_t rows = kBlockRows;
+  while (rows > 8 && rows * n * static_cast<int64_t>(acc_size) > kRowBlockBytes) {
+    rows /= 2;
+  }
+  return rows;
 }
 
 // acc (p × w, row-major) += f (p × h, row leading dimension ldf) · rows (h × w, row-major), single-threaded.
@@ -67,42 +86,145 @@ void multiply_add(acc_t* acc, const acc_t* f, int64_t ldf, const acc_t* rows, in
 }
 
 // One layer of a call: its Gram; the factor F (p × n, contiguous, in the acc dtype: an operand of the GEMMs);
-// the Gram sum (acc dtype, shaped like the Gram; undefined: none
-// kept); and where the products go, one of two (the other undefined), both in the acc dtype:
+// the Gram sum (acc dtype, shaped like the Gram; undefined: none kept); and where the products go, one of two
+// (the other undefined), both in the acc dtype:
 //   out       p × n: F G is added to it;
-//   partials  (panels × p × p): panel j writes (F G)[:, panel j] F[:, panel j]ᵀ, so F G Fᵀ is their sum and
-//             the p × n product F G is never stored (the B-step's projection).
-struct PanelLayer {
+//   partials  (tasks × p × p): task t writes its share of F G Fᵀ (a chunk: (F[:, rows] G[rows, :]) Fᵀ; a panel:
+//             (F G)[:, panel] F[:, panel]ᵀ), so F G Fᵀ is their sum and F G is never stored (the B-step).
+// A layer read in row chunks with an out also has chunk_products (tasks × p × n), added into out in chunk order.
+struct LayerPass {
   at::Tensor gram;
   at::Tensor factor;
   at::Tensor gram_sum;
   at::Tensor out;
   at::Tensor partials;
+  at::Tensor chunk_products;
 
   at::ScalarType acc_dtype() const {
     return out.defined() ? out.scalar_type() : partials.scalar_type();
   }
-  int64_t panel_width() const {
-    return lorm_ext::panel_width(factor.size(0), at::elementSize(acc_dtype()));
+  size_t acc_size() const {
+    return at::elementSize(acc_dtype());
   }
-  int64_t panel_count() const {
-    return lorm_ext::panel_count(gram.size(0), factor.size(0), at::elementSize(acc_dtype()));
+  bool row_chunks() const {
+    return !is_diagonal_gram(gram) && uses_row_chunks(gram.size(0), factor.size(0), acc_size());
+  }
+  // Rows per chunk or columns per panel.
+  int64_t task_span() const {
+    return row_chunks() ? kChunkRows : panel_width(factor.size(0), acc_size());
+  }
+  int64_t task_count() const {
+    return ceil_div(gram.size(0), task_span());
   }
 };
 
-struct Panel {
+struct PassTask {
   size_t layer;
   int64_t index;  // within its layer
-  int64_t begin;
-  int64_t width;
+  int64_t begin;  // first row of a chunk, first column of a panel
+  int64_t span;
 };
+
+// Thread-local scratch for the tasks, kept between calls: a fresh buffer would be page-faulted in every time.
+template <typename acc_t>
+std::vector<acc_t>& task_scratch() {
+  thread_local std::vector<acc_t> kept;
+  return kept;
+}
+
+// partial[k][l] = Σ_c product[k][c] f_rows[l][c] over w columns (product: p × w row-major; f_rows: row stride
+// ldf): four dot products per pass over a row of the product.
+template <typename acc_t>
+LORM_EXT_CPU_CLONES void project_partial(
+    const acc_t* __restrict__ product, const acc_t* __restrict__ f_rows, int64_t ldf, int64_t p, int64_t w,
+    acc_t* __restrict__ partial) {
+  for (int64_t k = 0; k < p; ++k) {
+    const acc_t* a = product + k * w;
+    int64_t l = 0;
+    for (; l + 4 <= p; l += 4) {
+      const acc_t* f0 = f_rows + l * ldf;
+      const acc_t *f1 = f0 + ldf, *f2 = f0 + 2 * ldf, *f3 = f0 + 3 * ldf;
+      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t c = 0; c < w; ++c) {
+        d0 += a[c] * f0[c];
+        d1 += a[c] * f1[c];
+        d2 += a[c] * f2[c];
+        d3 += a[c] * f3[c];
+      }
+      partial[k * p + l] = d0;
+      partial[k * p + l + 1] = d1;
+      partial[k * p + l + 2] = d2;
+      partial[k * p + l + 3] = d3;
+    }
+    for (; l < p; ++l) {
+      const acc_t* f0 = f_rows + l * ldf;
+      acc_t d0 = 0;
+#pragma omp simd reduction(+ : d0)
+      for (int64_t c = 0; c < w; ++c) {
+        d0 += a[c] * f0[c];
+      }
+      partial[k * p + l] = d0;
+    }
+  }
+}
+
+// rows (h × w, row-major) = G[i0:i0+h, c0:c0+w] in the acc dtype, and ΣG[i0:i0+h, c0:c0+w] += it where kept.
+template <typename input_t, typename acc_t>
+LORM_EXT_CPU_CLONES void upcast_rows(
+    const LayerPass& layer, int64_t i0, int64_t h, int64_t c0, int64_t w, acc_t* __restrict__ rows) {
+  const int64_t n = layer.gram.size(0), s0 = layer.gram.stride(0), s1 = layer.gram.stride(1);
+  const input_t* g = layer.gram.const_data_ptr<input_t>();
+  acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
+  for (int64_t j = 0; j < h; ++j) {
+    const input_t* __restrict__ src = g + (i0 + j) * s0 + c0 * s1;
+    acc_t* __restrict__ row = rows + j * w;
+    if (s1 == 1) {
+      for (int64_t c = 0; c < w; ++c) {
+        row[c] = static_cast<acc_t>(src[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < w; ++c) {
+        row[c] = static_cast<acc_t>(src[c * s1]);
+      }
+    }
+    if (gram_sum != nullptr) {
+      acc_t* __restrict__ sum_row = gram_sum + (i0 + j) * n + c0;
+      for (int64_t c = 0; c < w; ++c) {
+        sum_row[c] += row[c];
+      }
+    }
+  }
+}
+
+// A row chunk: product (p × n) = F[:, chunk rows] G[chunk rows, :], a contiguous block of rows per GEMM; the
+// product stays in chunk_products (added into out later) or becomes the task's B-step partial.
+template <typename input_t, typename acc_t>
+void chunk_task(const LayerPass& layer, const PassTask& task) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), h = row_block_rows(n, sizeof(acc_t));
+  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
+  const bool keeps_product = layer.out.defined();
+  const int64_t product_size = keeps_product ? 0 : aligned_count<acc_t>(p * n);
+  acc_t* scratch = aligned_scratch(task_scratch<acc_t>(), product_size + h * n);
+  acc_t* product = keeps_product ? layer.chunk_products.mutable_data_ptr<acc_t>() + task.index * p * n : scratch;
+  acc_t* rows = scratch + product_size;
+  std::fill(product, product + p * n, acc_t(0));
+  for (int64_t i0 = task.begin; i0 < task.begin + task.span; i0 += h) {
+    const int64_t hh = std::min(h, task.begin + task.span - i0);
+    upcast_rows<input_t, acc_t>(layer, i0, hh, 0, n, rows);
+    multiply_add<acc_t>(product, f + i0, n, rows, p, hh, n);
+  }
+  if (!keeps_product) {
+    project_partial<acc_t>(product, f, n, p, n, layer.partials.mutable_data_ptr<acc_t>() + task.index * p * p);
+  }
+}
 
 // Hands a panel's (F G)[:, c0:c0+w] (acc: p × w, row-major) to where its layer wants it; f_panel is room for
 // p × w more values.
 template <typename acc_t>
 LORM_EXT_CPU_CLONES void emit_panel(
-    const PanelLayer& layer, const Panel& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
-  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
+    const LayerPass& layer, const PassTask& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.span;
   if (layer.out.defined()) {
     acc_t* out = layer.out.mutable_data_ptr<acc_t>();
     for (int64_t k = 0; k < p; ++k) {
@@ -118,73 +240,24 @@ LORM_EXT_CPU_CLONES void emit_panel(
       f_panel[l * w + c] = f[l * n + c0 + c];
     }
   }
-  // partial[k][l] = Σ_c acc[k][c] F[l][c]: four dot products per pass over a row of acc.
-  acc_t* partial = layer.partials.mutable_data_ptr<acc_t>() + panel.index * p * p;
-  for (int64_t k = 0; k < p; ++k) {
-    const acc_t* a = acc + k * w;
-    int64_t l = 0;
-    for (; l + 4 <= p; l += 4) {
-      const acc_t* f0 = f_panel + l * w;
-      const acc_t *f1 = f0 + w, *f2 = f0 + 2 * w, *f3 = f0 + 3 * w;
-      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t c = 0; c < w; ++c) {
-        d0 += a[c] * f0[c];
-        d1 += a[c] * f1[c];
-        d2 += a[c] * f2[c];
-        d3 += a[c] * f3[c];
-      }
-      partial[k * p + l] = d0;
-      partial[k * p + l + 1] = d1;
-      partial[k * p + l + 2] = d2;
-      partial[k * p + l + 3] = d3;
-    }
-    for (; l < p; ++l) {
-      const acc_t* f0 = f_panel + l * w;
-      acc_t d0 = 0;
-#pragma omp simd reduction(+ : d0)
-      for (int64_t c = 0; c < w; ++c) {
-        d0 += a[c] * f0[c];
-      }
-      partial[k * p + l] = d0;
-    }
-  }
+  project_partial<acc_t>(acc, f_panel, w, p, w, layer.partials.mutable_data_ptr<acc_t>() + panel.index * p * p);
 }
 
 template <typename input_t, typename acc_t>
-LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
-  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.width;
+void full_panel(const LayerPass& layer, const PassTask& panel) {
+  const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.span;
   const int64_t s0 = layer.gram.stride(0), s1 = layer.gram.stride(1);
   const input_t* g = layer.gram.const_data_ptr<input_t>();
   const acc_t* f = layer.factor.const_data_ptr<acc_t>();
-  acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
   const int64_t acc_size = aligned_count<acc_t>(p * w), rows_size = aligned_count<acc_t>(kBlockRows * w);
-  acc_t* acc = aligned_scratch(scratch, acc_size + rows_size + p * w);
+  acc_t* acc = aligned_scratch(task_scratch<acc_t>(), acc_size + rows_size + p * w);
   std::fill(acc, acc + p * w, acc_t(0));
   acc_t* rows = acc + acc_size;  // G[i0:i0+h, c0:c0+w] in the acc dtype
   acc_t* f_panel = rows + rows_size;  // for emit_panel
   for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
     const int64_t h = std::min(kBlockRows, n - i0);
-    for (int64_t j = 0; j < h; ++j) {
-      const input_t* src = g + (i0 + j) * s0 + c0 * s1;
-      acc_t* row = rows + j * w;
-      if (s1 == 1) {
-        for (int64_t c = 0; c < w; ++c) {
-          row[c] = static_cast<acc_t>(src[c]);
-        }
-      } else {
-        for (int64_t c = 0; c < w; ++c) {
-          row[c] = static_cast<acc_t>(src[c * s1]);
-        }
-      }
-      if (gram_sum != nullptr) {
-        acc_t* sum_row = gram_sum + (i0 + j) * n + c0;
-        for (int64_t c = 0; c < w; ++c) {
-          sum_row[c] += row[c];
-        }
-      }
-    }
-    // The next block's rows start on their way from memory while this block's GEMM computes.
+    upcast_rows<input_t, acc_t>(layer, i0, h, c0, w, rows);
+    // The next block's rows (short strided runs) start on their way from memory while this block's GEMM computes.
     for (int64_t j = i0 + h; j < std::min(n, i0 + h + kBlockRows); ++j) {
       const char* next = reinterpret_cast<const char*>(g + j * s0 + c0 * s1);
       for (int64_t byte = 0; byte < w * s1 * static_cast<int64_t>(sizeof(input_t)); byte += 64) {
@@ -197,11 +270,12 @@ LORM_EXT_CPU_CLONES void full_panel(const PanelLayer& layer, const Panel& panel,
 }
 
 template <typename input_t, typename acc_t>
-LORM_EXT_CPU_CLONES void diagonal_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
+LORM_EXT_CPU_CLONES void diagonal_panel(const LayerPass& layer, const PassTask& panel) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), s0 = layer.gram.stride(0);
-  const int64_t c0 = panel.begin, w = panel.width;
+  const int64_t c0 = panel.begin, w = panel.span;
   const input_t* g = layer.gram.const_data_ptr<input_t>();
   const acc_t* f = layer.factor.const_data_ptr<acc_t>();
+  std::vector<acc_t>& scratch = task_scratch<acc_t>();
   scratch.resize(w + 2 * p * w);
   acc_t* diag = scratch.data();  // the panel's diagonal, upcast once and contiguous
   acc_t* acc = diag + w;
@@ -225,43 +299,56 @@ LORM_EXT_CPU_CLONES void diagonal_panel(const PanelLayer& layer, const Panel& pa
 }
 
 template <typename input_t, typename acc_t>
-void run_panel(const PanelLayer& layer, const Panel& panel, std::vector<acc_t>& scratch) {
+void run_task(const LayerPass& layer, const PassTask& task) {
   if (is_diagonal_gram(layer.gram)) {
-    diagonal_panel<input_t, acc_t>(layer, panel, scratch);
+    diagonal_panel<input_t, acc_t>(layer, task);
+  } else if (layer.row_chunks()) {
+    chunk_task<input_t, acc_t>(layer, task);
   } else {
-    full_panel<input_t, acc_t>(layer, panel, scratch);
+    full_panel<input_t, acc_t>(layer, task);
   }
 }
 
 // out += F G, or the partials of F G Fᵀ (and ΣG += G where kept) for every layer: one pass over each Gram,
-// all layers' panels in one parallel loop.
-void accumulate_panels(const std::vector<PanelLayer>& layers) {
-  std::vector<Panel> panels;
+// all layers' tasks in one queue.
+void accumulate_passes(std::vector<LayerPass>& layers) {
+  std::vector<PassTask> tasks;
   for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& layer = layers[l];
-    const int64_t n = layer.gram.size(0), w = layer.panel_width(), count = layer.panel_count();
+    auto& layer = layers[l];
+    const int64_t n = layer.gram.size(0), span = layer.task_span(), count = layer.task_count();
     TORCH_INTERNAL_ASSERT(
         !layer.partials.defined() || layer.partials.size(0) == std::max<int64_t>(count, 1),
-        "merge panels: one B-step partial per panel");
+        "merge pass: one B-step partial per task");
+    if (layer.row_chunks() && layer.out.defined()) {
+      layer.chunk_products = at::empty({count, layer.factor.size(0), n}, layer.out.options());
+    }
     for (int64_t index = 0; index < count; ++index) {
-      panels.push_back({l, index, index * w, std::min(w, n - index * w)});
+      tasks.push_back({l, index, index * span, std::min(span, n - index * span)});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(panels.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch_float;
-    std::vector<double> scratch_double;
-    for (int64_t t = begin; t < end; ++t) {
-      const Panel& panel = panels[t];
-      const PanelLayer& layer = layers[panel.layer];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_panel", [&] {
-        if (layer.acc_dtype() == at::kDouble) {
-          run_panel<scalar_t, double>(layer, panel, scratch_double);
-        } else {
-          run_panel<scalar_t, float>(layer, panel, scratch_float);
-        }
-      });
-    }
+  // Largest first: a panel's cost is its columns times n, a chunk's its rows times n.
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const PassTask& a, const PassTask& b) {
+    return a.span * layers[a.layer].gram.size(0) > b.span * layers[b.layer].gram.size(0);
   });
+  pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    const PassTask& task = tasks[t];
+    const LayerPass& layer = layers[task.layer];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_pass", [&] {
+      if (layer.acc_dtype() == at::kDouble) {
+        run_task<scalar_t, double>(layer, task);
+      } else {
+        run_task<scalar_t, float>(layer, task);
+      }
+    });
+  });
+  for (auto& layer : layers) {
+    if (layer.chunk_products.defined()) {
+      for (int64_t c = 0; c < layer.chunk_products.size(0); ++c) {
+        layer.out.add_(layer.chunk_products[c]);
+      }
+      layer.chunk_products.reset();
+    }
+  }
 }
 
 // The small per-layer matrices in the accumulator's dtype, contiguous (no copy when already so).
@@ -293,7 +380,7 @@ void gram_weighted_accumulate_cpu(
     }
     return;
   }
-  std::vector<PanelLayer> layers;
+  std::vector<LayerPass> layers;
   for (size_t i = 0; i < grams.size(); ++i) {
     const at::Tensor& sum = gram_sums[i];
     const at::Tensor factor = as_accumulator(factors[i], sum);
@@ -302,7 +389,7 @@ void gram_weighted_accumulate_cpu(
                                      : weighted_sums[i].detach();
     layers.push_back({grams[i].detach(), factor, sum.detach(), out, at::Tensor()});
   }
-  accumulate_panels(layers);
+  accumulate_passes(layers);
   if (has_lefts) {
     for (size_t i = 0; i < grams.size(); ++i) {
       weighted_sums[i].detach().addmm_(as_accumulator(lefts[i], gram_sums[i]), layers[i].out);
@@ -371,7 +458,7 @@ void add_projected_rows_of_rank(
 // the out × r products of all layers run as row blocks in one parallel loop (one thread when weighted sums
 // share memory); other ranks use at::addmm per layer.
 void finish_projections(
-    const std::vector<PanelLayer>& layers,
+    const std::vector<LayerPass>& layers,
     at::TensorList projection_sums,
     at::TensorList weighted_sums,
     const std::vector<at::Tensor>& rights,
@@ -428,19 +515,21 @@ void projected_accumulate_cpu(
     at::TensorList factors) {
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
   // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
-  std::vector<PanelLayer> layers;
+  std::vector<LayerPass> layers;
   std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
-    PanelLayer layer{grams[i].detach(), as_accumulator(shared_factors[i], projection_sums[i])};
+    LayerPass layer{grams[i].detach(), as_accumulator(shared_factors[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
-    const int64_t panels = panel_count(n, r, projection_sums[i].element_size());
-    // Every panel writes its own partial; an empty Gram has no panel and one zero partial (P = 0).
+    // Every task writes its own partial; an empty Gram has no task and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
-    layer.partials = n == 0 ? at::zeros({1, r, r}, options) : at::empty({panels, r, r}, options);
+    layer.partials = at::zeros({1, r, r}, options);  // gives the layer its acc dtype for task_count
+    if (n > 0) {
+      layer.partials = at::empty({layer.task_count(), r, r}, options);
+    }
     layers.push_back(std::move(layer));
     rights.push_back(as_row_factor(factors[i], projection_sums[i]));
   }
-  accumulate_panels(layers);
+  accumulate_passes(layers);
   std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());
   finish_projections(layers, projection_sums, weighted_sums, rights, any_overlap(sums));
 }

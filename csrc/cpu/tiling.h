@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -41,6 +43,20 @@ template <typename T>
 int64_t aligned_count(int64_t n) {
   const int64_t step = kScratchAlignment / static_cast<int64_t>(sizeof(T));
   return ceil_div(n, step) * step;
+}
+
+// Runs run_task(t) for t in [0, count) on the intra-op threads, each thread pulling the next index from one
+// queue until none is left. Pulling keeps both threads busy when one of them is descheduled on a shared machine
+// (a fixed split of the work waits for it). Callers order the tasks largest first, so the last ones are small.
+template <typename RunTask>
+void pull_tasks(int64_t count, const RunTask& run_task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < count; t = next++) {
+      run_task(t);
+    }
+  });
 }
 
 // (i, j) tile indices with i <= j: the blocks of the upper triangle.
