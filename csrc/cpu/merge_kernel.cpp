@@ -85,7 +85,24 @@ void multiply_add(acc_t* acc, const acc_t* f, int64_t ldf, const acc_t* rows, in
       at::from_blob(const_cast<acc_t*>(rows), {h, w}, options));
 }
 
-// One layer of a call: its Gram; the factor F (p × n, contiguous, in the acc dtype: an operand of the GEMMs);
+// The small per-layer matrices in the accumulator's dtype, contiguous (no copy when already so).
+at::Tensor as_accumulator(const at::Tensor& t, const at::Tensor& accumulator) {
+  return t.detach().to(accumulator.scalar_type()).contiguous();
+}
+
+// B_k as the row kernels read it: float32 and float64 as they are, other dtypes in the accumulator's.
+at::Tensor as_row_factor(const at::Tensor& t, const at::Tensor& accumulator) {
+  const auto dtype = t.scalar_type();
+  return dtype == at::kFloat || dtype == at::kDouble ? t.detach().contiguous() : as_accumulator(t, accumulator);
+}
+
+// F as a layer's pass reads it (see LayerPass).
+at::Tensor pass_factor(const at::Tensor& factor, const at::Tensor& gram, const at::Tensor& accumulator) {
+  return is_diagonal_gram(gram) ? as_row_factor(factor, accumulator) : as_accumulator(factor, accumulator);
+}
+
+// One layer of a call: its Gram; the factor F (p × n, contiguous; of a full Gram in the acc dtype, an operand of
+// the GEMMs; of a diagonal Gram float32 or float64 as sent, so that no per-call copy is made: see pass_factor);
 // the Gram sum (acc dtype, shaped like the Gram; undefined: none kept); and where the products go, one of two
 // (the other undefined), both in the acc dtype:
 //   out       p × n: F G is added to it;
@@ -221,7 +238,7 @@ void chunk_task(const LayerPass& layer, const PassTask& task) {
 
 // Hands a panel's (F G)[:, c0:c0+w] (acc: p × w, row-major) to where its layer wants it; f_panel is room for
 // p × w more values.
-template <typename acc_t>
+template <typename factor_t, typename acc_t>
 LORM_EXT_CPU_CLONES void emit_panel(
     const LayerPass& layer, const PassTask& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.span;
@@ -234,10 +251,10 @@ LORM_EXT_CPU_CLONES void emit_panel(
     }
     return;
   }
-  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
-  for (int64_t l = 0; l < p; ++l) {  // F[:, c0:c0+w], contiguous
+  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
+  for (int64_t l = 0; l < p; ++l) {  // F[:, c0:c0+w], contiguous, in the acc dtype
     for (int64_t c = 0; c < w; ++c) {
-      f_panel[l * w + c] = f[l * n + c0 + c];
+      f_panel[l * w + c] = static_cast<acc_t>(f[l * n + c0 + c]);
     }
   }
   project_partial<acc_t>(acc, f_panel, w, p, w, layer.partials.mutable_data_ptr<acc_t>() + panel.index * p * p);
@@ -266,15 +283,15 @@ void full_panel(const LayerPass& layer, const PassTask& panel) {
     }
     multiply_add<acc_t>(acc, f + i0, n, rows, p, h, w);
   }
-  emit_panel<acc_t>(layer, panel, acc, f_panel);
+  emit_panel<acc_t, acc_t>(layer, panel, acc, f_panel);
 }
 
-template <typename input_t, typename acc_t>
+template <typename input_t, typename factor_t, typename acc_t>
 LORM_EXT_CPU_CLONES void diagonal_panel(const LayerPass& layer, const PassTask& panel) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), s0 = layer.gram.stride(0);
   const int64_t c0 = panel.begin, w = panel.span;
   const input_t* g = layer.gram.const_data_ptr<input_t>();
-  const acc_t* f = layer.factor.const_data_ptr<acc_t>();
+  const factor_t* f = layer.factor.const_data_ptr<factor_t>();
   std::vector<acc_t>& scratch = task_scratch<acc_t>();
   scratch.resize(w + 2 * p * w);
   acc_t* diag = scratch.data();  // the panel's diagonal, upcast once and contiguous
@@ -290,18 +307,22 @@ LORM_EXT_CPU_CLONES void diagonal_panel(const LayerPass& layer, const PassTask& 
     }
   }
   for (int64_t k = 0; k < p; ++k) {
-    const acc_t* f_row = f + k * n + c0;
+    const factor_t* f_row = f + k * n + c0;
     for (int64_t c = 0; c < w; ++c) {
-      acc[k * w + c] = f_row[c] * diag[c];
+      acc[k * w + c] = static_cast<acc_t>(f_row[c]) * diag[c];
     }
   }
-  emit_panel<acc_t>(layer, panel, acc, f_panel);
+  emit_panel<factor_t, acc_t>(layer, panel, acc, f_panel);
 }
 
 template <typename input_t, typename acc_t>
 void run_task(const LayerPass& layer, const PassTask& task) {
   if (is_diagonal_gram(layer.gram)) {
-    diagonal_panel<input_t, acc_t>(layer, task);
+    if (layer.factor.scalar_type() == at::kDouble) {
+      diagonal_panel<input_t, double, acc_t>(layer, task);
+    } else {
+      diagonal_panel<input_t, float, acc_t>(layer, task);
+    }
   } else if (layer.row_chunks()) {
     chunk_task<input_t, acc_t>(layer, task);
   } else {
@@ -351,17 +372,6 @@ void accumulate_passes(std::vector<LayerPass>& layers) {
   }
 }
 
-// The small per-layer matrices in the accumulator's dtype, contiguous (no copy when already so).
-at::Tensor as_accumulator(const at::Tensor& t, const at::Tensor& accumulator) {
-  return t.detach().to(accumulator.scalar_type()).contiguous();
-}
-
-// B_k as the row kernels read it: float32 and float64 as they are, other dtypes in the accumulator's.
-at::Tensor as_row_factor(const at::Tensor& t, const at::Tensor& accumulator) {
-  const auto dtype = t.scalar_type();
-  return dtype == at::kFloat || dtype == at::kDouble ? t.detach().contiguous() : as_accumulator(t, accumulator);
-}
-
 void gram_weighted_accumulate_cpu(
     at::TensorList gram_sums,
     at::TensorList weighted_sums,
@@ -383,7 +393,7 @@ void gram_weighted_accumulate_cpu(
   std::vector<LayerPass> layers;
   for (size_t i = 0; i < grams.size(); ++i) {
     const at::Tensor& sum = gram_sums[i];
-    const at::Tensor factor = as_accumulator(factors[i], sum);
+    const at::Tensor factor = pass_factor(factors[i], grams[i], sum);
     // With lefts, F G goes to a scratch first and L (F G) into the weighted sum below.
     const at::Tensor out = has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options())
                                      : weighted_sums[i].detach();
@@ -518,7 +528,7 @@ void projected_accumulate_cpu(
   std::vector<LayerPass> layers;
   std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
-    LayerPass layer{grams[i].detach(), as_accumulator(shared_factors[i], projection_sums[i])};
+    LayerPass layer{grams[i].detach(), pass_factor(shared_factors[i], grams[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
     // Every task writes its own partial; an empty Gram has no task and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
