@@ -44,13 +44,19 @@ def use_cuda_kernels(name: str) -> Iterator[None]:
         _C.set_cuda_kernels(previous)
 
 
+def _detached(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The ops have no autograd formula: tensors that require grad go in detached (the others as they are, since
+    a detach per tensor costs as much as a small layer's work)."""
+    return [t.detach() if t.requires_grad else t for t in tensors]
+
+
 def gram_accumulate_(grams: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
     """grams[i] += inputs[i]ᵀ inputs[i] in place, for many layers in one call.
 
     inputs[i] is (..., n) in float16/bfloat16/float32/float64, flattened to (tokens, n) and upcast on the fly
     to the Gram's dtype (float32 or float64). A 1-D Gram of length n accumulates only the diagonal.
     """
-    _ops.gram_accumulate_(list(grams), [x.detach() for x in inputs])
+    _ops.gram_accumulate_(list(grams), _detached(inputs))
 
 
 def gram_weighted_accumulate_(
@@ -67,9 +73,9 @@ def gram_weighted_accumulate_(
     _ops.gram_weighted_accumulate_(
         list(gram_sums),
         list(weighted_sums),
-        [g.detach() for g in grams],
-        [f.detach() for f in factors],
-        [m.detach() for m in lefts] if lefts is not None else [],
+        _detached(grams),
+        _detached(factors),
+        _detached(lefts) if lefts is not None else [],
     )
 
 
@@ -84,9 +90,9 @@ def projected_accumulate_(
     _ops.projected_accumulate_(
         list(projection_sums),
         list(weighted_sums),
-        [g.detach() for g in grams],
-        [a.detach() for a in shared_factors],
-        [b.detach() for b in factors],
+        _detached(grams),
+        _detached(shared_factors),
+        _detached(factors),
     )
 
 
@@ -99,7 +105,7 @@ def gram_stats(grams: Sequence[Tensor]) -> Tensor:
     """
     if not grams:
         return torch.empty(0, 4, dtype=torch.float64)
-    return _ops.gram_stats([g.detach() for g in grams])
+    return _ops.gram_stats(_detached(grams))
 
 
 def psd_right_solve(rhs: Tensor, gram: Tensor, rcond: float = DEFAULT_RCOND) -> Tensor:

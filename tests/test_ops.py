@@ -126,6 +126,25 @@ def test_projected_accumulate_matches_reference(device, sum_dtype, input_dtype, 
     assert_rel_close(weighted_sum, expected_weighted, REL_TOL[sum_dtype])
 
 
+def test_ops_take_tensors_that_require_grad(device):
+    # activations and factors from a training graph go in as they are (detached inside), with the same result
+    x = torch.randn(40, 12, device=device, requires_grad=True)
+    a = torch.randn(3, 12, device=device, requires_grad=True)
+    b = torch.randn(5, 3, device=device, requires_grad=True)
+    gram = random_gram(12, 30, device=device)
+
+    def run(x, a, b):
+        gram_sum, weighted_a, projection, weighted_b = (torch.zeros(s, device=device) for s in [(12, 12), (3, 12), (3, 3), (5, 3)])  # fmt: skip
+        ops.gram_accumulate_([gram_sum], [x])
+        ops.gram_weighted_accumulate_([gram_sum], [weighted_a], [gram], [a])
+        ops.projected_accumulate_([projection], [weighted_b], [gram], [a], [b])
+        return [gram_sum, weighted_a, projection, weighted_b, ops.gram_stats([gram_sum])]
+
+    with_grad, detached = run(x, a, b), run(x.detach(), a.detach(), b.detach())
+    assert all(torch.equal(g, d) for g, d in zip(with_grad, detached))
+    assert_rel_close(with_grad[1], a.detach().double() @ gram.double(), 1e-5)
+
+
 def test_merge_accumulators_batch_many_layers_of_mixed_shapes(device):
     widths, ranks = [8, 300, 8, 65], [2, 16, 1, 4]
     grams = [random_gram(n, n, device=device, diagonal=i == 3) for i, n in enumerate(widths)]
