@@ -223,15 +223,20 @@ def measure(fn, repeats: int):
 
 
 def ceilings() -> dict:
-    """Copy bandwidth and matmul rates of this machine at the current thread count, measured now."""
+    """Copy bandwidth (bytes read + written), read bandwidth (one read stream: a max over the array) and matmul
+    rates of this machine at the current thread count, measured now."""
     src = torch.ones(64 * 2**20)  # 256 MiB of float32
     dst = torch.empty_like(src)
-    copy = []
+    copy, read = [], []
     for _ in range(5):
         start = time.perf_counter()
         dst.copy_(src)
         copy.append(time.perf_counter() - start)
-    out = {"copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9}
+        start = time.perf_counter()
+        src.amax()
+        read.append(time.perf_counter() - start)
+    out = {"copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9,
+           "read_GBps": src.numel() * 4 / statistics.median(read) / 1e9}
     for dtype in (torch.float32, torch.float64):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         rates = []
@@ -369,6 +374,7 @@ def stats_rows(ceil, layers, repeats) -> list[dict]:
         "threads": torch.get_num_threads(), "grams": len(grams), "GB": gb, "fused_s": times["fused"],
         "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
         "fused_GBps": gb / times["fused"], "fused_fraction_of_copy_bandwidth": gb / times["fused"] / ceil["copy_GBps"],
+        "fused_fraction_of_read_bandwidth": gb / times["fused"] / ceil["read_GBps"],
     }]
 
 
@@ -487,7 +493,8 @@ def main(argv=None) -> None:
                                "fused_rel_err": "fused rel err", "plain_rel_err": "plain rel err"}))
     print("\n" + table(stats, {"threads": "threads", "grams": "Grams", "GB": "GB", "fused_s": "fused s",
                                "plain_s": "plain s", "speedup_vs_plain": "× vs plain", "fused_GBps": "fused GB/s",
-                               "fused_fraction_of_copy_bandwidth": "fraction of copy bandwidth"}))
+                               "fused_fraction_of_copy_bandwidth": "fraction of copy bandwidth",
+                               "fused_fraction_of_read_bandwidth": "fraction of read bandwidth"}))
     print("\n" + table(solves, {"threads": "threads", "width": "width", "layers": "layers", "r": "r",
                                 "fused_s": "fused s", "plain_s": "plain s", "speedup_vs_plain": "× vs plain",
                                 "fused_fraction_of_fp64_matmul_rate": "fraction of fp64 matmul rate",

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "blas.h"
 #include "tiling.h"
 
 namespace lorm_ext {
@@ -108,13 +109,20 @@ scalar_t* product_scratch(int64_t elements) {
 // Runs the tasks on X (rows × n, in G's dtype).
 void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
   const int64_t n = gram.size(0);
+  const bool unit_columns = x.stride(1) == 1 && x.stride(0) >= n;
   AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
     const auto options = gram.options();
     pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
       const GemmTask& task = tasks[t];
       scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
-      at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
-      at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+      // S (rows × cols, row-major) = X[:, rows]ᵀ X[:, cols] is, column-major, one gemm('N', 'T') over X's rows
+      // (the call at::mm_out makes, without its dispatch); X with strided columns goes through at::mm_out
+      const scalar_t* data = x.const_data_ptr<scalar_t>();
+      if (!unit_columns || !blas_gemm<scalar_t>('N', 'T', task.cols, task.rows, x.size(0), data + task.col0, x.stride(0),
+                                                data + task.row0, x.stride(0), scalar_t(0), s, task.cols)) {
+        at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
+        at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+      }
       add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, s, task);
     });
   });

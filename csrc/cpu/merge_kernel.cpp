@@ -19,18 +19,8 @@
 #include <vector>
 
 #include "../checks.h"
+#include "blas.h"
 #include "tiling.h"
-
-// BLAS as exported by torch's CPU library (MKL or OpenBLAS). Weak: where a torch build does not export them,
-// at::addmm_ serves.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace lorm_ext {
 namespace {
@@ -67,16 +57,8 @@ int64_t row_block_rows(int64_t n, size_t acc_size) {
 // In BLAS's column-major terms that is accᵀ += rowsᵀ fᵀ, so no operand is transposed.
 template <typename acc_t>
 void multiply_add(acc_t* acc, const acc_t* f, int64_t ldf, const acc_t* rows, int64_t p, int64_t h, int64_t w) {
-  const int m = static_cast<int>(w), n = static_cast<int>(p), k = static_cast<int>(h), lda = m, ldb = static_cast<int>(ldf);
-  const acc_t one = 1;
-  if constexpr (std::is_same_v<acc_t, double>) {
-    if (dgemm_ != nullptr) {
-      return dgemm_("N", "N", &m, &n, &k, &one, rows, &lda, f, &ldb, &one, acc, &lda);
-    }
-  } else {
-    if (sgemm_ != nullptr) {
-      return sgemm_("N", "N", &m, &n, &k, &one, rows, &lda, f, &ldb, &one, acc, &lda);
-    }
+  if (blas_gemm<acc_t>('N', 'N', w, p, h, rows, w, f, ldf, acc_t(1), acc, w)) {
+    return;
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor out = at::from_blob(acc, {p, w}, options);
