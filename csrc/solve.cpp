@@ -9,6 +9,7 @@
 // pseudo-inverse. On the CPU the factorisation and the solve call LAPACK in place on one copy of G (no
 // transposed copies, no zeroed triangle); elsewhere (CUDA: cuSOLVER) they go through ATen.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <c10/core/ScalarType.h>
@@ -17,6 +18,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "cpu/tiling.h"
 
 // LAPACK as exported by torch's CPU library (MKL or OpenBLAS). Weak: a torch built without LAPACK leaves them
 // null and the ATen path serves.
@@ -145,14 +147,19 @@ bool have_lapack() {
 }
 
 // CPU: per entry, LAPACK on one copy of G. A row-major symmetric G is its own column-major layout, and a
-// row-major rhs (m, n) is rhsᵀ column-major: potrs solves G Xᵀ = rhsᵀ in place, which is X G = rhs.
+// row-major rhs (m, n) is rhsᵀ column-major: potrs solves G Xᵀ = rhsᵀ in place, which is X G = rhs. A batch of
+// at least as many entries as threads is solved an entry per thread (LAPACK single-threaded inside, which for
+// the widths of a model's layers is faster than one multithreaded factorisation after another); a smaller one
+// entry by entry with LAPACK's own threads. At one thread both are the same calls.
 at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tensor& usable) {
   at::Tensor out = b.clone(at::MemoryFormat::Contiguous);
-  at::Tensor factor = at::empty_like(g[0], at::MemoryFormat::Contiguous);
+  const int64_t entries = g.size(0), threads = at::get_num_threads();
+  const bool per_thread = threads > 1 && entries >= threads;
+  at::Tensor factors = at::empty({per_thread ? threads : 1, g.size(1), g.size(2)}, g.options());
   const int n = static_cast<int>(g.size(-1)), m = static_cast<int>(b.size(-2));
   bool* ok = usable.mutable_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "psd_right_solve_lapack", [&] {
-    for (const auto i : c10::irange(g.size(0))) {
+    const auto solve_entry = [&](int64_t i, at::Tensor factor) {
       factor.copy_(g[i]);
       int info = 0;
       lapack_potrf<scalar_t>(n, factor.mutable_data_ptr<scalar_t>(), &info);
@@ -160,6 +167,13 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tens
       if (ok[i]) {
         lapack_potrs<scalar_t>(n, m, factor.const_data_ptr<scalar_t>(), out[i].mutable_data_ptr<scalar_t>(), &info);
         TORCH_INTERNAL_ASSERT(info == 0, kOp, ": potrs failed with info ", info);
+      }
+    };
+    if (per_thread) {
+      pull_tasks(entries, [&](int64_t i) { solve_entry(i, factors[at::get_thread_num()]); });
+    } else {
+      for (const auto i : c10::irange(entries)) {
+        solve_entry(i, factors[0]);
       }
     }
   });
