@@ -43,7 +43,7 @@ from .adapters import (
     adapter_config,
     factor_keys,
 )
-from .merge import _top_singular, excess_objective, low_rank_alternating, low_rank_exact
+from .merge import FactoredNumerator, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
 from .reference import DEFAULT_RCOND
 
 MERGE_METHODS = ("exact", "alternating", "average", "svd")
@@ -115,13 +115,15 @@ def plan_groups(layout: dict[str, tuple[int, int, int]], gram_files: Sequence[Gr
 
 class _GroupSums:
     """One group's running sums on ``device``, in float64. Numerators of modules with one input and one output
-    width are stacked, so that one factorisation of their ΣG serves all of them."""
+    width are stacked, so that one factorisation of their ΣG serves all of them. A stack whose total rank
+    R = Σ_k r_k (``ranks``, the largest of its modules) makes [B_1 … B_K] and [A_1 G_1; …] smaller than the
+    dense out × in N keeps them instead (a ``FactoredNumerator``): folding an adapter in is then a copy."""
 
-    def __init__(self, group: _Group, layout, device, *, average: bool, svd: bool):
+    def __init__(self, group: _Group, layout, ranks: Mapping[str, int], device, *, average: bool, svd: bool):
         self.group, self.layout, self.device = group, layout, device
         self.gram: dict[str, Tensor] = {}  # module -> ΣG (one tensor per input)
-        self.batches: list[tuple[list[str], Tensor, Tensor]] = []  # (modules, stacked N, ΣG)
-        self.numerator: dict[str, Tensor] = {}
+        self.batches: list[tuple[list[str], Tensor | FactoredNumerator, Tensor]] = []  # (modules, stacked N, ΣG)
+        self.numerator: dict[str, Tensor | FactoredNumerator] = {}
         zeros = dict(dtype=torch.float64, device=device)
         for inp in group.inputs:
             gram = torch.zeros((inp.width,) if inp.diagonal else (inp.width, inp.width), **zeros)
@@ -130,9 +132,14 @@ class _GroupSums:
                 self.gram[module] = gram
                 by_out.setdefault(layout[module][0], []).append(module)
             for out, modules in by_out.items():
-                stacked = torch.zeros(len(modules), out, inp.width, **zeros)
+                total_rank = max(ranks[m] for m in modules)
+                if total_rank * (out + inp.width) < out * inp.width:
+                    stacked = FactoredNumerator(torch.zeros(len(modules), out, total_rank, **zeros),
+                                                torch.zeros(len(modules), total_rank, inp.width, **zeros))
+                else:
+                    stacked = torch.zeros(len(modules), out, inp.width, **zeros)
                 self.batches.append((modules, stacked, gram))
-                self.numerator.update(zip(modules, stacked.unbind(0)))
+                self.numerator.update((m, stacked[i]) for i, m in enumerate(modules))
         self.constant = {m: torch.zeros((), **zeros) for m in group.modules}
         self.rank_sum = dict.fromkeys(group.modules, 0)
         self.sum_b = {m: torch.zeros(layout[m][:2], **zeros) for m in group.modules} if average else None
@@ -174,9 +181,14 @@ class _GroupSums:
                 b, a_k = factors[module]
                 ag_k = ag[row:row + a_k.shape[0]]
                 row += a_k.shape[0]
-                self.numerator[module].addmm_(b, ag_k)
+                numerator, done, r_k = self.numerator[module], self.rank_sum[module], a_k.shape[0]
+                if isinstance(numerator, FactoredNumerator):
+                    numerator.left[:, done:done + r_k] = b
+                    numerator.right[done:done + r_k] = ag_k
+                else:
+                    numerator.addmm_(b, ag_k)
                 self.constant[module] += ((b.mT @ b) * (ag_k @ a_k.mT)).sum()
-                self.rank_sum[module] += a_k.shape[0]
+                self.rank_sum[module] += r_k
                 if self.sum_b is not None:
                     self.sum_b[module] += b
                     self.sum_a[module] += a_k
@@ -199,10 +211,12 @@ class _GroupSums:
             for method in methods:
                 if method == "exact":
                     B, A = low_rank_exact(numerators, one_gram, rank, DEFAULT_RCOND, rank_bound=bound)
-                elif method == "alternating":
+                elif method == "alternating":  # its steps read the dense N
                     grams = one_gram.expand(len(modules), *gram.shape).contiguous()
-                    B, A, _ = low_rank_alternating(numerators, grams, rank, constant=constants, max_iters=max_iters,
+                    dense = numerators.dense() if isinstance(numerators, FactoredNumerator) else numerators
+                    B, A, _ = low_rank_alternating(dense, grams, rank, constant=constants, max_iters=max_iters,
                                                    tol=tol, rcond=DEFAULT_RCOND)
+                    del dense
                 elif method == "average":
                     B = torch.stack([self.sum_b[m] for m in modules]) / self.count
                     A = torch.stack([self.sum_a[m] for m in modules]) / self.count
@@ -370,6 +384,7 @@ def merge_lora_adapters(
         if average_ranks != [rank]:
             raise ValueError(f"method 'average' keeps the adapters' rank {average_ranks}; pass that rank")
 
+    total_ranks = {m: sum(a.layout[m][1] for a in adapters) for m in first.layout}  # R = Σ_k r_k per module
     total_bytes = sum(a.nbytes(m) for a in adapters for m in first.layout)
     total_bytes += sum(g.nbytes(k) for g in grams for k in {g.index[m] for m in first.layout})
     progress = _Progress(len(groups), total_bytes)
@@ -379,7 +394,8 @@ def merge_lora_adapters(
     def merge_group(group: _Group, writer: StreamedSafetensors | None) -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            sums = _GroupSums(group, first.layout, device, average="average" in methods, svd="svd" in methods)
+            sums = _GroupSums(group, first.layout, total_ranks, device, average="average" in methods,
+                              svd="svd" in methods)
             for adapter, gram_file in zip(adapters, grams):
                 sums.fold(adapter, gram_file, progress)
             merged, objectives = sums.solve(methods, rank, max_iters, tol, scored)

@@ -476,7 +476,7 @@ def _times_gram(m: Tensor, gram: Tensor) -> Tensor:
     return m * gram.unsqueeze(-2) if gram.dim() == m.dim() - 1 else m @ gram
 
 
-def excess_objective(numerator: Tensor, gram: Tensor, B: Tensor, A: Tensor) -> Tensor:
+def excess_objective(numerator: Tensor | FactoredNumerator, gram: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """Σ_k ‖X_k (B A − B_k A_k)ᵀ‖² minus its constant c = Σ_k ‖X_k (B_k A_k)ᵀ‖², batched over layers:
     ⟨BᵀB, A G Aᵀ⟩ − 2⟨B, N Aᵀ⟩ with N = Σ_k B_k A_k G_k. Never forms an out × in product."""
     projected = _times_gram(A, gram) @ A.mT
@@ -489,17 +489,47 @@ _CHOLESKY_PIVOT_TOLERANCE = 1e-12
 _SKETCH_OVERSAMPLING = 8
 
 
+@dataclass(frozen=True)
+class FactoredNumerator:
+    """N = left @ right, batched ((..., m, R) @ (..., R, n)): an adapter merge's N = Σ_k B_k (A_k G_k) kept as
+    [B_1 … B_K] and [A_1 G_1; …; A_K G_K] while R = Σ_k r_k is small next to m and n, so that folding an
+    adapter in is a copy and the solve works on R-wide matrices (``_top_singular``)."""
+
+    left: Tensor
+    right: Tensor
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return self.left @ (self.right @ other)
+
+    def __getitem__(self, index) -> FactoredNumerator:
+        return FactoredNumerator(self.left[index], self.right[index])
+
+    def dim(self) -> int:
+        return self.left.dim()
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right
+
+
 def _top_singular(
-    numerator: Tensor, rank: int, rank_bound: int | None, times_w=None, w_times=None
+    numerator: Tensor | FactoredNumerator, rank: int, rank_bound: int | None, times_w=None, w_times=None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``rank`` singular triplets (U, S, Vh) of x = N W (batched m × n; W = I without ``times_w``).
 
-    ``times_w(M)`` = M W and ``w_times(Ω)`` = W Ω. With ``rank_bound`` ≥ rank(N) (an adapter merge knows one:
-    rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next to min(m, n), x = Q Qᵀ x for Q an orthonormal basis of
-    N (W Ω), Ω Gaussian n × (bound + oversampling): the SVD of the small (Qᵀ N) W is then the SVD of x, exact up
-    to rounding, at O(m n bound) instead of O(m n²) and without ever forming the m × n product x.
+    ``times_w(M)`` = M W and ``w_times(Ω)`` = W Ω. A ``FactoredNumerator`` N = L R has x = Q (R_L R W) with
+    L = Q R_L (QR): the SVD of the R-wide (R_L R) W is that of x, exactly. With ``rank_bound`` ≥ rank(N) (an
+    adapter merge knows one: rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next to min(m, n), x = Q Qᵀ x for Q an
+    orthonormal basis of N (W Ω), Ω Gaussian n × (bound + oversampling): the SVD of the small (Qᵀ N) W is then
+    the SVD of x, exact up to rounding, at O(m n bound) instead of O(m n²) and without ever forming the m × n
+    product x.
     """
     times_w = times_w or (lambda m: m)
+    if isinstance(numerator, FactoredNumerator) and numerator.left.shape[-1] < rank:
+        numerator = numerator.dense()  # fewer factor columns than singular triplets asked for
+    if isinstance(numerator, FactoredNumerator):
+        Q, R_left = torch.linalg.qr(numerator.left)
+        U, S, Vh = torch.linalg.svd(times_w(R_left @ numerator.right), full_matrices=False)
+        return (Q @ U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
     m, n = numerator.shape[-2:]
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
     if width is None or 2 * width >= min(m, n):
@@ -524,7 +554,12 @@ def _cholesky_factor(gram: Tensor) -> Tensor | None:
 
 
 def low_rank_exact(
-    numerator: Tensor, gram: Tensor, rank: int, rcond: float = DEFAULT_RCOND, *, rank_bound: int | None = None
+    numerator: Tensor | FactoredNumerator,
+    gram: Tensor,
+    rank: int,
+    rcond: float = DEFAULT_RCOND,
+    *,
+    rank_bound: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The rank-``rank`` minimiser in closed form, batched over layers (reference.rank_r_optimum_ref):
     B A = [M L]_r L⁺ with G = L Lᵀ and M = N G⁺; returns B = U_r S_r and A = V_rᵀ L⁺ (so A G Aᵀ = I).
@@ -532,7 +567,8 @@ def low_rank_exact(
     L is the Cholesky factor when every G of the batch is numerically positive definite: then M L = N L⁻ᵀ and
     A = V_rᵀ L⁻¹, two triangular solves. Otherwise (and for a non-default ``rcond``, which only the
     eigendecomposition honours exactly) L = U Λ^½ on the eigenvalues above rcond·λ_max, as the reference.
-    A diagonal G is its own factor. ``rank_bound`` ≥ rank(N) lets the SVD run on a sketch (``_top_singular``).
+    A diagonal G is its own factor. ``rank_bound`` ≥ rank(N) lets the SVD run on a sketch, a ``FactoredNumerator``
+    on its factors (``_top_singular``).
     """
     diagonal = gram.dim() == numerator.dim() - 1
     L = None if diagonal or rcond != DEFAULT_RCOND else _cholesky_factor(gram)

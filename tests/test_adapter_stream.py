@@ -22,7 +22,7 @@ from lorm_ext import adapter_merge, adapters, merge_cli, reference
 from lorm_ext.adapter_merge import merge_lora_adapters
 from lorm_ext.adapters import AdapterFileError, GramFile, read_grams, read_lora_adapter, save_grams
 from lorm_ext.gram import GramCollector
-from lorm_ext.merge import AdapterMerger, _top_singular, low_rank_exact
+from lorm_ext.merge import AdapterMerger, FactoredNumerator, _top_singular, low_rank_exact
 from lorm_testing import random_gram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,11 +314,18 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
             B, A = low_rank_exact(N, G, rank, rank_bound=bound)
             assert_rel(B @ A, B_ref @ A_ref, 1e-9)
             assert_rel(A @ G @ A.T, torch.eye(rank, dtype=torch.float64), 1e-9)
-    x = torch.randn(40, 7, dtype=torch.float64) @ torch.randn(7, 50, dtype=torch.float64)
-    U, S, Vh = _top_singular(x, 4, 7)
-    full = torch.linalg.svd(x, full_matrices=False)
-    torch.testing.assert_close(S, full.S[:4], rtol=1e-12, atol=0)
-    assert_rel((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
+        # N kept as its factors (R = Σ r_k = 6), and with fewer factor columns than the rank (solved densely)
+        B, A = low_rank_exact(FactoredNumerator(torch.cat(Bs, 1), torch.cat([a @ g for a, g in zip(As, grams)])), G, rank)
+        assert_rel(B @ A, B_ref @ A_ref, 1e-9)
+        B, A = low_rank_exact(FactoredNumerator(Bs[0], As[0] @ grams[0]), grams[0], rank)  # R = 2 < rank = 3
+        B_one, A_one = low_rank_exact(Bs[0] @ As[0] @ grams[0], grams[0], rank)
+        assert_rel(B @ A, B_one @ A_one, 1e-9)
+    left, right = torch.randn(40, 7, dtype=torch.float64), torch.randn(7, 50, dtype=torch.float64)
+    full = torch.linalg.svd(left @ right, full_matrices=False)
+    for x in (left @ right, FactoredNumerator(left, right)):  # the sketch, and the factors' own basis
+        U, S, Vh = _top_singular(x, 4, 7)
+        torch.testing.assert_close(S, full.S[:4], rtol=1e-12, atol=0)
+        assert_rel((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
 
 
 PEAK_SCRIPT = r"""
