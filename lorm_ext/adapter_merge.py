@@ -1,4 +1,4 @@
-"""Merge N PEFT LoRA adapters into one, streaming module group by module group (DESIGN.md §5).
+"""Merge N PEFT LoRA adapters into one, streaming module group by module group (docs/peft.md).
 
 For each group of modules — one module, or the modules that read one input and so share a Gram (q/k/v of a
 block, gate/up) — every adapter's factors of those modules and every Gram file's Grams of their inputs are

@@ -1,6 +1,6 @@
 """Share Gram collection and server work across processes: all-reduce the running sums with torch.distributed.
 
-Every quantity a LoRM merge needs is a sum over clients (DESIGN.md §3), so processes that each ran part of
+Every quantity a LoRM merge needs is a sum over clients (README.md, "What it computes"), so processes that each ran part of
 the data through a ``GramCollector``, or each added part of the clients to a merger, hold partial sums; one
 ``all_reduce_grams_`` / ``all_reduce_merger_`` call leaves every process with the sums over all of them,
 exactly as if one process had seen everything (up to the order of floating-point additions). Then any

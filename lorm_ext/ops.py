@@ -1,7 +1,7 @@
 """Typed wrappers of the native ops ``torch.ops.lorm_ext.*`` and their fake (meta) kernels for torch.compile.
 
-The ops check shapes, dtypes and devices themselves and name the offending list entry; the mergers and the
-Gram collector check first and name the model layer. ``lorm_ext.reference`` is the specification.
+The ops check shapes, dtypes and devices themselves and name the offending list entry; the mergers check
+first and name the model layer. ``lorm_ext.reference`` is the specification.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The specification: pure-PyTorch reference of every quantity lorm_ext computes.
 
 Short and literal on purpose, float64-capable, no streaming and no cleverness; the fused ops and the mergers
-are tested against these functions. Notation (DESIGN.md §1), per linear layer W0 (out × in):
+are tested against these functions. Notation (README.md, "What it computes"), per linear layer W0 (out × in):
 LoRA update ΔW = B A with B (out × r) and A (r × in); client k has a Gram G_k = X_kᵀ X_k (in × in), or only
 its diagonal (a vector of length in), and G = Σ_k G_k. M⁺ is the Moore–Penrose pseudo-inverse.
 

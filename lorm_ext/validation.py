@@ -1,4 +1,4 @@
-"""Input checks that name the model layer and the problem. Mergers and collectors run them on a whole client
+"""Input checks that name the model layer and the problem. The mergers run them on a whole client
 before touching any accumulator, so a rejected client leaves the state unchanged.
 
 ``check_gram`` / ``check_matrix`` check one tensor's structure (and, by default, its values);
