@@ -820,10 +820,14 @@ def collect_grams(
     diagonal: bool = False,
     dtype: torch.dtype = torch.float32,
     share_inputs: bool = True,
+    mask_key: str | None = "attention_mask",
 ) -> dict[str, Tensor]:
     """Σ XᵀX of the inputs of the named modules (names inside ``model``) over ``batches``, without gradients.
 
     A batch is passed as ``model(batch)`` (a Tensor), ``model(**batch)`` (a mapping) or ``model(*batch)``.
+    A mapping batch's ``batch[mask_key]`` (a Hugging Face tokenizer's ``attention_mask``: 1 for real tokens,
+    0 for padding), when present, is the token mask: padded positions add nothing (``GramCollector.token_mask``);
+    ``mask_key=None`` counts every position.
     For a PEFT model pass ``peft_model.get_base_model()``: its LoRA layers keep the base module names.
     With ``share_inputs`` modules fed the same input tensor (q/k/v of a block) get one Gram: the same tensor
     object, which ``save_grams`` stores once.
@@ -836,7 +840,9 @@ def collect_grams(
         raise ValueError(f"the model has no linear module named {missing}")
     with torch.no_grad(), collector:
         for batch in batches:
-            _forward(model, batch)
+            mask = batch.get(mask_key) if mask_key is not None and isinstance(batch, Mapping) else None
+            with collector.token_mask(mask):
+                _forward(model, batch)
     unreached = sorted(set(names) - set(collector.grams))
     if unreached:
         raise ValueError(f"no input reached module(s) {unreached}: no batches, or they bypass these modules")

@@ -60,7 +60,8 @@ def run_grams(args: argparse.Namespace) -> None:
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
     grams = collect_grams(model.get_base_model(), modules, batches, diagonal=args.diagonal,
-                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing)
+                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing,
+                          mask_key=None if args.no_mask else args.mask_key)
     save_grams(args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None)
     kind = "diagonal" if args.diagonal else f"full ({args.layout})"
     stored = len({id(g) for g in grams.values()})
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="storage dtype of the Grams (default: the accumulation dtype); read back exactly")
     grams.add_argument("--no-sharing", action="store_true",
                        help="one Gram per module even where modules read the same input (q/k/v)")
+    grams.add_argument("--mask-key", default="attention_mask",
+                       help="in dict batches, the 0/1 token mask (1 = token, 0 = padding): padding adds nothing")
+    grams.add_argument("--no-mask", action="store_true", help="count every position, padding included")
     grams.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda")
     grams.set_defaults(run=run_grams)
     return parser

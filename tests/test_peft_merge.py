@@ -349,3 +349,60 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
     assert (out / adapters.WEIGHTS_NAME).read_bytes() == first  # the old adapter is intact
     assert sorted(p.name for p in out.iterdir()) == [adapters.CONFIG_NAME, adapters.WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "merged"]  # no temporary folder left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding: a Hugging Face model's attention_mask keeps padded positions out of the Grams
+
+BERT_LENGTHS = [[5, 9, 3], [7, 2]]
+BERT_TARGETS = ["query", "key", "value", "dense"]  # "dense" includes pooler.dense: one row per sequence
+
+
+def build_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)
+    torch.manual_seed(0)
+    return BertModel(config).eval()
+
+
+def bert_token_ids() -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randint(1, 50, (n,), generator=g) for n in lengths] for lengths in BERT_LENGTHS]
+
+
+def bert_batches() -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches with their attention_mask, as a tokenizer makes them (pad id 0)."""
+    batches = []
+    for sequences in bert_token_ids():
+        ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in sequences])[:, None]).long()
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_hugging_face_padding_adds_nothing_to_the_grams(tmp_path):
+    pytest.importorskip("transformers", reason="the Hugging Face padding test builds a BertModel (pip install transformers)")
+    model = get_peft_model(build_bert(), LoraConfig(r=2, target_modules=BERT_TARGETS, init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "bert-adapter")
+    modules = adapters.AdapterFile(tmp_path / "bert-adapter").layout
+    base = model.get_base_model()
+    padded = collect_grams(base, modules, bert_batches())
+    unpadded = collect_grams(base, modules, [{"input_ids": s[None]} for batch in bert_token_ids() for s in batch])
+    unmasked = collect_grams(base, modules, bert_batches(), mask_key=None)
+    assert padded["encoder.layer.0.attention.self.query"] is padded["encoder.layer.0.attention.self.value"]
+    for m in modules:
+        torch.testing.assert_close(padded[m], unpadded[m], rtol=1e-5, atol=1e-5 * unpadded[m].abs().max().item())
+    assert torch.equal(unmasked["pooler.dense"], padded["pooler.dense"])  # one row per sequence: no padding
+    assert not torch.allclose(unmasked["encoder.layer.0.intermediate.dense"], padded["encoder.layer.0.intermediate.dense"])
+
+    this_file = os.path.abspath(__file__)
+    for extra, expected in ([], padded), (["--no-mask"], unmasked):
+        out = tmp_path / f"grams{len(extra)}.safetensors"
+        status = merge_cli.main(["grams", "--adapter", str(tmp_path / "bert-adapter"), "--model", f"{this_file}:build_bert",
+                                 "--batches", f"{this_file}:bert_batches", "-o", str(out), *extra])
+        assert status == 0
+        collected = adapters.read_grams(out, {m: width for m, (_, _, width) in modules.items()})
+        for m in modules:
+            torch.testing.assert_close(collected[m], expected[m], rtol=1e-6, atol=1e-6 * expected[m].abs().max().item())
