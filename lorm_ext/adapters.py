@@ -8,7 +8,9 @@ here is the plain update ΔW = B A; writing stores lora_alpha = r, i.e. s = 1.
 
 Only plain LoRA on linear layers is accepted; every ``adapter_config.json`` field is either understood
 (``_SCALING_FIELDS``, ``_TARGETING_FIELDS``, ``_MUST_AGREE_FIELDS``, ``_IGNORED_FIELDS``), required to be off
-(``_OFF_VALUES``: DoRA, trained biases, modules_to_save, ...), or an error. See docs/peft.md.
+(``_OFF_VALUES``: DoRA, trained biases, ...), or — when ``peft`` is installed, which interprets the config with
+its own ``LoraConfig`` — a field of that PEFT's LoraConfig left at its default (a feature not in use), or an
+error. See docs/peft.md.
 
 Adapters and Gram files are opened lazily (``AdapterFile``, ``GramFile``: the safetensors header first, each
 module's tensors memory-mapped when asked for), so that ``lorm_ext.adapter_merge`` can stream module by module.
@@ -19,6 +21,8 @@ triangle or as its diagonal, with an index from module names (the names inside t
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -214,18 +218,66 @@ def _check_alpha(value, path, field: str) -> None:
         raise AdapterFileError(path, f"{field} must be a finite number in (0, {_MAX_ALPHA:g}], got {value!r}")
 
 
+@functools.cache
+def _peft_lora_config() -> type | None:
+    """The installed PEFT's ``LoraConfig`` class, or None without peft (the file-level field sets decide)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return None
+    return LoraConfig
+
+
+def _check_fields_with_peft(lora_config: type, config: Mapping, path) -> None:
+    """Interpret the config with PEFT's own LoraConfig (its checks run); a field lorm_ext does not know is
+    accepted at that LoraConfig's default (the feature is not in use: PEFT adds features off by default), and
+    one that neither knows is refused."""
+    fields = {f.name: f for f in dataclasses.fields(lora_config)}
+    unknown = sorted(set(config) - _KNOWN_FIELDS - set(fields))
+    if unknown:
+        raise AdapterFileError(
+            path, f"unknown config field(s) {unknown}: neither lorm_ext nor the installed PEFT "
+            f"{_peft_version()} knows them (saved by a newer PEFT? upgrade peft to read it)"
+        )
+    # runtime_config is runtime only (PEFT drops it on loading too); fields this PEFT predates follow lorm_ext's rules
+    arguments = {k: v for k, v in config.items() if k in fields and k != "runtime_config"}
+    try:
+        interpreted = lora_config(**arguments)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(path, f"PEFT {_peft_version()}'s LoraConfig refuses it: {err}") from None
+    for name in sorted(set(config) - _KNOWN_FIELDS):
+        field = fields[name]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if getattr(interpreted, name) != default:
+            raise AdapterFileError(
+                path, f"{name}={config[name]!r} is set (PEFT's default is {default!r}): lorm_ext merges only "
+                "ΔW = s·B A and does not know whether this feature changes it"
+            )
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
 def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
     """Accept a plain LoRA adapter_config.json or raise AdapterFileError naming the field."""
     if not isinstance(config, Mapping):
         raise AdapterFileError(path, f"expected a JSON object, got {type(config).__name__}")
-    unknown = sorted(set(config) - _KNOWN_FIELDS)
-    if unknown:
-        raise AdapterFileError(
-            path, f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
-            "(written by a newer or older PEFT than the 0.21 field set lorm_ext knows?)"
-        )
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(path, f"peft_type is {config.get('peft_type')!r}, only LORA adapters can be merged")
+    lora_config = _peft_lora_config()
+    if lora_config is not None:
+        _check_fields_with_peft(lora_config, config, path)
+    else:
+        unknown = sorted(set(config) - _KNOWN_FIELDS)
+        if unknown:
+            raise AdapterFileError(
+                path, f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
+                "(saved by a newer PEFT than the 0.21 field set lorm_ext knows? with peft installed, fields a "
+                "newer PEFT adds are read at their defaults)"
+            )
     for field, off in _OFF_VALUES.items():
         if field in config and config[field] not in off:
             raise AdapterFileError(

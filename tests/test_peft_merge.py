@@ -6,6 +6,7 @@ data; the merged adapter is loaded back with PEFT and its outputs compared with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -290,6 +291,42 @@ def test_bad_adapter_named_by_file_and_module(clients, tmp_path, config_changes,
     with pytest.raises(AdapterFileError, match=message) as err:
         merge_lora_adapters([dirs[0], bad], gram_files[:2], MERGED_RANK)
     assert str(bad) in str(err.value)
+
+
+@dataclasses.dataclass
+class NextLoraConfig(LoraConfig):
+    """The LoraConfig of a PEFT release newer than lorm_ext: one more feature, off by default."""
+
+    lora_shiny_new_option: bool = False
+
+
+def test_configs_are_read_with_peft_s_own_lora_config(clients, tmp_path, monkeypatch):
+    dirs, gram_files, _, _ = clients
+    original = read_lora_adapter(dirs[1])
+    monkeypatch.setattr(adapters, "_peft_lora_config", lambda: NextLoraConfig)
+    off = _copy_adapter(dirs[1], tmp_path / "off", {"lora_shiny_new_option": False})
+    read = read_lora_adapter(off)  # a field of the newer PEFT at its default: not in use, read as plain LoRA
+    assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
+    on = _copy_adapter(dirs[1], tmp_path / "on", {"lora_shiny_new_option": True})
+    with pytest.raises(AdapterFileError, match=r"on/adapter_config.json: lora_shiny_new_option=True is set \(PEFT's "
+                       r"default is False\): lorm_ext merges only ΔW = s·B A"):
+        read_lora_adapter(on)
+    neither = _copy_adapter(dirs[1], tmp_path / "neither", {"lora_even_newer": None})
+    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_even_newer'\]: neither lorm_ext nor "
+                       r"the installed PEFT .* upgrade peft"):
+        read_lora_adapter(neither)
+    # PEFT's own checks run: it refuses layers_to_transform with a regex target_modules, which lorm_ext ignores
+    targeting = _copy_adapter(dirs[1], tmp_path / "targeting", {"target_modules": "fc1|fc2", "layers_to_transform": [0]})
+    with pytest.raises(AdapterFileError, match=r"LoraConfig refuses it: `layers_to_transform` cannot be used when "
+                       r"`target_modules` is a str"):
+        read_lora_adapter(targeting)
+
+    monkeypatch.setattr(adapters, "_peft_lora_config", lambda: None)  # a server without peft: the file-level reader
+    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_shiny_new_option'\]: lorm_ext "
+                       "cannot tell"):
+        read_lora_adapter(off)
+    read = read_lora_adapter(targeting)
+    assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
 
 
 def test_mismatches_between_adapters_and_grams(clients, tmp_path):
