@@ -75,7 +75,6 @@ _OFF_VALUES = {
     "use_dora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
-    "modules_to_save": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "layer_replication": (None, []),
@@ -88,7 +87,11 @@ _OFF_VALUES = {
     "velora_config": (None,),
     "monteclora_config": (None,),
 }
-_KNOWN_FIELDS = _SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | set(_OFF_VALUES)
+# Modules trained in full and saved whole (a classification head): read, merged (RegMean with their Grams,
+# else the mean), written.
+_SAVED_FIELDS = {"modules_to_save"}
+_KNOWN_FIELDS = (_SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | _SAVED_FIELDS
+                 | set(_OFF_VALUES))
 # These initialisations rewrite the base model's weights, so the saved factors are not an update of the base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -291,6 +294,9 @@ def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
             "update of the base model; save the adapter converted to plain LoRA "
             "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
+        raise AdapterFileError(path, f"modules_to_save must be a list of module names, got {saved!r}")
     _check_rank(config.get("r"), path, "r")
     _check_alpha(config.get("lora_alpha"), path, "lora_alpha")
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
@@ -339,9 +345,22 @@ def _read_tensor(handle, path: Path, key: str, module: str | None, rows: slice |
         raise AdapterFileError(path, f"tensor {key!r} cannot be read: {err}", module) from None
 
 
+def _saved_module(name: str, entries: Sequence[str]) -> tuple[str, str] | None:
+    """(module, parameter) of a tensor's name inside the model when it belongs to a ``modules_to_save`` entry:
+    the module is the shortest prefix of the name that ends with an entry (PEFT's ``key.endswith(entry)``)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any(module.endswith(e) for e in entries):
+            return module, ".".join(parts[i:])
+    return None
+
+
 class AdapterFile:
     """A PEFT LoRA adapter opened lazily: its checked config and, from the safetensors header, its layout;
-    ``factors(module)`` reads one module's pair (memory-mapped) and folds the scaling into B in float64."""
+    ``factors(module)`` reads one module's pair (memory-mapped) and folds the scaling into B in float64.
+    ``saved`` describes the ``modules_to_save`` copies ({module: {parameter: (shape, dtype)}}), which
+    ``saved_tensor`` reads."""
 
     def __init__(self, adapter_dir: str | os.PathLike):
         self.path = Path(adapter_dir)
@@ -351,12 +370,23 @@ class AdapterFile:
         with _open_safetensors(self.weights_path) as handle:
             info = {key: _tensor_info(handle, key) for key in handle.keys()}
         pairs: dict[str, dict[str, str]] = {}
+        self.saved: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        entries = self.config.get("modules_to_save") or []
         for key in info:
-            match = _FACTOR_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
+            name = key.removeprefix(KEY_PREFIX) if key.startswith(KEY_PREFIX) else None
+            match = _FACTOR_KEY.fullmatch(name) if name is not None else None
+            saved = _saved_module(name, entries) if name is not None and match is None else None
+            if saved is not None:
+                shape, dtype = info[key]
+                if not isinstance(dtype, torch.dtype):
+                    raise AdapterFileError(self.weights_path, f"modules_to_save tensor {key!r} is {dtype}, not "
+                                           "floating point", saved[0])
+                self.saved.setdefault(saved[0], {})[saved[1]] = (shape, dtype)
+                continue
             if match is None:
                 raise AdapterFileError(
                     self.weights_path, f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / "
-                    "lora_B.weight of linear layers can be merged"
+                    "lora_B.weight of linear layers and the modules_to_save copies can be merged"
                 )
             pairs.setdefault(match["module"], {})[match["factor"]] = key
         if not pairs:
@@ -386,6 +416,21 @@ class AdapterFile:
             self.layout[module] = (b_shape[0], rank, a_shape[1])
             dtypes.update((a_dtype, b_dtype))
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # as stored on disk
+
+    def linear_heads(self) -> dict[str, tuple[int, int]]:
+        """The ``modules_to_save`` copies that are linear layers ({module: (out, in)} of their 2-D weight): the
+        ones merged with RegMean when their Grams are given."""
+        return {m: params["weight"][0] for m, params in self.saved.items()
+                if "weight" in params and len(params["weight"][0]) == 2}
+
+    def saved_tensor(self, module: str, parameter: str, device: torch.device | str = "cpu") -> Tensor:
+        """One parameter of a ``modules_to_save`` copy in float64 on ``device``; NaN or Inf is an error."""
+        key = saved_key(module, parameter)
+        with _open_safetensors(self.weights_path) as handle:
+            t = _read_tensor(handle, self.weights_path, key, module)
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(self.weights_path, f"modules_to_save tensor {parameter!r} contains NaN or Inf", module)
+        return _to_device(t, device).double()
 
     def nbytes(self, module: str) -> int:
         out, rank, width = self.layout[module]
@@ -795,10 +840,12 @@ class StreamedSafetensors:
         os.close(self._fd)
 
 
-def adapter_config(like: Mapping, modules: Iterable[str], rank: int) -> dict:
-    """The adapter_config.json of a merged adapter: ``like``'s ``_MUST_AGREE_FIELDS``, lora_alpha = r (s = 1)
-    and target_modules a full-match regex of exactly ``modules``."""
+def adapter_config(like: Mapping, modules: Iterable[str], rank: int, saved: Iterable[str] = ()) -> dict:
+    """The adapter_config.json of a merged adapter: ``like``'s ``_MUST_AGREE_FIELDS``, lora_alpha = r (s = 1),
+    target_modules a full-match regex of exactly ``modules`` and modules_to_save exactly ``saved``."""
     config = {field: like[field] for field in sorted(_MUST_AGREE_FIELDS) if field in like}
+    if saved:
+        config["modules_to_save"] = sorted(saved)
     config.update(
         peft_type="LORA",
         r=rank,
@@ -814,6 +861,11 @@ def adapter_config(like: Mapping, modules: Iterable[str], rank: int) -> dict:
 def factor_keys(module: str) -> tuple[str, str]:
     """The safetensors keys of a module's (lora_B, lora_A)."""
     return f"{KEY_PREFIX}{module}.lora_B.weight", f"{KEY_PREFIX}{module}.lora_A.weight"
+
+
+def saved_key(module: str, parameter: str) -> str:
+    """The safetensors key of one parameter of a ``modules_to_save`` copy."""
+    return f"{KEY_PREFIX}{module}.{parameter}"
 
 
 def write_lora_adapter(

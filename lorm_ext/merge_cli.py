@@ -56,7 +56,8 @@ def run_grams(args: argparse.Namespace) -> None:
 
     check_output_file(args.output)  # before the model runs over all the data
     device = merge_device(args.device)
-    modules = AdapterFile(args.adapter).layout  # validates the adapter before the model is built
+    adapter = AdapterFile(args.adapter)  # validates the adapter before the model is built
+    modules = [*adapter.layout, *adapter.linear_heads()]  # modules_to_save heads: merged with RegMean
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
     grams = collect_grams(model.get_base_model(), modules, batches, diagonal=args.diagonal,
@@ -112,6 +113,8 @@ def run_peft(args: argparse.Namespace) -> None:
         score=dict(args.score),
     )
     print(format_objectives(result, args.method if args.output else None))
+    for module, how in result.saved_methods.items():
+        print(f"modules_to_save {module}: " + ("RegMean with its Grams" if how == "regmean" else "mean over the adapters"))
     if args.output:
         print(f"wrote the {args.method} merge (rank {args.rank}) to {args.output}")
 

@@ -272,7 +272,7 @@ KEY = "base_model.model.blocks.1.fc2.lora_{}.weight"
     ("config_changes", "tensor_changes", "message"),
     [
         ({"use_dora": True}, None, "use_dora=True is not supported"),
-        ({"modules_to_save": ["head"]}, None, r"modules_to_save=\['head'\] is not supported"),
+        ({"modules_to_save": "head"}, None, "modules_to_save must be a list of module names, got 'head'"),
         ({"bias": "lora_only"}, None, "bias='lora_only' is not supported"),
         ({"lora_shiny_new_option": 1}, None, r"unknown config field\(s\) \['lora_shiny_new_option'\]"),
         ({"init_lora_weights": "pissa"}, None, "changes the base model's weights"),
@@ -386,6 +386,82 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
     assert (out / adapters.WEIGHTS_NAME).read_bytes() == first  # the old adapter is intact
     assert sorted(p.name for p in out.iterdir()) == [adapters.CONFIG_NAME, adapters.WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "merged"]  # no temporary folder left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modules_to_save: a head trained in full, merged with RegMean when its Grams are given
+
+@pytest.fixture(scope="module")
+def head_clients(tmp_path_factory):
+    """Three adapters that also train the head (each its own), with Gram files that hold the head's Gram and
+    Gram files that do not; and each client's head and head Gram."""
+    root = tmp_path_factory.mktemp("heads")
+    dirs, with_head, without_head, heads, head_grams = [], [], [], [], []
+    for seed in range(3):
+        model = lora_model(seed, modules_to_save=["head"])
+        head = model.get_base_model().head.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.normal_()
+            head.bias.normal_()
+        model.save_pretrained(root / f"adapter{seed}")
+        grams = collect_grams(model.get_base_model(), TARGETS + ["head"], calibration_batches(seed), dtype=torch.float64)
+        adapters.save_grams(root / f"with{seed}.safetensors", grams)
+        adapters.save_grams(root / f"without{seed}.safetensors", {m: grams[m] for m in TARGETS})
+        dirs.append(root / f"adapter{seed}")
+        with_head.append(root / f"with{seed}.safetensors")
+        without_head.append(root / f"without{seed}.safetensors")
+        heads.append({name: p.detach().double().clone() for name, p in head.named_parameters()})
+        head_grams.append(grams["head"])
+    return dirs, with_head, without_head, heads, head_grams
+
+
+def test_a_modules_to_save_head_is_merged_with_regmean_and_loads_in_peft(head_clients, tmp_path, capsys):
+    dirs, with_head, _, heads, head_grams = head_clients
+    result = merge_lora_adapters(dirs, with_head, MERGED_RANK, output_dir=tmp_path / "merged")
+    assert result.saved_methods == {"head": "regmean"}
+    expected = {"weight": reference.regmean_ref([h["weight"] for h in heads], head_grams),
+                "bias": sum(h["bias"] for h in heads) / 3}
+    for name, value in expected.items():
+        torch.testing.assert_close(result.saved["head"][name], value, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(expected["weight"], sum(h["weight"] for h in heads) / 3)  # RegMean is not the mean
+    config = json.loads((tmp_path / "merged" / adapters.CONFIG_NAME).read_text())
+    assert config["modules_to_save"] == ["head"]
+    merged = PeftModel.from_pretrained(build_model(), tmp_path / "merged").eval()
+    copy = merged.get_base_model().head.modules_to_save["default"]
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(copy, name).double(), value, rtol=1e-6, atol=1e-6)
+
+    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, with_head), "--rank", str(MERGED_RANK)])
+    assert status == 0 and "modules_to_save head: RegMean with its Grams" in capsys.readouterr().out
+
+
+def test_a_head_without_grams_is_averaged_and_partial_grams_are_refused(head_clients):
+    dirs, with_head, without_head, heads, _ = head_clients
+    result = merge_lora_adapters(dirs, without_head, MERGED_RANK)
+    assert result.saved_methods == {"head": "mean"}
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(result.saved["head"][name], sum(h[name] for h in heads) / 3, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AdapterFileError, match=r"without1.safetensors: module 'head': has no Gram for this "
+                       r"modules_to_save head but .*with0.safetensors has one"):
+        merge_lora_adapters(dirs[:2], [with_head[0], without_head[1]], MERGED_RANK)
+
+
+def test_modules_to_save_must_match_between_adapters(head_clients, clients):
+    head_dirs, with_head, _, _, _ = head_clients
+    plain_dirs, plain_grams, _, _ = clients
+    with pytest.raises(AdapterFileError, match=r"modules_to_save tensors \{\} differ from \{'head': \{'bias': \(3,\), "
+                       r"'weight': \(3, 8\)\}\}"):
+        merge_lora_adapters([head_dirs[0], plain_dirs[1]], [with_head[0], plain_grams[1]], MERGED_RANK)
+
+
+def test_cli_collects_the_head_s_gram(head_clients, tmp_path):
+    dirs, _, _, _, head_grams = head_clients
+    this_file = os.path.abspath(__file__)
+    status = merge_cli.main(["grams", "--adapter", str(dirs[0]), "--model", f"{this_file}:build_model", "--batches",
+                             f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors")])
+    assert status == 0
+    collected = adapters.read_grams(tmp_path / "g.safetensors", {"head": WIDTH})
+    torch.testing.assert_close(collected["head"], head_grams[0], rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
