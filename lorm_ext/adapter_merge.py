@@ -46,7 +46,7 @@ from .adapters import (
 )
 from .merge import RegMeanMerger, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
 from .reference import DEFAULT_RCOND
-from .validation import LayerError
+from .validation import LayerError, check_rank_fits
 
 MERGE_METHODS = ("exact", "alternating", "average", "svd")
 logger = logging.getLogger(__name__)
@@ -398,8 +398,10 @@ def merge_lora_adapters(
     adapters = [AdapterFile(d) for d in adapter_dirs]
     first = adapters[0]
     for module, (out, _, width) in first.layout.items():
-        if rank > min(out, width):
-            raise AdapterFileError(first.weights_path, f"rank {rank} exceeds the layer's size {out} × {width}", module)
+        try:
+            check_rank_fits(module, rank, out, width)
+        except LayerError as err:
+            raise AdapterFileError(first.weights_path, err.problem, module) from None
     scored = {name: AdapterFile(d) for name, d in (score or {}).items()}
     clash = sorted(set(scored) & {*MERGE_METHODS, "zero"})
     if clash:

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from re import _parser
@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .files import atomic_write, default_mode, fsync_folder
 from .gram import GramCollector
 from .validation import LayerError, check_gram, symmetry_tolerance
 
@@ -703,33 +704,11 @@ def save_grams(
             kinds[key] = {"layout": "full", "width": gram.shape[0]}
         tensors[key] = stored.contiguous()
     metadata = {GRAM_INDEX_KEY: json.dumps({"version": 2, "modules": index, "grams": kinds}, sort_keys=True)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing: files atomically, adapters streamed into a temporary folder renamed into place
-
-def _default_mode(mode: int) -> int:
-    """``mode`` under the process umask: what open() or mkdir() would give (mkstemp/mkdtemp give 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(temporary path) in path's folder, then os.replace: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode(0o666))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
+# Writing: adapters streamed into a temporary folder renamed into place (single files: files.atomic_write)
 
 def check_output_file(path: str | os.PathLike) -> Path:
     """A file that can be written: not a folder, and its folder exists and is writable. One-line errors."""
@@ -780,7 +759,7 @@ class OutputFolder:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
-            os.chmod(self.tmp, _default_mode(0o777))
+            os.chmod(self.tmp, default_mode(0o777))
         except OSError as err:
             raise AdapterFileError(self.target, f"cannot be created: {err.strerror}") from None
         return self
@@ -789,6 +768,7 @@ class OutputFolder:
         for name in os.listdir(self.tmp):
             with open(self.tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+        fsync_folder(self.tmp)
         if self.target.exists():
             old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"))
             os.replace(self.target, old)  # old is an empty folder: rename over it is allowed
@@ -796,6 +776,7 @@ class OutputFolder:
             shutil.rmtree(old)
         else:
             os.replace(self.tmp, self.target)
+        fsync_folder(self.target.parent)
         self.tmp = None
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from . import ops
 
-# The layers LoRM adapts in a timm ViT, and its classification head.
-DEFAULT_LAYER_PATTERN = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$|(^|\.)head$"
+# The layers LoRM adapts with LoRA in a timm ViT; with its classification head, the layers whose Grams it uses.
+VIT_LORA_PATTERN = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
+DEFAULT_LAYER_PATTERN = VIT_LORA_PATTERN + r"|(^|\.)head$"
 
 
 def shrink_gram(gram: Tensor, alpha: float) -> Tensor:

@@ -355,7 +355,7 @@ def test_mismatches_between_adapters_and_grams(clients, tmp_path):
             merge_lora_adapters(dirs[:2], [gram_files[0], tmp_path / f"{name}.safetensors"], MERGED_RANK)
     with pytest.raises(ValueError, match="one Gram file per adapter"):
         merge_lora_adapters(dirs, gram_files[:2], MERGED_RANK)
-    with pytest.raises(AdapterFileError, match="rank 9 exceeds the layer's size 16 × 8"):
+    with pytest.raises(AdapterFileError, match=r"rank 9 exceeds the layer's size \(16 × 8\)"):
         merge_lora_adapters(dirs, gram_files, 9)
 
 
