@@ -272,7 +272,7 @@ class _Progress:
 def plan_saved(first: AdapterFile, gram_files: Sequence[GramFile]) -> dict[str, str]:
     """How each ``modules_to_save`` copy is merged: "regmean" for a linear head that every Gram file has a Gram
     of (checked: its width), "mean" for the others; a head's Gram in some files only is an error."""
-    heads = first.linear_heads()
+    heads = first.saved_matrices()
     methods = {}
     for module in sorted(first.saved):
         having = [g for g in gram_files if module in g.index] if module in heads else []

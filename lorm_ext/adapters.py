@@ -418,9 +418,9 @@ class AdapterFile:
             dtypes.update((a_dtype, b_dtype))
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # as stored on disk
 
-    def linear_heads(self) -> dict[str, tuple[int, int]]:
-        """The ``modules_to_save`` copies that are linear layers ({module: (out, in)} of their 2-D weight): the
-        ones merged with RegMean when their Grams are given."""
+    def saved_matrices(self) -> dict[str, tuple[int, int]]:
+        """The ``modules_to_save`` copies with a 2-D weight, {module: its shape}: a linear head's (out, in) is
+        merged with RegMean where the Gram files hold its Gram (an embedding's (num, dim) has none)."""
         return {m: params["weight"][0] for m, params in self.saved.items()
                 if "weight" in params and len(params["weight"][0]) == 2}
 

@@ -57,10 +57,14 @@ def run_grams(args: argparse.Namespace) -> None:
     check_output_file(args.output)  # before the model runs over all the data
     device = merge_device(args.device)
     adapter = AdapterFile(args.adapter)  # validates the adapter before the model is built
-    modules = [*adapter.layout, *adapter.linear_heads()]  # modules_to_save heads: merged with RegMean
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
+    base = model.get_base_model()
+    found = dict(base.named_modules())
+    heads = [m for m, (_, width) in adapter.saved_matrices().items()  # linear modules_to_save: merged with RegMean
+             if getattr(found.get(m), "in_features", None) == width]
+    modules = [*adapter.layout, *heads]
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
-    grams = collect_grams(model.get_base_model(), modules, batches, diagonal=args.diagonal,
+    grams = collect_grams(base, modules, batches, diagonal=args.diagonal,
                           dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing,
                           mask_key=None if args.no_mask else args.mask_key)
     save_grams(args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None)

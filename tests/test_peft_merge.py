@@ -454,6 +454,47 @@ def test_modules_to_save_must_match_between_adapters(head_clients, clients):
         merge_lora_adapters([head_dirs[0], plain_dirs[1]], [with_head[0], plain_grams[1]], MERGED_RANK)
 
 
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(10, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.fc(self.embed(ids))))
+
+
+def build_embedding_net() -> EmbeddingNet:
+    torch.manual_seed(0)
+    return EmbeddingNet().eval()
+
+
+def token_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 10, (2, 5), generator=g) for _ in range(3)]
+
+
+def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_path, capsys):
+    dirs, gram_files, embeddings = [], [], []
+    this_file = os.path.abspath(__file__)
+    for seed in range(2):
+        config = LoraConfig(r=2, target_modules=["fc"], modules_to_save=["embed", "head"], init_lora_weights=False)
+        model = get_peft_model(build_embedding_net(), config)
+        with torch.no_grad():
+            for name in ("embed", "head"):
+                model.get_base_model().get_submodule(name).modules_to_save["default"].weight.normal_()
+        model.save_pretrained(tmp_path / f"a{seed}")
+        embeddings.append(model.get_base_model().embed.modules_to_save["default"].weight.detach().double().clone())
+        status = merge_cli.main(["grams", "--adapter", str(tmp_path / f"a{seed}"), "--model",
+                                 f"{this_file}:build_embedding_net", "--batches", f"{this_file}:token_batches",
+                                 "-o", str(tmp_path / f"g{seed}.safetensors")])
+        assert status == 0 and "Grams of 2 modules" in capsys.readouterr().out  # fc and head, not the embedding
+        dirs.append(tmp_path / f"a{seed}")
+        gram_files.append(tmp_path / f"g{seed}.safetensors")
+    result = merge_lora_adapters(dirs, gram_files, 2)
+    assert result.saved_methods == {"embed": "mean", "head": "regmean"}
+    torch.testing.assert_close(result.saved["embed"]["weight"], (embeddings[0] + embeddings[1]) / 2)
+
+
 def test_cli_collects_the_head_s_gram(head_clients, tmp_path):
     dirs, _, _, _, head_grams = head_clients
     this_file = os.path.abspath(__file__)
