@@ -336,16 +336,20 @@ def _check_same_adapter_kind(first: AdapterFile, other: AdapterFile) -> None:
                 other.weights_path, f"shape mismatch: ΔW is {out} × {width} here but {first_out} × {first_width} in "
                 f"{first.weights_path}", module
             )
-    shapes = [{m: {p: shape for p, (shape, _) in params.items()} for m, params in a.saved.items()} for a in (first, other)]
-    if shapes[0] != shapes[1]:
-        raise AdapterFileError(other.weights_path, f"modules_to_save tensors {shapes[1]} differ from {shapes[0]} in "
-                               f"{first.weights_path}")
     for name in sorted(_MUST_AGREE_FIELDS):
         if (first.config.get(name) or None) != (other.config.get(name) or None):  # absent = None = False
             raise AdapterFileError(
                 other.path / CONFIG_NAME, f"{name}={other.config.get(name)!r} differs from "
                 f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}"
             )
+
+
+def _check_same_saved_modules(first: AdapterFile, other: AdapterFile) -> None:
+    """The same modules_to_save copies, parameters and shapes as the first adapter (dtypes may differ)."""
+    shapes = [{m: {p: shape for p, (shape, _) in params.items()} for m, params in a.saved.items()} for a in (first, other)]
+    if shapes[0] != shapes[1]:
+        raise AdapterFileError(other.weights_path, f"modules_to_save tensors {shapes[1]} differ from {shapes[0]} in "
+                               f"{first.weights_path}")
 
 
 def _check_options(rank, method, max_iters, tol, workers) -> None:
@@ -408,6 +412,8 @@ def merge_lora_adapters(
         raise ValueError(f"score names {clash} are method names; choose others")
     for adapter in (*adapters[1:], *scored.values()):
         _check_same_adapter_kind(first, adapter)
+    for adapter in adapters[1:]:  # scores use the LoRA modules only
+        _check_same_saved_modules(first, adapter)
     grams = [GramFile(p) for p in gram_files]
     widths = {m: width for m, (_, _, width) in first.layout.items()}
     for gram_file in grams:

@@ -452,6 +452,8 @@ def test_modules_to_save_must_match_between_adapters(head_clients, clients):
     with pytest.raises(AdapterFileError, match=r"modules_to_save tensors \{\} differ from \{'head': \{'bias': \(3,\), "
                        r"'weight': \(3, 8\)\}\}"):
         merge_lora_adapters([head_dirs[0], plain_dirs[1]], [with_head[0], plain_grams[1]], MERGED_RANK)
+    scored = merge_lora_adapters(head_dirs, with_head, MERGED_RANK, score={"plain": plain_dirs[0]})  # LoRA only
+    assert set(scored.objectives["plain"]) == set(TARGETS)
 
 
 class EmbeddingNet(nn.Module):
