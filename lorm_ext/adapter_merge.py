@@ -42,9 +42,11 @@ from .adapters import (
     _to_device,
     adapter_config,
     factor_keys,
+    saved_key,
 )
-from .merge import FactoredNumerator, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
+from .merge import FactoredNumerator, RegMeanMerger, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
 from .reference import DEFAULT_RCOND
+from .validation import LayerError, check_rank_fits
 
 MERGE_METHODS = ("exact", "alternating", "average", "svd")
 logger = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ class MergeResult:
 
     factors: dict[str, tuple[Tensor, Tensor]]
     objectives: dict[str, dict[str, float]]  # method -> module -> objective
+    # modules_to_save copies: module -> parameter -> merged tensor (float64; empty with keep_factors=False), and
+    # how each module was merged: "regmean" (a linear head whose Grams were given) or "mean"
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    saved_methods: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -277,6 +283,47 @@ class _Progress:
         self.bar.close()
 
 
+def plan_saved(first: AdapterFile, gram_files: Sequence[GramFile]) -> dict[str, str]:
+    """How each ``modules_to_save`` copy is merged: "regmean" for a linear head that every Gram file has a Gram
+    of (checked: its width), "mean" for the others; a head's Gram in some files only is an error."""
+    heads = first.saved_matrices()
+    methods = {}
+    for module in sorted(first.saved):
+        having = [g for g in gram_files if module in g.index] if module in heads else []
+        if having and len(having) != len(gram_files):
+            lacking = next(g for g in gram_files if module not in g.index)
+            raise AdapterFileError(lacking.path, f"has no Gram for this modules_to_save head but {having[0].path} has "
+                                   "one: give its Gram in every Gram file or in none", module)
+        for grams in having:
+            grams.check_modules({module: heads[module][1]})
+        methods[module] = "regmean" if having else "mean"
+    return methods
+
+
+def merge_saved(adapters: Sequence[AdapterFile], gram_files: Sequence[GramFile], methods: Mapping[str, str],
+                device: torch.device) -> dict[str, dict[str, Tensor]]:
+    """The merged ``modules_to_save`` copies (``plan_saved``'s methods): a head's weight by RegMean,
+    W = (Σ_k W_k G_k)(Σ_k G_k)⁺ with the Grams of its input; every other tensor (biases, norms, heads without
+    Grams) the mean over the adapters. In float64, one module at a time."""
+    merged: dict[str, dict[str, Tensor]] = {}
+    for module, method in methods.items():
+        merged[module] = {}
+        for parameter in sorted(adapters[0].saved[module]):
+            if method == "regmean" and parameter == "weight":
+                merger = RegMeanMerger(dtype=torch.float64, device=device)
+                for adapter, grams in zip(adapters, gram_files):
+                    gram = _to_device(grams.dense(module), device).double()
+                    try:
+                        merger.add_client({module: adapter.saved_tensor(module, parameter, device)}, {module: gram})
+                    except LayerError as err:
+                        raise AdapterFileError(adapter.weights_path, err.problem, module) from None
+                merged[module][parameter] = merger.merge()[module]
+            else:
+                total = sum(adapter.saved_tensor(module, parameter, device) for adapter in adapters)
+                merged[module][parameter] = total / len(adapters)
+    return merged
+
+
 def merge_device(device: str | torch.device) -> torch.device:
     """A device for the sums and solves, or a one-line error (an unknown name, no GPU present)."""
     try:
@@ -309,6 +356,14 @@ def _check_same_adapter_kind(first: AdapterFile, other: AdapterFile) -> None:
                 other.path / CONFIG_NAME, f"{name}={other.config.get(name)!r} differs from "
                 f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}"
             )
+
+
+def _check_same_saved_modules(first: AdapterFile, other: AdapterFile) -> None:
+    """The same modules_to_save copies, parameters and shapes as the first adapter (dtypes may differ)."""
+    shapes = [{m: {p: shape for p, (shape, _) in params.items()} for m, params in a.saved.items()} for a in (first, other)]
+    if shapes[0] != shapes[1]:
+        raise AdapterFileError(other.weights_path, f"modules_to_save tensors {shapes[1]} differ from {shapes[0]} in "
+                               f"{first.weights_path}")
 
 
 def _check_options(rank, method, max_iters, tol, workers) -> None:
@@ -361,19 +416,24 @@ def merge_lora_adapters(
     adapters = [AdapterFile(d) for d in adapter_dirs]
     first = adapters[0]
     for module, (out, _, width) in first.layout.items():
-        if rank > min(out, width):
-            raise AdapterFileError(first.weights_path, f"rank {rank} exceeds the layer's size {out} × {width}", module)
+        try:
+            check_rank_fits(module, rank, out, width)
+        except LayerError as err:
+            raise AdapterFileError(first.weights_path, err.problem, module) from None
     scored = {name: AdapterFile(d) for name, d in (score or {}).items()}
     clash = sorted(set(scored) & {*MERGE_METHODS, "zero"})
     if clash:
         raise ValueError(f"score names {clash} are method names; choose others")
     for adapter in (*adapters[1:], *scored.values()):
         _check_same_adapter_kind(first, adapter)
+    for adapter in adapters[1:]:  # scores use the LoRA modules only
+        _check_same_saved_modules(first, adapter)
     grams = [GramFile(p) for p in gram_files]
     widths = {m: width for m, (_, _, width) in first.layout.items()}
     for gram_file in grams:
         gram_file.check_modules(widths)
     groups = plan_groups(first.layout, grams)
+    saved_methods = plan_saved(first, grams)
 
     equal_ranks = all(a.layout == first.layout for a in adapters[1:])
     methods = [m for m in MERGE_METHODS if m != "average" or equal_ranks] if report else [method]
@@ -388,7 +448,7 @@ def merge_lora_adapters(
     total_bytes = sum(a.nbytes(m) for a in adapters for m in first.layout)
     total_bytes += sum(g.nbytes(k) for g in grams for k in {g.index[m] for m in first.layout})
     progress = _Progress(len(groups), total_bytes)
-    result = MergeResult({}, {m: {} for m in (*methods, "zero", *scored)})
+    result = MergeResult({}, {m: {} for m in (*methods, "zero", *scored)}, saved_methods=saved_methods)
     lock = threading.Lock()
 
     def merge_group(group: _Group, writer: StreamedSafetensors | None) -> None:
@@ -414,6 +474,13 @@ def merge_lora_adapters(
         progress.group_done()
 
     def run(writer: StreamedSafetensors | None) -> None:
+        saved = merge_saved(adapters, grams, saved_methods, device)  # small: before the long stream
+        for module, parameters in saved.items():
+            for parameter, tensor in parameters.items():
+                if writer is not None:
+                    writer.write(saved_key(module, parameter), tensor)
+                if keep_factors:
+                    result.saved.setdefault(module, {})[parameter] = tensor.to("cpu")
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorm-merge") as pool:
             futures = [pool.submit(merge_group, group, writer) for group in groups]
             try:
@@ -432,13 +499,16 @@ def merge_lora_adapters(
             for module, (out, _, width) in first.layout.items():
                 key_b, key_a = factor_keys(module)
                 specs[key_b], specs[key_a] = (first.dtype, (out, rank)), (first.dtype, (rank, width))
+            for module, parameters in first.saved.items():  # as stored in the first adapter
+                for parameter, (shape, dtype) in parameters.items():
+                    specs[saved_key(module, parameter)] = (dtype, shape)
             with output:
                 writer = StreamedSafetensors(output.tmp / WEIGHTS_NAME, specs, {"format": "pt"})
                 try:
                     run(writer)
                 finally:
                     writer.close()
-                config = adapter_config(first.config, first.layout, rank)
+                config = adapter_config(first.config, first.layout, rank, first.saved)
                 (output.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
                 output.commit()
     finally:

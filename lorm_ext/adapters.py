@@ -8,7 +8,9 @@ here is the plain update ΔW = B A; writing stores lora_alpha = r, i.e. s = 1.
 
 Only plain LoRA on linear layers is accepted; every ``adapter_config.json`` field is either understood
 (``_SCALING_FIELDS``, ``_TARGETING_FIELDS``, ``_MUST_AGREE_FIELDS``, ``_IGNORED_FIELDS``), required to be off
-(``_OFF_VALUES``: DoRA, trained biases, modules_to_save, ...), or an error. See docs/peft.md.
+(``_OFF_VALUES``: DoRA, trained biases, ...), or — when ``peft`` is installed, which interprets the config with
+its own ``LoraConfig`` — a field of that PEFT's LoraConfig left at its default (a feature not in use), or an
+error. See docs/peft.md.
 
 Adapters and Gram files are opened lazily (``AdapterFile``, ``GramFile``: the safetensors header first, each
 module's tensors memory-mapped when asked for), so that ``lorm_ext.adapter_merge`` can stream module by module.
@@ -19,13 +21,15 @@ triangle or as its diagonal, with an index from module names (the names inside t
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from re import _parser
@@ -35,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .files import atomic_write, default_mode, fsync_folder
 from .gram import GramCollector
 from .validation import LayerError, check_gram, symmetry_tolerance
 
@@ -71,7 +76,6 @@ _OFF_VALUES = {
     "use_dora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
-    "modules_to_save": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "layer_replication": (None, []),
@@ -84,7 +88,11 @@ _OFF_VALUES = {
     "velora_config": (None,),
     "monteclora_config": (None,),
 }
-_KNOWN_FIELDS = _SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | set(_OFF_VALUES)
+# Modules trained in full and saved whole (a classification head): read, merged (RegMean with their Grams,
+# else the mean), written.
+_SAVED_FIELDS = {"modules_to_save"}
+_KNOWN_FIELDS = (_SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | _SAVED_FIELDS
+                 | set(_OFF_VALUES))
 # These initialisations rewrite the base model's weights, so the saved factors are not an update of the base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -214,18 +222,66 @@ def _check_alpha(value, path, field: str) -> None:
         raise AdapterFileError(path, f"{field} must be a finite number in (0, {_MAX_ALPHA:g}], got {value!r}")
 
 
+@functools.cache
+def _peft_lora_config() -> type | None:
+    """The installed PEFT's ``LoraConfig`` class, or None without peft (the file-level field sets decide)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return None
+    return LoraConfig
+
+
+def _check_fields_with_peft(lora_config: type, config: Mapping, path) -> None:
+    """Interpret the config with PEFT's own LoraConfig (its checks run); a field lorm_ext does not know is
+    accepted at that LoraConfig's default (the feature is not in use: PEFT adds features off by default), and
+    one that neither knows is refused."""
+    fields = {f.name: f for f in dataclasses.fields(lora_config)}
+    unknown = sorted(set(config) - _KNOWN_FIELDS - set(fields))
+    if unknown:
+        raise AdapterFileError(
+            path, f"unknown config field(s) {unknown}: neither lorm_ext nor the installed PEFT "
+            f"{_peft_version()} knows them (saved by a newer PEFT? upgrade peft to read it)"
+        )
+    # runtime_config is runtime only (PEFT drops it on loading too); fields this PEFT predates follow lorm_ext's rules
+    arguments = {k: v for k, v in config.items() if k in fields and k != "runtime_config"}
+    try:
+        interpreted = lora_config(**arguments)
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(path, f"PEFT {_peft_version()}'s LoraConfig refuses it: {err}") from None
+    for name in sorted(set(config) - _KNOWN_FIELDS):
+        field = fields[name]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if getattr(interpreted, name) != default:
+            raise AdapterFileError(
+                path, f"{name}={config[name]!r} is set (PEFT's default is {default!r}): lorm_ext merges only "
+                "ΔW = s·B A and does not know whether this feature changes it"
+            )
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
 def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
     """Accept a plain LoRA adapter_config.json or raise AdapterFileError naming the field."""
     if not isinstance(config, Mapping):
         raise AdapterFileError(path, f"expected a JSON object, got {type(config).__name__}")
-    unknown = sorted(set(config) - _KNOWN_FIELDS)
-    if unknown:
-        raise AdapterFileError(
-            path, f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
-            "(written by a newer or older PEFT than the 0.21 field set lorm_ext knows?)"
-        )
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(path, f"peft_type is {config.get('peft_type')!r}, only LORA adapters can be merged")
+    lora_config = _peft_lora_config()
+    if lora_config is not None:
+        _check_fields_with_peft(lora_config, config, path)
+    else:
+        unknown = sorted(set(config) - _KNOWN_FIELDS)
+        if unknown:
+            raise AdapterFileError(
+                path, f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
+                "(saved by a newer PEFT than the 0.21 field set lorm_ext knows? with peft installed, fields a "
+                "newer PEFT adds are read at their defaults)"
+            )
     for field, off in _OFF_VALUES.items():
         if field in config and config[field] not in off:
             raise AdapterFileError(
@@ -239,6 +295,9 @@ def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
             "update of the base model; save the adapter converted to plain LoRA "
             "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
+        raise AdapterFileError(path, f"modules_to_save must be a list of module names, got {saved!r}")
     _check_rank(config.get("r"), path, "r")
     _check_alpha(config.get("lora_alpha"), path, "lora_alpha")
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
@@ -287,9 +346,22 @@ def _read_tensor(handle, path: Path, key: str, module: str | None, rows: slice |
         raise AdapterFileError(path, f"tensor {key!r} cannot be read: {err}", module) from None
 
 
+def _saved_module(name: str, entries: Sequence[str]) -> tuple[str, str] | None:
+    """(module, parameter) of a tensor's name inside the model when it belongs to a ``modules_to_save`` entry:
+    the module is the shortest prefix of the name that ends with an entry (PEFT's ``key.endswith(entry)``)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any(module.endswith(e) for e in entries):
+            return module, ".".join(parts[i:])
+    return None
+
+
 class AdapterFile:
     """A PEFT LoRA adapter opened lazily: its checked config and, from the safetensors header, its layout;
-    ``factors(module)`` reads one module's pair (memory-mapped) and folds the scaling into B in float64."""
+    ``factors(module)`` reads one module's pair (memory-mapped) and folds the scaling into B in float64.
+    ``saved`` describes the ``modules_to_save`` copies ({module: {parameter: (shape, dtype)}}), which
+    ``saved_tensor`` reads."""
 
     def __init__(self, adapter_dir: str | os.PathLike):
         self.path = Path(adapter_dir)
@@ -299,12 +371,23 @@ class AdapterFile:
         with _open_safetensors(self.weights_path) as handle:
             info = {key: _tensor_info(handle, key) for key in handle.keys()}
         pairs: dict[str, dict[str, str]] = {}
+        self.saved: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        entries = self.config.get("modules_to_save") or []
         for key in info:
-            match = _FACTOR_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
+            name = key.removeprefix(KEY_PREFIX) if key.startswith(KEY_PREFIX) else None
+            match = _FACTOR_KEY.fullmatch(name) if name is not None else None
+            saved = _saved_module(name, entries) if name is not None and match is None else None
+            if saved is not None:
+                shape, dtype = info[key]
+                if not isinstance(dtype, torch.dtype):
+                    raise AdapterFileError(self.weights_path, f"modules_to_save tensor {key!r} is {dtype}, not "
+                                           "floating point", saved[0])
+                self.saved.setdefault(saved[0], {})[saved[1]] = (shape, dtype)
+                continue
             if match is None:
                 raise AdapterFileError(
                     self.weights_path, f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / "
-                    "lora_B.weight of linear layers can be merged"
+                    "lora_B.weight of linear layers and the modules_to_save copies can be merged"
                 )
             pairs.setdefault(match["module"], {})[match["factor"]] = key
         if not pairs:
@@ -334,6 +417,21 @@ class AdapterFile:
             self.layout[module] = (b_shape[0], rank, a_shape[1])
             dtypes.update((a_dtype, b_dtype))
         self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # as stored on disk
+
+    def saved_matrices(self) -> dict[str, tuple[int, int]]:
+        """The ``modules_to_save`` copies with a 2-D weight, {module: its shape}: a linear head's (out, in) is
+        merged with RegMean where the Gram files hold its Gram (an embedding's (num, dim) has none)."""
+        return {m: params["weight"][0] for m, params in self.saved.items()
+                if "weight" in params and len(params["weight"][0]) == 2}
+
+    def saved_tensor(self, module: str, parameter: str, device: torch.device | str = "cpu") -> Tensor:
+        """One parameter of a ``modules_to_save`` copy in float64 on ``device``; NaN or Inf is an error."""
+        key = saved_key(module, parameter)
+        with _open_safetensors(self.weights_path) as handle:
+            t = _read_tensor(handle, self.weights_path, key, module)
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(self.weights_path, f"modules_to_save tensor {parameter!r} contains NaN or Inf", module)
+        return _to_device(t, device).double()
 
     def nbytes(self, module: str) -> int:
         out, rank, width = self.layout[module]
@@ -606,33 +704,11 @@ def save_grams(
             kinds[key] = {"layout": "full", "width": gram.shape[0]}
         tensors[key] = stored.contiguous()
     metadata = {GRAM_INDEX_KEY: json.dumps({"version": 2, "modules": index, "grams": kinds}, sort_keys=True)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing: files atomically, adapters streamed into a temporary folder renamed into place
-
-def _default_mode(mode: int) -> int:
-    """``mode`` under the process umask: what open() or mkdir() would give (mkstemp/mkdtemp give 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(temporary path) in path's folder, then os.replace: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode(0o666))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
+# Writing: adapters streamed into a temporary folder renamed into place (single files: files.atomic_write)
 
 def check_output_file(path: str | os.PathLike) -> Path:
     """A file that can be written: not a folder, and its folder exists and is writable. One-line errors."""
@@ -683,7 +759,7 @@ class OutputFolder:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
-            os.chmod(self.tmp, _default_mode(0o777))
+            os.chmod(self.tmp, default_mode(0o777))
         except OSError as err:
             raise AdapterFileError(self.target, f"cannot be created: {err.strerror}") from None
         return self
@@ -692,6 +768,7 @@ class OutputFolder:
         for name in os.listdir(self.tmp):
             with open(self.tmp / name, "rb") as f:
                 os.fsync(f.fileno())
+        fsync_folder(self.tmp)
         if self.target.exists():
             old = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"))
             os.replace(self.target, old)  # old is an empty folder: rename over it is allowed
@@ -699,6 +776,7 @@ class OutputFolder:
             shutil.rmtree(old)
         else:
             os.replace(self.tmp, self.target)
+        fsync_folder(self.target.parent)
         self.tmp = None
 
     def __exit__(self, *exc) -> None:
@@ -743,10 +821,12 @@ class StreamedSafetensors:
         os.close(self._fd)
 
 
-def adapter_config(like: Mapping, modules: Iterable[str], rank: int) -> dict:
-    """The adapter_config.json of a merged adapter: ``like``'s ``_MUST_AGREE_FIELDS``, lora_alpha = r (s = 1)
-    and target_modules a full-match regex of exactly ``modules``."""
+def adapter_config(like: Mapping, modules: Iterable[str], rank: int, saved: Iterable[str] = ()) -> dict:
+    """The adapter_config.json of a merged adapter: ``like``'s ``_MUST_AGREE_FIELDS``, lora_alpha = r (s = 1),
+    target_modules a full-match regex of exactly ``modules`` and modules_to_save exactly ``saved``."""
     config = {field: like[field] for field in sorted(_MUST_AGREE_FIELDS) if field in like}
+    if saved:
+        config["modules_to_save"] = sorted(saved)
     config.update(
         peft_type="LORA",
         r=rank,
@@ -762,6 +842,11 @@ def adapter_config(like: Mapping, modules: Iterable[str], rank: int) -> dict:
 def factor_keys(module: str) -> tuple[str, str]:
     """The safetensors keys of a module's (lora_B, lora_A)."""
     return f"{KEY_PREFIX}{module}.lora_B.weight", f"{KEY_PREFIX}{module}.lora_A.weight"
+
+
+def saved_key(module: str, parameter: str) -> str:
+    """The safetensors key of one parameter of a ``modules_to_save`` copy."""
+    return f"{KEY_PREFIX}{module}.{parameter}"
 
 
 def write_lora_adapter(
@@ -820,10 +905,14 @@ def collect_grams(
     diagonal: bool = False,
     dtype: torch.dtype = torch.float32,
     share_inputs: bool = True,
+    mask_key: str | None = "attention_mask",
 ) -> dict[str, Tensor]:
     """Σ XᵀX of the inputs of the named modules (names inside ``model``) over ``batches``, without gradients.
 
     A batch is passed as ``model(batch)`` (a Tensor), ``model(**batch)`` (a mapping) or ``model(*batch)``.
+    A mapping batch's ``batch[mask_key]`` (a Hugging Face tokenizer's ``attention_mask``: 1 for real tokens,
+    0 for padding), when present, is the token mask: padded positions add nothing (``GramCollector.token_mask``);
+    ``mask_key=None`` counts every position.
     For a PEFT model pass ``peft_model.get_base_model()``: its LoRA layers keep the base module names.
     With ``share_inputs`` modules fed the same input tensor (q/k/v of a block) get one Gram: the same tensor
     object, which ``save_grams`` stores once.
@@ -836,7 +925,9 @@ def collect_grams(
         raise ValueError(f"the model has no linear module named {missing}")
     with torch.no_grad(), collector:
         for batch in batches:
-            _forward(model, batch)
+            mask = batch.get(mask_key) if mask_key is not None and isinstance(batch, Mapping) else None
+            with collector.token_mask(mask):
+                _forward(model, batch)
     unreached = sorted(set(names) - set(collector.grams))
     if unreached:
         raise ValueError(f"no input reached module(s) {unreached}: no batches, or they bypass these modules")

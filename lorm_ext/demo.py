@@ -17,10 +17,8 @@ import timm
 import torch
 from tqdm import tqdm
 
-from .gram import GramCollector
+from .gram import VIT_LORA_PATTERN, GramCollector
 from .merge import AdapterMerger
-
-LORA_LAYERS = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +61,7 @@ def main(argv=None) -> None:
     adapters = []
     gram_seconds = 0.0
     for _ in tqdm(range(args.num_clients), desc="clients: Grams + adapters", unit="client"):
-        collector = GramCollector(model, LORA_LAYERS)
+        collector = GramCollector(model, VIT_LORA_PATTERN)
         images = client_images(args.images_per_client, generator)
         start = time.perf_counter()
         with torch.no_grad(), collector:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
 
-# The layers LoRM adapts in a timm ViT, and its classification head.
-DEFAULT_LAYER_PATTERN = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$|(^|\.)head$"
+# The layers LoRM adapts with LoRA in a timm ViT; with its classification head, the layers whose Grams it uses.
+VIT_LORA_PATTERN = r"(^|\.)blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
+DEFAULT_LAYER_PATTERN = VIT_LORA_PATTERN + r"|(^|\.)head$"
 
 
 def shrink_gram(gram: Tensor, alpha: float) -> Tensor:
@@ -49,6 +51,11 @@ class GramCollector:
     gated MLP) get one Gram, computed once per batch: ``grams`` then maps each of them to the same tensor and
     ``shared_input[layer]`` names the first layer (in call order) that read it. Which layers share must be the
     same in every forward pass (else a RuntimeError says which layer changed).
+
+    ``with collector.token_mask(mask): model(...)`` (e.g. a Hugging Face batch's ``attention_mask``) leaves out
+    the padded positions: a layer input of shape (*mask.shape, in) contributes only its rows where the mask is
+    1, and ``num_tokens`` counts only those; an input with one row per sequence, (mask.shape[0], in) (a head
+    on a pooled output), has no padding and is taken whole. A mask of all ones gives exactly the unmasked Gram.
     """
 
     def __init__(
@@ -76,6 +83,17 @@ class GramCollector:
         # whose address is reused by another tensor is never taken for it
         self._inputs: dict[int, tuple[weakref.ref, str, bool]] = {}
         self._handles: list = []
+        self._mask: _TokenMask | None = None
+
+    @contextmanager
+    def token_mask(self, mask: Tensor | None) -> Iterator[None]:
+        """Inside the block, only the tokens where ``mask`` (bool, or integers / floats that are 0 or 1; shape
+        (batch, seq) or any leading shape of the layer inputs) is 1 enter the Grams; None masks nothing."""
+        previous, self._mask = self._mask, None if mask is None else _TokenMask(mask)
+        try:
+            yield
+        finally:
+            self._mask = previous
 
     def _reader(self, name: str, x: Tensor) -> str:
         """The layer whose Gram ``x`` goes into: the first layer that read this very tensor, or ``name``."""
@@ -105,7 +123,8 @@ class GramCollector:
         def hook(module: nn.Module, args, output) -> None:
             x = args[0]
             width = x.shape[-1]
-            first = self._reader(name, x) if self.share_inputs else name
+            first = self._reader(name, x) if self.share_inputs else name  # the very tensor, before masking
+            rows = None if self._mask is None else self._mask.rows(name, x)  # None: every row is a token
             if name not in self.grams:
                 if first != name:
                     self.grams[name] = self.grams[first]
@@ -114,8 +133,9 @@ class GramCollector:
                     self.grams[name] = torch.zeros(shape, dtype=self.dtype, device=x.device)
                 self.num_tokens[name] = 0
             if first == name:
-                ops.gram_accumulate_([self.grams[name]], [x])
-            self.num_tokens[name] += x.numel() // width
+                tokens = x if rows is None else x.reshape(-1, width).index_select(0, rows)
+                ops.gram_accumulate_([self.grams[name]], [tokens])
+            self.num_tokens[name] += x.numel() // width if rows is None else rows.numel()
 
         return hook
 
@@ -140,3 +160,40 @@ class GramCollector:
         """The Grams after shrinkage α G + (1 − α) diag(G), α per layer (a number, a dict or a function)."""
         alpha_of = alpha if callable(alpha) else (alpha.__getitem__ if isinstance(alpha, Mapping) else lambda _: alpha)
         return {name: shrink_gram(gram, alpha_of(name)) for name, gram in self.grams.items()}
+
+
+class _TokenMask:
+    """A checked token mask and, per device, the flat indices of its kept tokens (computed once per mask)."""
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"token mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() == 0 or mask.is_complex():
+            raise ValueError(f"token mask must be a real tensor of shape (batch, seq), got {mask.dtype} of shape "
+                             f"{tuple(mask.shape)}")
+        keep = mask != 0
+        if mask.dtype != torch.bool and not bool((keep == (mask == 1)).all()):
+            raise ValueError("token mask must hold only 0 and 1 (1 = a real token, 0 = padding): got other values "
+                             "(an additive or 4-D attention mask?)")
+        self.shape = tuple(mask.shape)
+        self.all_kept = bool(keep.all())
+        self._keep = keep.reshape(-1)
+        self._rows: dict[torch.device, Tensor] = {}
+
+    def rows(self, layer: str, x: Tensor) -> Tensor | None:
+        """The flat indices of the rows of the layer input ``x`` (..., in) that are real tokens, on its device;
+        None when every row is one: all tokens kept, or ``x`` has one row per sequence."""
+        leading = tuple(x.shape[:-1])
+        if leading == self.shape[:1]:
+            return None
+        if leading != self.shape:
+            raise RuntimeError(
+                f"GramCollector: layer {layer!r} reads an input of shape {tuple(x.shape)}, which matches neither the "
+                f"token mask's shape {self.shape} (tokens) nor {self.shape[:1]} (one row per sequence)"
+            )
+        if self.all_kept:
+            return None
+        rows = self._rows.get(x.device)
+        if rows is None:
+            rows = self._rows[x.device] = self._keep.to(x.device).nonzero().squeeze(1)
+        return rows

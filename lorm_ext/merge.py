@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .reference import DEFAULT_RCOND
-from .validation import LayerError, check_gram, check_layer_names, check_matrix, check_values
+from .validation import LayerError, check_gram, check_layer_names, check_matrix, check_rank_fits, check_values
 
 
 @dataclass
@@ -653,9 +653,7 @@ class AdapterMerger:
         for name, b in factors_b.items() if isinstance(factors_b, Mapping) and isinstance(grams, Mapping) else ():
             gram = grams.get(name)
             if isinstance(b, Tensor) and isinstance(gram, Tensor) and min(b.dim(), gram.dim()) > 0:  # else: below
-                size = (b.shape[0], gram.shape[0])
-                if min(size) < self.rank:
-                    raise LayerError(name, f"rank {self.rank} exceeds the layer's size ({size[0]} × {size[1]})")
+                check_rank_fits(name, self.rank, b.shape[0], gram.shape[0])
         self._stream.add_client(factors_a, grams, lefts=factors_b)
         if self.track_objective:
             sums = self._stream._sums

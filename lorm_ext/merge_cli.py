@@ -56,11 +56,17 @@ def run_grams(args: argparse.Namespace) -> None:
 
     check_output_file(args.output)  # before the model runs over all the data
     device = merge_device(args.device)
-    modules = AdapterFile(args.adapter).layout  # validates the adapter before the model is built
+    adapter = AdapterFile(args.adapter)  # validates the adapter before the model is built
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
+    base = model.get_base_model()
+    found = dict(base.named_modules())
+    heads = [m for m, (_, width) in adapter.saved_matrices().items()  # linear modules_to_save: merged with RegMean
+             if getattr(found.get(m), "in_features", None) == width]
+    modules = [*adapter.layout, *heads]
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
-    grams = collect_grams(model.get_base_model(), modules, batches, diagonal=args.diagonal,
-                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing)
+    grams = collect_grams(base, modules, batches, diagonal=args.diagonal,
+                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing,
+                          mask_key=None if args.no_mask else args.mask_key)
     save_grams(args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None)
     kind = "diagonal" if args.diagonal else f"full ({args.layout})"
     stored = len({id(g) for g in grams.values()})
@@ -111,6 +117,8 @@ def run_peft(args: argparse.Namespace) -> None:
         score=dict(args.score),
     )
     print(format_objectives(result, args.method if args.output else None))
+    for module, how in result.saved_methods.items():
+        print(f"modules_to_save {module}: " + ("RegMean with its Grams" if how == "regmean" else "mean over the adapters"))
     if args.output:
         print(f"wrote the {args.method} merge (rank {args.rank}) to {args.output}")
 
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="storage dtype of the Grams (default: the accumulation dtype); read back exactly")
     grams.add_argument("--no-sharing", action="store_true",
                        help="one Gram per module even where modules read the same input (q/k/v)")
+    grams.add_argument("--mask-key", default="attention_mask",
+                       help="in dict batches, the 0/1 token mask (1 = token, 0 = padding): padding adds nothing")
+    grams.add_argument("--no-mask", action="store_true", help="count every position, padding included")
     grams.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda")
     grams.set_defaults(run=run_grams)
     return parser

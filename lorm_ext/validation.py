@@ -39,6 +39,12 @@ def check_layer_names(expected: Iterable[str], got: Mapping[str, object], what: 
     raise ValueError(f"{what}: layer names differ from the expected ones: " + "; ".join(parts))
 
 
+def check_rank_fits(layer: str, rank: int, out_features: int, in_features: int) -> None:
+    """A rank-r update of an out × in layer needs r ≤ min(out, in)."""
+    if rank > min(out_features, in_features):
+        raise LayerError(layer, f"rank {rank} exceeds the layer's size ({out_features} × {in_features})")
+
+
 def check_matrix(
     layer: str, what: str, t: Tensor, shape: tuple[int | None, ...] | None = None, *, values: bool = True
 ) -> None:

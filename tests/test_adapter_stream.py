@@ -23,7 +23,7 @@ from lorm_ext.adapter_merge import merge_lora_adapters
 from lorm_ext.adapters import AdapterFileError, GramFile, read_grams, read_lora_adapter, save_grams
 from lorm_ext.gram import GramCollector
 from lorm_ext.merge import AdapterMerger, FactoredNumerator, _top_singular, low_rank_exact
-from lorm_testing import random_gram
+from lorm_testing import assert_rel_close, random_gram
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, FFN = 12, 20
@@ -95,11 +95,6 @@ def in_memory_merge(dirs, files, rank):
     return merger
 
 
-def assert_rel(actual, expected, rel):
-    err = (actual - expected).abs().max().item()
-    assert err <= rel * expected.abs().max().item(), err
-
-
 @pytest.mark.parametrize("workers", [1, 3])
 def test_streamed_merge_equals_in_memory_merge_and_reference(clients, tmp_path, workers):
     dirs, files, deltas, grams = clients
@@ -115,9 +110,9 @@ def test_streamed_merge_equals_in_memory_merge_and_reference(clients, tmp_path, 
         eye = torch.eye(LAYOUT[module][1], dtype=torch.float64)
         B_ref, A_ref = reference.rank_r_optimum_ref(ds, [eye] * len(ds), gs, 2)
         B, A = result.factors[module]
-        assert_rel(B @ A, B_ref @ A_ref, 1e-9)
-        assert_rel(B @ A, in_memory[module][0] @ in_memory[module][1], 1e-9)
-        assert_rel(written.factors[module][0] @ written.factors[module][1], B_ref @ A_ref, 1e-5)  # float32 file
+        assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
+        assert_rel_close(B @ A, in_memory[module][0] @ in_memory[module][1], 1e-9)
+        assert_rel_close(written.factors[module][0] @ written.factors[module][1], B_ref @ A_ref, 1e-5)  # float32 file
         for method in ("exact", "alternating", "svd", "zero"):
             if method == "zero":
                 delta = torch.zeros_like(ds[0])
@@ -161,7 +156,7 @@ def test_gram_storage_reads_back_exactly_and_merges_like_the_reference(tmp_path,
         eye = torch.eye(LAYOUT[module][1], dtype=torch.float64)
         B_ref, A_ref = reference.rank_r_optimum_ref(ds, [eye] * 2, gs, 2)
         B, A = result.factors[module]
-        assert_rel(B @ A, B_ref @ A_ref, 1e-9)
+        assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
 
 
 def test_gram_file_sizes_and_sharing(tmp_path):
@@ -197,7 +192,7 @@ def test_first_gram_format_still_reads(tmp_path):
     old = merge_lora_adapters(dirs, [tmp_path / "old.safetensors", tmp_path / "g1.safetensors"], 2)
     new = merge_lora_adapters(dirs, [tmp_path / "new.safetensors", tmp_path / "g1.safetensors"], 2)
     for module in LAYOUT:
-        assert_rel(old.factors[module][0] @ old.factors[module][1], new.factors[module][0] @ new.factors[module][1], 1e-12)
+        assert_rel_close(old.factors[module][0] @ old.factors[module][1], new.factors[module][0] @ new.factors[module][1], 1e-12)
 
 
 def test_each_gram_is_read_once_per_adapter_and_only_the_asked_method_runs(clients, monkeypatch):
@@ -312,20 +307,20 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
         B_ref, A_ref = reference.rank_r_optimum_ref(Bs, As, grams, rank)
         for bound in (None, 6):  # full SVD, and the sketch: rank(N) <= Σ r_k = 6
             B, A = low_rank_exact(N, G, rank, rank_bound=bound)
-            assert_rel(B @ A, B_ref @ A_ref, 1e-9)
-            assert_rel(A @ G @ A.T, torch.eye(rank, dtype=torch.float64), 1e-9)
+            assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
+            assert_rel_close(A @ G @ A.T, torch.eye(rank, dtype=torch.float64), 1e-9)
         # N kept as its factors (R = Σ r_k = 6), and with fewer factor columns than the rank (solved densely)
         B, A = low_rank_exact(FactoredNumerator(torch.cat(Bs, 1), torch.cat([a @ g for a, g in zip(As, grams)])), G, rank)
-        assert_rel(B @ A, B_ref @ A_ref, 1e-9)
+        assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
         B, A = low_rank_exact(FactoredNumerator(Bs[0], As[0] @ grams[0]), grams[0], rank)  # R = 2 < rank = 3
         B_one, A_one = low_rank_exact(Bs[0] @ As[0] @ grams[0], grams[0], rank)
-        assert_rel(B @ A, B_one @ A_one, 1e-9)
+        assert_rel_close(B @ A, B_one @ A_one, 1e-9)
     left, right = torch.randn(40, 7, dtype=torch.float64), torch.randn(7, 50, dtype=torch.float64)
     full = torch.linalg.svd(left @ right, full_matrices=False)
     for x in (left @ right, FactoredNumerator(left, right)):  # the sketch, and the factors' own basis
         U, S, Vh = _top_singular(x, 4, 7)
         torch.testing.assert_close(S, full.S[:4], rtol=1e-12, atol=0)
-        assert_rel((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
+        assert_rel_close((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
 
 
 PEAK_SCRIPT = r"""

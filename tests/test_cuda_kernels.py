@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorm_testing import REL_TOL, layer_inputs, rel_err, random_gram
+
 from lorm_ext import ops
 from lorm_ext.reference import gram_ref
 
@@ -26,14 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = "cuda"
 
-# Relative error (max |error| / max |exact|) allowed for each accumulator dtype.
-ACC_TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-
-
-def rel_err(got: torch.Tensor, exact: torch.Tensor) -> float:
-    scale = exact.abs().max().item()
-    return (got.double() - exact.double()).abs().max().item() / (scale if scale > 0 else 1.0)
-
 
 def exact_gram(x: torch.Tensor, acc_dtype: torch.dtype, diagonal: bool = False) -> torch.Tensor:
     """XᵀX in float64 from X rounded to the accumulator dtype (what the op's upcast produces)."""
@@ -42,11 +36,8 @@ def exact_gram(x: torch.Tensor, acc_dtype: torch.dtype, diagonal: bool = False) 
 
 
 def activations(rows: int, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Layer-input-like data: per-feature scales over two orders of magnitude, a few large features."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    scale = torch.logspace(-1, 1, n, dtype=torch.float64)[torch.randperm(n, generator=gen)]
-    x = torch.randn(rows, n, generator=gen, dtype=torch.float64) * scale
-    return x.to(dtype).to(DEVICE)
+    """Layer-input-like data on the GPU, the same for a given seed."""
+    return layer_inputs(rows, n, dtype=dtype, device=DEVICE, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ Gram
@@ -59,7 +50,7 @@ def test_tensor_core_gram_matches_float64(dtype, n, rows):
     x = activations(rows, n, dtype)
     g = torch.zeros(n, n, device=DEVICE)
     ops.gram_accumulate_([g], [x])
-    assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
+    assert rel_err(g, exact_gram(x, torch.float32)) < REL_TOL[torch.float32]
     assert rel_err(g.T, g.double()) < 1e-6  # off-diagonal tiles are mirrored; diagonal ones computed whole
 
 
@@ -88,7 +79,7 @@ def test_fp32_input_is_exact_fma_not_tf32():
     x = activations(2000, 300, torch.float32)
     g = torch.zeros(300, 300, device=DEVICE)
     ops.gram_accumulate_([g], [x])
-    assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
+    assert rel_err(g, exact_gram(x, torch.float32)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -98,7 +89,7 @@ def test_float64_gram(dtype):
     g = g + g.T
     expected = g + exact_gram(x, torch.float64)
     ops.gram_accumulate_([g], [x])
-    assert rel_err(g, expected) < ACC_TOL[torch.float64]
+    assert rel_err(g, expected) < REL_TOL[torch.float64]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -109,7 +100,7 @@ def test_diagonal_gram(dtype, acc_dtype, n):
     g = torch.rand(n, device=DEVICE, dtype=acc_dtype)
     expected = g.double() + exact_gram(x, acc_dtype, diagonal=True)
     ops.gram_accumulate_([g], [x])
-    assert rel_err(g, expected) < ACC_TOL[acc_dtype]
+    assert rel_err(g, expected) < REL_TOL[acc_dtype]
 
 
 def test_many_pairs_of_mixed_widths_in_one_call():
@@ -127,7 +118,7 @@ def test_many_pairs_of_mixed_widths_in_one_call():
             expected.append(exact_gram(x, acc, diagonal))
     ops.gram_accumulate_(grams, xs)
     for g, e in zip(grams, expected):
-        assert rel_err(g, e) < ACC_TOL[g.dtype], (tuple(g.shape), g.dtype)
+        assert rel_err(g, e) < REL_TOL[g.dtype], (tuple(g.shape), g.dtype)
 
 
 def test_more_pairs_than_one_launch_holds():
@@ -136,7 +127,7 @@ def test_more_pairs_than_one_launch_holds():
     grams = [torch.zeros(x.shape[1], x.shape[1], device=DEVICE) for x in xs]
     ops.gram_accumulate_(grams, xs)
     for g, x in zip(grams, xs):
-        assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
+        assert rel_err(g, exact_gram(x, torch.float32)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -147,7 +138,7 @@ def test_row_splits_and_repeated_gram(dtype):
     x2 = activations(7000, 40, dtype, seed=2)
     g = torch.zeros(40, 40, device=DEVICE)
     ops.gram_accumulate_([g, g], [x1, x2])
-    assert rel_err(g, exact_gram(x1, torch.float32) + exact_gram(x2, torch.float32)) < ACC_TOL[torch.float32]
+    assert rel_err(g, exact_gram(x1, torch.float32) + exact_gram(x2, torch.float32)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -163,7 +154,7 @@ def test_strided_and_batched_inputs(dtype):
         n = x.shape[-1]
         g = torch.zeros(n, n, device=DEVICE)
         ops.gram_accumulate_([g], [x])
-        assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
+        assert rel_err(g, exact_gram(x, torch.float32)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -202,17 +193,18 @@ def test_gram_runs_on_the_current_stream():
     with torch.cuda.stream(stream):
         ops.gram_accumulate_([g], [x])
     torch.cuda.current_stream().wait_stream(stream)
-    assert rel_err(g, exact_gram(x, torch.float32)) < ACC_TOL[torch.float32]
+    assert rel_err(g, exact_gram(x, torch.float32)) < REL_TOL[torch.float32]
 
 
 # ----------------------------------------------------------------------------------------- merge
 
 
-def random_gram(n: int, dtype: torch.dtype, diagonal: bool, seed: int, transposed: bool = False) -> torch.Tensor:
-    x = activations(2 * n + 3, n, torch.float64, seed=seed)
-    g = (x * x).sum(0) if diagonal else x.T @ x
+def client_gram(n: int, dtype: torch.dtype, diagonal: bool, seed: int, transposed: bool = False) -> torch.Tensor:
+    """The Gram of 2n + 3 layer-like inputs on the GPU; ``transposed``: strided and not symmetric, so that F G
+    must use G as stored."""
+    g = random_gram(n, 2 * n + 3, device=DEVICE, diagonal=diagonal, seed=seed, spread=True)
     if transposed and not diagonal:
-        g = (g + 0.01 * torch.randn_like(g)).T  # strided and not symmetric: F G must use G as stored
+        g = (g + 0.01 * torch.randn_like(g)).T
     return g.to(dtype)
 
 
@@ -235,7 +227,7 @@ def test_gram_weighted_accumulate_matches_float64(rank, acc, with_lefts):
     gram_sums, weighted, grams, factors, lefts, expected = [], [], [], [], [], []
     for i, n in enumerate(widths):
         diagonal = i % 3 == 2
-        g = random_gram(n, gram_dtypes[i % 4], diagonal, seed=i, transposed=i % 2 == 1)
+        g = client_gram(n, gram_dtypes[i % 4], diagonal, seed=i, transposed=i % 2 == 1)
         f = torch.randn(rank, n, device=DEVICE, dtype=torch.float32)
         left = torch.randn(2 * rank + 1, rank, device=DEVICE, dtype=torch.float64) if with_lefts else None
         rows = left.shape[0] if with_lefts else rank
@@ -250,8 +242,8 @@ def test_gram_weighted_accumulate_matches_float64(rank, acc, with_lefts):
         expected.append((gs0.double() + eg, ws0.double() + ew))
     ops.gram_weighted_accumulate_(gram_sums, weighted, grams, factors, lefts if with_lefts else None)
     for gs, ws, (eg, ew) in zip(gram_sums, weighted, expected):
-        assert rel_err(gs, eg) < ACC_TOL[acc]
-        assert rel_err(ws, ew) < 10 * ACC_TOL[acc]
+        assert rel_err(gs, eg) < REL_TOL[acc]
+        assert rel_err(ws, ew) < 10 * REL_TOL[acc]
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -262,7 +254,7 @@ def test_projected_accumulate_matches_float64(rank, acc):
     psums, wsums, grams, shared, factors, expected = [], [], [], [], [], []
     for i, n in enumerate(widths):
         diagonal = i % 3 == 2
-        g = random_gram(n, gram_dtypes[i % 4], diagonal, seed=i, transposed=i % 2 == 1)
+        g = client_gram(n, gram_dtypes[i % 4], diagonal, seed=i, transposed=i % 2 == 1)
         a = torch.randn(rank, n, device=DEVICE, dtype=torch.bfloat16 if i % 2 else torch.float32)
         b = torch.randn(3 * rank + 2, rank, device=DEVICE, dtype=torch.float32)
         ps0 = torch.randn(rank, rank, device=DEVICE, dtype=acc)
@@ -277,15 +269,15 @@ def test_projected_accumulate_matches_float64(rank, acc):
         expected.append((ps0.double() + p, ws0.double() + bd @ p))
     ops.projected_accumulate_(psums, wsums, grams, shared, factors)
     for ps, ws, (ep, ew) in zip(psums, wsums, expected):
-        assert rel_err(ps, ep) < 10 * ACC_TOL[acc]
-        assert rel_err(ws, ew) < 10 * ACC_TOL[acc]
+        assert rel_err(ps, ep) < 10 * REL_TOL[acc]
+        assert rel_err(ws, ew) < 10 * REL_TOL[acc]
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_streaming_clients_equal_batch(diagonal):
     """K clients added one call at a time equal the float64 sums over all of them, for both merge ops."""
     n, rank, clients = 300, 16, 25
-    grams = [random_gram(n, torch.float32, diagonal, seed=k) for k in range(clients)]
+    grams = [client_gram(n, torch.float32, diagonal, seed=k) for k in range(clients)]
     factors = [torch.randn(rank, n, device=DEVICE) for _ in range(clients)]
     bs = [torch.randn(50, rank, device=DEVICE) for _ in range(clients)]
     shared = torch.randn(rank, n, device=DEVICE)
@@ -309,7 +301,7 @@ def test_streaming_clients_equal_batch(diagonal):
 def test_merge_entries_sharing_accumulators():
     """Two entries adding into the same sums run one after the other; overlap within one entry is refused."""
     n, rank = 100, 4
-    g1, g2 = random_gram(n, torch.float32, False, seed=1), random_gram(n, torch.float32, False, seed=2)
+    g1, g2 = client_gram(n, torch.float32, False, seed=1), client_gram(n, torch.float32, False, seed=2)
     f1, f2 = torch.randn(rank, n, device=DEVICE), torch.randn(rank, n, device=DEVICE)
     gs = torch.zeros(n, n, device=DEVICE, dtype=torch.float64)
     ws = torch.zeros(rank, n, device=DEVICE, dtype=torch.float64)
@@ -324,7 +316,7 @@ def test_merge_entries_sharing_accumulators():
 
 def test_merge_matches_cpu_implementation():
     n, rank = 200, 8
-    g = random_gram(n, torch.float32, False, seed=3)
+    g = client_gram(n, torch.float32, False, seed=3)
     f = torch.randn(rank, n, device=DEVICE)
     sums = {}
     for device in ("cpu", DEVICE):
@@ -337,7 +329,7 @@ def test_merge_matches_cpu_implementation():
 
 
 def test_merge_is_bitwise_reproducible():
-    g = random_gram(768, torch.float32, False, seed=4)
+    g = client_gram(768, torch.float32, False, seed=4)
     f = torch.randn(16, 768, device=DEVICE)
     results = []
     for _ in range(2):
@@ -350,7 +342,7 @@ def test_merge_is_bitwise_reproducible():
 
 def test_merge_with_many_layers_spans_several_launches():
     layers = 200
-    grams = [random_gram(5 + i % 40, torch.float32, i % 5 == 0, seed=i) for i in range(layers)]
+    grams = [client_gram(5 + i % 40, torch.float32, i % 5 == 0, seed=i) for i in range(layers)]
     factors = [torch.randn(3, g.shape[0], device=DEVICE) for g in grams]
     gram_sums = [torch.zeros(g.shape, device=DEVICE, dtype=torch.float64) for g in grams]
     weighted = [torch.zeros(3, g.shape[0], device=DEVICE, dtype=torch.float64) for g in grams]
@@ -367,7 +359,7 @@ def test_merger_end_to_end_on_gpu():
     from lorm_ext.reference import regmean_ref
 
     n, rank, clients = 128, 4, 6
-    grams = [random_gram(n, torch.float32, False, seed=k) for k in range(clients)]
+    grams = [client_gram(n, torch.float32, False, seed=k) for k in range(clients)]
     factors = [torch.randn(rank, n, device=DEVICE) for _ in range(clients)]
     merger = RegMeanMerger(device=DEVICE)
     for g, f in zip(grams, factors):
@@ -413,9 +405,9 @@ def test_implementations_agree_on_gram_accumulation(dtype, acc, diagonal):
     results = under_each(accumulate)
     for aten, custom, start, x in zip(results["aten"], results["custom"], starts, xs):
         exact = start.double() + exact_gram(x, acc, diagonal)
-        assert rel_err(aten, exact) < ACC_TOL[acc], ("aten", x.shape)
-        assert rel_err(custom, exact) < ACC_TOL[acc], ("custom", x.shape)
-        assert rel_err(aten, custom) < 2 * ACC_TOL[acc], x.shape
+        assert rel_err(aten, exact) < REL_TOL[acc], ("aten", x.shape)
+        assert rel_err(custom, exact) < REL_TOL[acc], ("custom", x.shape)
+        assert rel_err(aten, custom) < 2 * REL_TOL[acc], x.shape
         if not diagonal:
             assert torch.equal(aten, aten.T) and torch.equal(custom, custom.T), x.shape
 
@@ -425,7 +417,7 @@ def test_implementations_agree_on_gram_accumulation(dtype, acc, diagonal):
 def test_implementations_agree_on_merge_reductions(acc, rank):
     widths = [1, 65, 768, 1100]
     gram_dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
-    grams = [random_gram(n, gram_dtypes[i], i % 2 == 1, seed=i, transposed=i == 2) for i, n in enumerate(widths)]
+    grams = [client_gram(n, gram_dtypes[i], i % 2 == 1, seed=i, transposed=i == 2) for i, n in enumerate(widths)]
     factors = [torch.randn(rank, n, device=DEVICE) for n in widths]
     lefts = [torch.randn(3, rank, device=DEVICE, dtype=torch.float64) for _ in widths]
     bs = [torch.randn(40, rank, device=DEVICE, dtype=torch.bfloat16) for _ in widths]
@@ -451,13 +443,13 @@ def test_implementations_agree_on_merge_reductions(acc, rank):
         for name in KERNELS:
             weighted, (ps, bps) = results[name]
             for (gs, ws), (eg, ew) in zip(weighted, expected):
-                assert rel_err(gs[i], 1 + eg) < ACC_TOL[acc], (name, i)
-                assert rel_err(ws[i], 1 + ew) < 10 * ACC_TOL[acc], (name, i)
-            assert rel_err(ps[i], 1 + p) < 10 * ACC_TOL[acc], (name, i)
-            assert rel_err(bps[i], 1 + bd @ p) < 10 * ACC_TOL[acc], (name, i)
+                assert rel_err(gs[i], 1 + eg) < REL_TOL[acc], (name, i)
+                assert rel_err(ws[i], 1 + ew) < 10 * REL_TOL[acc], (name, i)
+            assert rel_err(ps[i], 1 + p) < 10 * REL_TOL[acc], (name, i)
+            assert rel_err(bps[i], 1 + bd @ p) < 10 * REL_TOL[acc], (name, i)
         for (aten_gs, aten_ws), (custom_gs, custom_ws) in zip(results["aten"][0], results["custom"][0]):
             assert torch.equal(aten_gs[i], custom_gs[i])  # one exact add of the upcast Gram in both
-            assert rel_err(aten_ws[i], custom_ws[i].double()) < 10 * ACC_TOL[acc]
+            assert rel_err(aten_ws[i], custom_ws[i].double()) < 10 * REL_TOL[acc]
 
 
 def test_implementations_agree_on_gram_stats():
@@ -470,7 +462,7 @@ def test_implementations_agree_on_gram_stats():
     grams = []
     for i in range(300):
         n = [1, 2, 31, 33, 100, 1500][i % 6] if i < 12 else 1 + i % 40
-        g = random_gram(n, torch.float64, i % 5 == 0, seed=i).to(dtypes[i % 4])
+        g = client_gram(n, torch.float64, i % 5 == 0, seed=i).to(dtypes[i % 4])
         if i % 3 == 0:
             flat = g.view(-1)
             flat[(7 * i) % flat.numel()] = float("nan") if i % 2 else float("inf")
@@ -491,8 +483,8 @@ def test_ops_can_be_captured_in_a_cuda_graph(kernels):
     replayed twice, they add their sums twice and return the statistics of the eager call."""
     n, r = 300, 8
     x = activations(700, n, torch.bfloat16)
-    gram_k = random_gram(n, torch.float32, False, seed=1)
-    diagonal_k = random_gram(n, torch.float32, True, seed=2)
+    gram_k = client_gram(n, torch.float32, False, seed=1)
+    diagonal_k = client_gram(n, torch.float32, True, seed=2)
     a, b = torch.randn(r, n, device=DEVICE), torch.randn(30, r, device=DEVICE)
     sums = {
         "gram": torch.zeros(n, n, device=DEVICE), "diagonal": torch.zeros(n, device=DEVICE),

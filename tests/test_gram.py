@@ -116,3 +116,97 @@ def test_shrinkage_extremes_and_collector_shrunk():
     assert torch.equal(shrunk["head"], ref.shrink_gram_ref(collector.grams["head"], 0.5))
     qkv = collector.grams["blocks.0.attn.qkv"]
     assert torch.equal(shrunk["blocks.0.attn.qkv"], torch.diag(torch.diagonal(qkv)))
+
+
+class TokenwiseNet(torch.nn.Module):
+    """Token-wise layers (a real token's layer inputs do not depend on the padding): q/k/v read one normed
+    input, fc reads their sum; head reads the mean of the real tokens (one row per sequence)."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.fc = torch.nn.Linear(width, 2 * width)
+        self.head = torch.nn.Linear(2 * width, 3)
+
+    def forward(self, x, mask):
+        h = self.norm(x)
+        h = self.fc(self.q(h) + self.k(h) + self.v(h))
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        return self.head((h * weights).sum(1) / weights.sum(1))
+
+
+def padded_batch(lengths, width, device):
+    """Sequences of the given lengths, right-padded with large random values (padding that is not masked out
+    shows in the Gram), their 0/1 attention mask (int64, as a tokenizer's) and the sequences unpadded."""
+    sequences = [torch.randn(1, n, width, device=device) for n in lengths]
+    x = 100 * torch.randn(len(lengths), max(lengths), width, device=device)
+    for i, s in enumerate(sequences):
+        x[i, : s.shape[1]] = s[0]
+    mask = (torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]).long()
+    return x, mask, sequences
+
+
+@pytest.mark.parametrize("share_inputs", [False, True])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_token_mask_gives_the_gram_of_the_unpadded_tokens(device, diagonal, share_inputs):
+    model = TokenwiseNet().to(device).eval()
+    lengths = [[3, 7, 1, 5], [2, 2, 6]]
+    padded = GramCollector(model, r"^(q|k|v|fc|head)$", diagonal=diagonal, share_inputs=share_inputs)
+    seen, handles = captured_inputs(model, padded.layers)
+    with torch.no_grad():
+        batches = [padded_batch(n, 6, device) for n in lengths]
+        for _, _, sequences in batches:  # each sequence alone, unpadded: the layer inputs to reduce
+            for s in sequences:
+                model(s, torch.ones(s.shape[:2], device=device))
+        for h in handles:
+            h.remove()
+        with padded:
+            for x, mask, _ in batches:
+                with padded.token_mask(mask):
+                    model(x, mask)
+    for name, gram in padded.grams.items():
+        expected = None
+        for x in seen[name]:
+            expected = ref.gram_ref(x, expected, diagonal=diagonal, dtype=torch.float64)
+        assert_rel_close(gram, expected, 1e-5)
+        assert padded.num_tokens[name] == (7 if name == "head" else sum(map(sum, lengths)))
+    assert (padded.grams["q"] is padded.grams["k"] is padded.grams["v"]) == share_inputs
+
+
+@pytest.mark.parametrize("share_inputs", [False, True])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_a_mask_of_all_ones_gives_exactly_the_unmasked_gram(diagonal, share_inputs):
+    model = tiny_vit("cpu")
+    plain = GramCollector(model, diagonal=diagonal, share_inputs=share_inputs)
+    masked = GramCollector(model, diagonal=diagonal, share_inputs=share_inputs)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        with plain:
+            model(images)
+        with masked, masked.token_mask(torch.ones(4, 17, dtype=torch.bool)):  # 16 patches + the class token
+            model(images)
+    assert set(plain.grams) == set(masked.grams) == set(plain.layers)
+    for name in plain.grams:
+        assert torch.equal(plain.grams[name], masked.grams[name]), name
+    assert plain.num_tokens == masked.num_tokens
+
+
+def test_bad_token_masks_are_refused():
+    model = TokenwiseNet().eval()
+    collector = GramCollector(model, r"^(q|fc)$")
+    x, mask, _ = padded_batch([2, 4], 6, "cpu")
+    for bad, message in [
+        (mask.tolist(), "token mask must be a torch.Tensor, got list"),
+        (torch.tensor(1), r"shape \(batch, seq\), got torch.int64 of shape \(\)"),
+        (2 * mask, "only 0 and 1"),
+        (torch.where(mask.bool(), 0.0, -torch.inf), "only 0 and 1"),
+    ]:
+        with pytest.raises(ValueError, match=message), collector.token_mask(bad):
+            pass
+    with torch.no_grad(), collector:
+        with pytest.raises(RuntimeError, match=r"layer 'q' reads an input of shape \(2, 4, 6\), which matches neither "
+                           r"the token mask's shape \(2, 3\)"), collector.token_mask(mask[:, :3]):
+            model(x, mask)
+        model(x, mask)  # the mask is gone after its block: every position counts
+    assert collector.num_tokens == {"q": 8, "fc": 8}

@@ -6,6 +6,7 @@ data; the merged adapter is loaded back with PEFT and its outputs compared with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -271,7 +272,7 @@ KEY = "base_model.model.blocks.1.fc2.lora_{}.weight"
     ("config_changes", "tensor_changes", "message"),
     [
         ({"use_dora": True}, None, "use_dora=True is not supported"),
-        ({"modules_to_save": ["head"]}, None, r"modules_to_save=\['head'\] is not supported"),
+        ({"modules_to_save": "head"}, None, "modules_to_save must be a list of module names, got 'head'"),
         ({"bias": "lora_only"}, None, "bias='lora_only' is not supported"),
         ({"lora_shiny_new_option": 1}, None, r"unknown config field\(s\) \['lora_shiny_new_option'\]"),
         ({"init_lora_weights": "pissa"}, None, "changes the base model's weights"),
@@ -290,6 +291,42 @@ def test_bad_adapter_named_by_file_and_module(clients, tmp_path, config_changes,
     with pytest.raises(AdapterFileError, match=message) as err:
         merge_lora_adapters([dirs[0], bad], gram_files[:2], MERGED_RANK)
     assert str(bad) in str(err.value)
+
+
+@dataclasses.dataclass
+class NextLoraConfig(LoraConfig):
+    """The LoraConfig of a PEFT release newer than lorm_ext: one more feature, off by default."""
+
+    lora_shiny_new_option: bool = False
+
+
+def test_configs_are_read_with_peft_s_own_lora_config(clients, tmp_path, monkeypatch):
+    dirs, gram_files, _, _ = clients
+    original = read_lora_adapter(dirs[1])
+    monkeypatch.setattr(adapters, "_peft_lora_config", lambda: NextLoraConfig)
+    off = _copy_adapter(dirs[1], tmp_path / "off", {"lora_shiny_new_option": False})
+    read = read_lora_adapter(off)  # a field of the newer PEFT at its default: not in use, read as plain LoRA
+    assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
+    on = _copy_adapter(dirs[1], tmp_path / "on", {"lora_shiny_new_option": True})
+    with pytest.raises(AdapterFileError, match=r"on/adapter_config.json: lora_shiny_new_option=True is set \(PEFT's "
+                       r"default is False\): lorm_ext merges only ΔW = s·B A"):
+        read_lora_adapter(on)
+    neither = _copy_adapter(dirs[1], tmp_path / "neither", {"lora_even_newer": None})
+    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_even_newer'\]: neither lorm_ext nor "
+                       r"the installed PEFT .* upgrade peft"):
+        read_lora_adapter(neither)
+    # PEFT's own checks run: it refuses layers_to_transform with a regex target_modules, which lorm_ext ignores
+    targeting = _copy_adapter(dirs[1], tmp_path / "targeting", {"target_modules": "fc1|fc2", "layers_to_transform": [0]})
+    with pytest.raises(AdapterFileError, match=r"LoraConfig refuses it: `layers_to_transform` cannot be used when "
+                       r"`target_modules` is a str"):
+        read_lora_adapter(targeting)
+
+    monkeypatch.setattr(adapters, "_peft_lora_config", lambda: None)  # a server without peft: the file-level reader
+    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_shiny_new_option'\]: lorm_ext "
+                       "cannot tell"):
+        read_lora_adapter(off)
+    read = read_lora_adapter(targeting)
+    assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
 
 
 def test_mismatches_between_adapters_and_grams(clients, tmp_path):
@@ -318,7 +355,7 @@ def test_mismatches_between_adapters_and_grams(clients, tmp_path):
             merge_lora_adapters(dirs[:2], [gram_files[0], tmp_path / f"{name}.safetensors"], MERGED_RANK)
     with pytest.raises(ValueError, match="one Gram file per adapter"):
         merge_lora_adapters(dirs, gram_files[:2], MERGED_RANK)
-    with pytest.raises(AdapterFileError, match="rank 9 exceeds the layer's size 16 × 8"):
+    with pytest.raises(AdapterFileError, match=r"rank 9 exceeds the layer's size \(16 × 8\)"):
         merge_lora_adapters(dirs, gram_files, 9)
 
 
@@ -349,3 +386,179 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
     assert (out / adapters.WEIGHTS_NAME).read_bytes() == first  # the old adapter is intact
     assert sorted(p.name for p in out.iterdir()) == [adapters.CONFIG_NAME, adapters.WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "merged"]  # no temporary folder left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modules_to_save: a head trained in full, merged with RegMean when its Grams are given
+
+@pytest.fixture(scope="module")
+def head_clients(tmp_path_factory):
+    """Three adapters that also train the head (each its own), with Gram files that hold the head's Gram and
+    Gram files that do not; and each client's head and head Gram."""
+    root = tmp_path_factory.mktemp("heads")
+    dirs, with_head, without_head, heads, head_grams = [], [], [], [], []
+    for seed in range(3):
+        model = lora_model(seed, modules_to_save=["head"])
+        head = model.get_base_model().head.modules_to_save["default"]
+        with torch.no_grad():
+            head.weight.normal_()
+            head.bias.normal_()
+        model.save_pretrained(root / f"adapter{seed}")
+        grams = collect_grams(model.get_base_model(), TARGETS + ["head"], calibration_batches(seed), dtype=torch.float64)
+        adapters.save_grams(root / f"with{seed}.safetensors", grams)
+        adapters.save_grams(root / f"without{seed}.safetensors", {m: grams[m] for m in TARGETS})
+        dirs.append(root / f"adapter{seed}")
+        with_head.append(root / f"with{seed}.safetensors")
+        without_head.append(root / f"without{seed}.safetensors")
+        heads.append({name: p.detach().double().clone() for name, p in head.named_parameters()})
+        head_grams.append(grams["head"])
+    return dirs, with_head, without_head, heads, head_grams
+
+
+def test_a_modules_to_save_head_is_merged_with_regmean_and_loads_in_peft(head_clients, tmp_path, capsys):
+    dirs, with_head, _, heads, head_grams = head_clients
+    result = merge_lora_adapters(dirs, with_head, MERGED_RANK, output_dir=tmp_path / "merged")
+    assert result.saved_methods == {"head": "regmean"}
+    expected = {"weight": reference.regmean_ref([h["weight"] for h in heads], head_grams),
+                "bias": sum(h["bias"] for h in heads) / 3}
+    for name, value in expected.items():
+        torch.testing.assert_close(result.saved["head"][name], value, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(expected["weight"], sum(h["weight"] for h in heads) / 3)  # RegMean is not the mean
+    config = json.loads((tmp_path / "merged" / adapters.CONFIG_NAME).read_text())
+    assert config["modules_to_save"] == ["head"]
+    merged = PeftModel.from_pretrained(build_model(), tmp_path / "merged").eval()
+    copy = merged.get_base_model().head.modules_to_save["default"]
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(copy, name).double(), value, rtol=1e-6, atol=1e-6)
+
+    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, with_head), "--rank", str(MERGED_RANK)])
+    assert status == 0 and "modules_to_save head: RegMean with its Grams" in capsys.readouterr().out
+
+
+def test_a_head_without_grams_is_averaged_and_partial_grams_are_refused(head_clients):
+    dirs, with_head, without_head, heads, _ = head_clients
+    result = merge_lora_adapters(dirs, without_head, MERGED_RANK)
+    assert result.saved_methods == {"head": "mean"}
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(result.saved["head"][name], sum(h[name] for h in heads) / 3, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AdapterFileError, match=r"without1.safetensors: module 'head': has no Gram for this "
+                       r"modules_to_save head but .*with0.safetensors has one"):
+        merge_lora_adapters(dirs[:2], [with_head[0], without_head[1]], MERGED_RANK)
+
+
+def test_modules_to_save_must_match_between_adapters(head_clients, clients):
+    head_dirs, with_head, _, _, _ = head_clients
+    plain_dirs, plain_grams, _, _ = clients
+    with pytest.raises(AdapterFileError, match=r"modules_to_save tensors \{\} differ from \{'head': \{'bias': \(3,\), "
+                       r"'weight': \(3, 8\)\}\}"):
+        merge_lora_adapters([head_dirs[0], plain_dirs[1]], [with_head[0], plain_grams[1]], MERGED_RANK)
+    scored = merge_lora_adapters(head_dirs, with_head, MERGED_RANK, score={"plain": plain_dirs[0]})  # LoRA only
+    assert set(scored.objectives["plain"]) == set(TARGETS)
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(10, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.fc(self.embed(ids))))
+
+
+def build_embedding_net() -> EmbeddingNet:
+    torch.manual_seed(0)
+    return EmbeddingNet().eval()
+
+
+def token_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 10, (2, 5), generator=g) for _ in range(3)]
+
+
+def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_path, capsys):
+    dirs, gram_files, embeddings = [], [], []
+    this_file = os.path.abspath(__file__)
+    for seed in range(2):
+        config = LoraConfig(r=2, target_modules=["fc"], modules_to_save=["embed", "head"], init_lora_weights=False)
+        model = get_peft_model(build_embedding_net(), config)
+        with torch.no_grad():
+            for name in ("embed", "head"):
+                model.get_base_model().get_submodule(name).modules_to_save["default"].weight.normal_()
+        model.save_pretrained(tmp_path / f"a{seed}")
+        embeddings.append(model.get_base_model().embed.modules_to_save["default"].weight.detach().double().clone())
+        status = merge_cli.main(["grams", "--adapter", str(tmp_path / f"a{seed}"), "--model",
+                                 f"{this_file}:build_embedding_net", "--batches", f"{this_file}:token_batches",
+                                 "-o", str(tmp_path / f"g{seed}.safetensors")])
+        assert status == 0 and "Grams of 2 modules" in capsys.readouterr().out  # fc and head, not the embedding
+        dirs.append(tmp_path / f"a{seed}")
+        gram_files.append(tmp_path / f"g{seed}.safetensors")
+    result = merge_lora_adapters(dirs, gram_files, 2)
+    assert result.saved_methods == {"embed": "mean", "head": "regmean"}
+    torch.testing.assert_close(result.saved["embed"]["weight"], (embeddings[0] + embeddings[1]) / 2)
+
+
+def test_cli_collects_the_head_s_gram(head_clients, tmp_path):
+    dirs, _, _, _, head_grams = head_clients
+    this_file = os.path.abspath(__file__)
+    status = merge_cli.main(["grams", "--adapter", str(dirs[0]), "--model", f"{this_file}:build_model", "--batches",
+                             f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors")])
+    assert status == 0
+    collected = adapters.read_grams(tmp_path / "g.safetensors", {"head": WIDTH})
+    torch.testing.assert_close(collected["head"], head_grams[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding: a Hugging Face model's attention_mask keeps padded positions out of the Grams
+
+BERT_LENGTHS = [[5, 9, 3], [7, 2]]
+BERT_TARGETS = ["query", "key", "value", "dense"]  # "dense" includes pooler.dense: one row per sequence
+
+
+def build_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)
+    torch.manual_seed(0)
+    return BertModel(config).eval()
+
+
+def bert_token_ids() -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randint(1, 50, (n,), generator=g) for n in lengths] for lengths in BERT_LENGTHS]
+
+
+def bert_batches() -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches with their attention_mask, as a tokenizer makes them (pad id 0)."""
+    batches = []
+    for sequences in bert_token_ids():
+        ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in sequences])[:, None]).long()
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_hugging_face_padding_adds_nothing_to_the_grams(tmp_path):
+    pytest.importorskip("transformers", reason="the Hugging Face padding test builds a BertModel (pip install transformers)")
+    model = get_peft_model(build_bert(), LoraConfig(r=2, target_modules=BERT_TARGETS, init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "bert-adapter")
+    modules = adapters.AdapterFile(tmp_path / "bert-adapter").layout
+    base = model.get_base_model()
+    padded = collect_grams(base, modules, bert_batches())
+    unpadded = collect_grams(base, modules, [{"input_ids": s[None]} for batch in bert_token_ids() for s in batch])
+    unmasked = collect_grams(base, modules, bert_batches(), mask_key=None)
+    assert padded["encoder.layer.0.attention.self.query"] is padded["encoder.layer.0.attention.self.value"]
+    for m in modules:
+        torch.testing.assert_close(padded[m], unpadded[m], rtol=1e-5, atol=1e-5 * unpadded[m].abs().max().item())
+    assert torch.equal(unmasked["pooler.dense"], padded["pooler.dense"])  # one row per sequence: no padding
+    assert not torch.allclose(unmasked["encoder.layer.0.intermediate.dense"], padded["encoder.layer.0.intermediate.dense"])
+
+    this_file = os.path.abspath(__file__)
+    for extra, expected in ([], padded), (["--no-mask"], unmasked):
+        out = tmp_path / f"grams{len(extra)}.safetensors"
+        status = merge_cli.main(["grams", "--adapter", str(tmp_path / "bert-adapter"), "--model", f"{this_file}:build_bert",
+                                 "--batches", f"{this_file}:bert_batches", "-o", str(out), *extra])
+        assert status == 0
+        collected = adapters.read_grams(out, {m: width for m, (_, _, width) in modules.items()})
+        for m in modules:
+            torch.testing.assert_close(collected[m], expected[m], rtol=1e-6, atol=1e-6 * expected[m].abs().max().item())

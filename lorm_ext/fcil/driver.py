@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..files import atomic_write as _write_atomic
 from .client import client_step, tensor_bytes
 from .client import clock as client_clock
 from .config import SEED_PARTICIPATION, ConfigError, RunConfig, derive_seed, validate
@@ -74,12 +75,6 @@ def participants(config: RunConfig, task: int) -> list[int]:
 def units(config: RunConfig, n_tasks: int) -> list[tuple[int, int | None]]:
     """(task, round) for every round, (task, None) for every task end."""
     return [(t, r) for t in range(n_tasks) for r in [*range(config.num_comm_rounds), None]]
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _write_json(path: str, data) -> None:

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..gram import linear_layers
+from ..files import atomic_write
+from ..gram import VIT_LORA_PATTERN, linear_layers
+from ..validation import LayerError, check_rank_fits
 from .config import EMBEDDED_NETWORK, ConfigError, RunConfig
 from .data import InputSpec, resize_normalise
 
@@ -113,8 +115,8 @@ class AdaptedViT:
 
 
 def backbone_linears(vit: nn.Module) -> dict[str, nn.Module]:
-    """The layers LoRA adapts: every blocks.N.attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (the Gram layers but the head)."""
-    return {name: module for name, module in linear_layers(vit).items() if name != HEAD}
+    """The layers LoRA adapts: every blocks.N.attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (gram.VIT_LORA_PATTERN)."""
+    return linear_layers(vit, VIT_LORA_PATTERN)
 
 
 def input_spec(vit: nn.Module) -> InputSpec:
@@ -185,9 +187,7 @@ def pretrain_on_digits(path: str, epochs: int = EMBEDDED_PRETRAIN_EPOCHS, seed: 
             optimizer.step()
             schedule.step()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
 
 
 def resolve_weights(config: RunConfig) -> str | None:
@@ -229,10 +229,10 @@ def check_architecture(config: RunConfig) -> InputSpec:
     if not layers:
         raise ConfigError(f"--network {config.network!r} has no blocks.N.attn.qkv/attn.proj/mlp.fc1/mlp.fc2 layers")
     for name, linear in layers.items():
-        if config.r > min(linear.in_features, linear.out_features):
-            raise ConfigError(
-                f"--r {config.r} exceeds the width of layer {name!r} ({linear.out_features} × {linear.in_features})"
-            )
+        try:
+            check_rank_fits(name, config.r, linear.out_features, linear.in_features)
+        except LayerError as error:
+            raise ConfigError(f"--r {config.r}: {error}") from None
     return input_spec(vit)
 
 

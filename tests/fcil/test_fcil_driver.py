@@ -138,7 +138,7 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--distribution_alpha", "-0.5"], "Dirichlet β.* must be > 0"),
         pytest.param(["--num_clients", "200"], "too few for 200 clients", marks=needs_mlxtend),
         (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
-        (["--r", "65"], "--r 65 exceeds the width of layer 'blocks.0.attn.qkv'"),
+        (["--r", "65"], r"--r 65: layer 'blocks.0.attn.qkv': rank 65 exceeds the layer's size \(192 × 64\)"),
         (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
         (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
         (["--participation_rate", "0.05"], "selects nobody"),

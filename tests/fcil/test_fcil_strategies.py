@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from lorm_testing import random_gram
 
 from lorm_ext import reference
 from lorm_ext.fcil.client import FIT, TASK_GRAMS
@@ -19,11 +20,7 @@ SAMPLES = [7, 11, 30]
 
 
 def _gram(width: int, diagonal: bool, seed: int) -> torch.Tensor:
-    x = torch.randn(3 * width, width, generator=torch.Generator().manual_seed(seed))
-    if diagonal:
-        return (x * x).sum(0)
-    gram = x.T @ x
-    return (gram + gram.T) / 2  # exactly symmetric, as the collector's
+    return random_gram(width, 3 * width, dtype=torch.float32, diagonal=diagonal, seed=seed)
 
 
 def _server(name: str, tiny_config, **overrides):
