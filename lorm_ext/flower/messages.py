@@ -24,13 +24,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from torch import Tensor
 
-from ..fcil.client import FIT, TASK_GRAMS, ClientReply, Instruction
+from ..fcil.client import ClientReply
 from ..fcil.config import RunConfig
-from ..fcil.model import HEAD
+from ..fcil.protocol import FIT, GRAM_KINDS, HEAD, NUM_SAMPLES, TASK_GRAMS, Instruction
 from ..validation import check_gram, check_matrix, check_values
 
 MESSAGE_TYPES = {FIT: MessageType.TRAIN, TASK_GRAMS: f"{MessageType.QUERY}.{TASK_GRAMS}"}
-GRAM_KINDS = ("gram", "BP", "P")  # reply keys that travel in the "grams" record
 _SCALARS = [f.name for f in dataclasses.fields(Instruction) if f.name != "tensors"]
 
 
@@ -58,7 +57,7 @@ def reply_content(reply: ClientReply) -> RecordDict:
     message = dict(reply.message)
     metrics = MetricRecord(
         {
-            "num-examples": int(message.pop("num_samples")),
+            "num-examples": int(message.pop(NUM_SAMPLES)),
             "train-seconds": reply.seconds["train"],
             "gram-seconds": reply.seconds["gram"],
         }
@@ -95,7 +94,7 @@ def read_reply(content: RecordDict) -> dict[str, Tensor]:
     metrics = content.metric_records.get("metrics", MetricRecord())
     if "num-examples" in metrics:
         samples = metrics["num-examples"]
-        message["num_samples"] = _decoded(f"num-examples {samples!r}", lambda: torch.tensor(samples))
+        message[NUM_SAMPLES] = _decoded(f"num-examples {samples!r}", lambda: torch.tensor(samples))
     return message
 
 

@@ -25,9 +25,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from ..fcil.client import FIT, TASK_GRAMS, Instruction, message_shapes
 from ..fcil.config import ConfigError, RunConfig, validate
-from ..fcil.driver import participants, units
+from ..fcil.protocol import FIT, TASK_GRAMS, Instruction, close_unit, message_shapes, open_unit, participants, units
 from ..fcil.strategies import LoRM
 from .messages import (
     MESSAGE_TYPES,
@@ -96,7 +95,7 @@ class LoRMStrategy(Strategy):
         self._connect(grid, timeout)
         result = Result()
         for server_round, (task, round_) in enumerate(units(self.config, len(self.task_classes)), start=1):
-            self.instruction = self.server.open_unit(task, round_, self.task_classes[task])  # LoRM always asks
+            self.instruction = open_unit(self.server, task, round_, self.task_classes[task])  # LoRM always asks
             arrays, config = instruction_records(self.instruction, self.config)
             if round_ is None:
                 replies = grid.send_and_receive(
