@@ -14,7 +14,7 @@ from ..fcil.driver import check, evaluate_seen, prepare, task_test_sets
 from ..fcil.metrics import seen_accuracy
 from ..fcil.model import build_model
 from .client_app import app as client_app
-from .strategy import LoRMStrategy
+from .fcil_strategy import LoRMStrategy
 
 
 def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
