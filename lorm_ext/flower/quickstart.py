@@ -11,7 +11,6 @@ Needs ``peft`` and ``flwr[simulation]``.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import torch
@@ -106,10 +105,9 @@ def main(grid: Grid, context: Context) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on the loopback address only
-    from flwr.simulation import run_simulation
+    from .server_app import run_simulation_here
 
-    print(f"before: accuracy {accuracy(ArrayRecord()):.3f}")
-    run_simulation(server_app, client_app, num_supernodes=NUM_NODES, backend_config={"client_resources": {"num_cpus": 1}})
+    print(f"before: accuracy {accuracy(ArrayRecord()):.3f}", flush=True)
+    run_simulation_here(server_app, client_app, NUM_NODES)
     for server_round, metrics in results[-1].evaluate_metrics_serverapp.items():
         print(f"round {server_round}: accuracy {metrics['accuracy']:.3f}")

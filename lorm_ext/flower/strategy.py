@@ -152,7 +152,8 @@ class LoRAMergeStrategy(ReplyRounds):
         too_small = [n for n, shape in module_shapes.items() if rank > min(shape)]
         if too_small:
             shape = module_shapes[too_small[0]]
-            raise ValueError(f"LoRAMergeStrategy: rank {rank} exceeds module {too_small[0]!r} ({shape[0]} × {shape[1]})")
+            name = too_small[0]
+            raise ValueError(f"LoRAMergeStrategy: rank {rank} exceeds module {name!r} ({shape[0]} × {shape[1]})")
         if method not in self.METHODS:
             raise ValueError(f"LoRAMergeStrategy: method must be one of {self.METHODS}, got {method!r}")
         if not isinstance(min_nodes, int) or min_nodes < 1:
@@ -165,7 +166,8 @@ class LoRAMergeStrategy(ReplyRounds):
 
     def summary(self) -> None:
         log(INFO, "\t├──> %d modules, merged rank %d (%s)", len(self.module_shapes), self.rank, self.method)
-        log(INFO, "\t└──> Grams: %s, at least %d nodes", "diagonal" if self.diagonal_grams else "full", self.min_nodes)
+        grams = "diagonal" if self.diagonal_grams else "full"
+        log(INFO, "\t└──> Grams: %s, at least %d nodes", grams, self.min_nodes)
 
     def expected_shapes(self) -> dict[str, tuple[int | None, ...]]:
         """What a reply holds, by key (None: any rank)."""
@@ -222,7 +224,8 @@ class LoRAMergeStrategy(ReplyRounds):
             return {}
         wanted = {}
         for name, (out_features, in_features) in self.module_shapes.items():
-            wanted |= {factor_key("B", name): (out_features, self.rank), factor_key("A", name): (self.rank, in_features)}
+            wanted[factor_key("B", name)] = (out_features, self.rank)
+            wanted[factor_key("A", name)] = (self.rank, in_features)
         if set(tensors) != set(wanted):
             raise ValueError(
                 f"LoRAMergeStrategy: the initial adapter must be empty or hold exactly {sorted(wanted)}, got "
@@ -230,7 +233,8 @@ class LoRAMergeStrategy(ReplyRounds):
             )
         for key, shape in wanted.items():
             if tuple(tensors[key].shape) != shape:
-                raise ValueError(f"LoRAMergeStrategy: initial {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+                got = tuple(tensors[key].shape)
+                raise ValueError(f"LoRAMergeStrategy: initial {key!r} has shape {got}, expected {shape}")
         return dict(tensors)
 
     def configure_train(
