@@ -5,7 +5,8 @@ a round is ``open_round`` / ``close``, a task end ``open_task_end`` (LoRM asks t
 the task's final model; None for the others) / ``close_task``. A server reads each message as the instruction
 it sent lays it out (``protocol.layout``). ``state_dict`` / ``load_state_dict`` checkpoint it between units.
 Seeds are derived from (seed, task, round, client), so a run split over processes reproduces the in-process run
-bit for bit as long as messages are added in the same order. The server never holds more than one client's message: every merge is a running sum.
+bit for bit as long as messages are added in the same order. The server never holds more than one client's
+message: every merge is a running sum.
 
 Strategies (all train the head in full; all but LoRM average it by samples):
 - ``lorm``: rounds alternate the trained factor, B first (``--train_matrix alt``); the B-step with A shared
