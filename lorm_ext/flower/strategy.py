@@ -9,7 +9,8 @@ when the strategy says ``diagonal_grams``), "metrics" "num-examples". The factor
 a client whose LoRA scales its update by s sends s·B_k. The server merges the replies, in increasing node id so
 that float sums are ordered, with ``merge.AdapterMerger``: the rank-``rank`` adapter minimising
 Σ_k ‖X_k (B A − B_k A_k)ᵀ‖²_F, in closed form (``method="exact"``) or by exact alternating steps from the
-current A (``"alternating"``). The server never holds more than one reply's tensors besides the running sums.
+current A (``"alternating"``), rescaled so that each rank component's column of B and row of A have equal norms
+(``balanced``: the product is what the merge fixes). The server never holds more than one reply's tensors besides the running sums.
 
 A reply that is an error or not what the round asked for (missing or unexpected tensors, unreadable arrays,
 wrong shapes, NaN/Inf, a Gram that is not one, bad metrics) is dropped with a WARNING naming the node and the
@@ -279,5 +280,15 @@ class LoRAMergeStrategy(ReplyRounds):
         merged = merger.merge(self.method, init_a=init_a)
         self.adapter = {}
         for name, (b, a) in merged.items():
+            b, a = balanced(b, a)
             self.adapter |= {factor_key("B", name): b.to(dtypes[0]), factor_key("A", name): a.to(dtypes[0])}
         return ArrayRecord(dict(self.adapter)), metrics
+
+
+def balanced(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """The same B A with each rank component's column of B and row of A of equal norm. The merge fixes only the
+    product; the exact solve returns A with A G Aᵀ = I, whose scale (set by the Grams) local training with Adam
+    would then destroy: nodes start the next round from comparable factors instead."""
+    b_norm, a_norm = b.norm(dim=0), a.norm(dim=1)
+    scale = torch.where((b_norm > 0) & (a_norm > 0), (a_norm / b_norm).sqrt(), torch.ones_like(b_norm))
+    return b * scale, a / scale[:, None]
