@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported: test runs report nothing
 
 import logging
+import tempfile
 
 import pytest
 import torch
@@ -207,3 +208,24 @@ def test_a_bad_initial_adapter_and_too_few_nodes_are_refused():
         strategy.start(InProcessGrid(), ArrayRecord({"A/fc1": torch.zeros(4, 16)}), num_rounds=1, timeout=0.1)
     with pytest.raises(ConnectionError, match="min_nodes is 4 but 3 nodes are connected after waiting up to 0.1 s"):
         strategy.start(InProcessGrid(), ArrayRecord(), num_rounds=1, timeout=0.1)
+
+
+def test_the_quickstart_in_flowers_simulation_engine_merges_as_message_by_message(monkeypatch):
+    """The quickstart's ServerApp and ClientApp in Ray actors: the same merged adapters as on the in-process
+    grid, up to the order in which the nodes' sums are added (Flower numbers the nodes at random)."""
+    from lorm_ext.flower.server_app import run_simulation_here
+
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp", ignore_cleanup_errors=True) as path:
+        monkeypatch.setenv("RAY_TMPDIR", path)  # short: Ray's socket paths must stay under 108 bytes
+        run_simulation_here(quickstart.server_app, quickstart.client_app, quickstart.NUM_NODES)
+    simulated = quickstart.results[-1]
+    strategy = LoRAMergeStrategy(quickstart.MODULES, quickstart.RANK, min_nodes=quickstart.NUM_NODES)
+    in_process = strategy.start(InProcessGrid(), ArrayRecord(), num_rounds=quickstart.NUM_ROUNDS, timeout=5)
+    got, expected = simulated.arrays.to_torch_state_dict(), in_process.arrays.to_torch_state_dict()
+    assert got.keys() == expected.keys()
+    for name in quickstart.MODULES:
+        product = _delta(expected[f"B/{name}"], expected[f"A/{name}"])
+        torch.testing.assert_close(
+            _delta(got[f"B/{name}"], got[f"A/{name}"]), product, rtol=1e-4, atol=1e-4 * float(product.abs().max())
+        )
+    assert [m["nodes"] for m in simulated.train_metrics_clientapp.values()] == [quickstart.NUM_NODES] * 3
