@@ -1,6 +1,6 @@
 """Share Gram collection and server work across processes: all-reduce the running sums with torch.distributed.
 
-Every quantity a LoRM merge needs is a sum over clients (README.md, "What it computes"), so processes that each ran part of
+Every quantity a LoRM merge needs is a sum over clients, so processes that each ran part of
 the data through a ``GramCollector``, or each added part of the clients to a merger, hold partial sums; one
 ``all_reduce_grams_`` / ``all_reduce_merger_`` call leaves every process with the sums over all of them,
 exactly as if one process had seen everything (up to the order of floating-point additions). Then any
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .gram import GramCollector
-from .merge import AdapterMerger, BStepMerger, RegMeanMerger
+from .merge import AdapterMerger, StreamingMerger
 
 _Key = tuple[str, ...]
 
@@ -46,7 +46,8 @@ def _all_reduce_sums(
 ) -> tuple[dict[_Key, Tensor], Hashable]:
     """Sums named tensors over the processes of ``group``; a process lacking a name contributes zeros.
 
-    ``config`` must be equal on every process; ``content`` (None on a process with nothing local) must be
+    ``config`` must be equal on every process (else a ValueError names the first process whose config differs
+    from process 0's, on every process alike); ``content`` (None on a process with nothing local) must be
     equal on the others, and is returned. Tensors present locally are reduced in place. Names are reduced
     in sorted order, so the processes' dict orders do not matter.
     """
@@ -54,9 +55,10 @@ def _all_reduce_sums(
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (config, content if local else None, layout), group=group)
 
+    first_config = gathered[0][0]
     for rank, (their_config, _, _) in enumerate(gathered):
-        if their_config != config:
-            raise ValueError(f"{what}: process {rank} has {their_config}, process 0 has {gathered[0][0]}")
+        if their_config != first_config:
+            raise ValueError(f"{what}: process {rank} has {their_config}, process 0 has {first_config}")
     contents = {rank: c for rank, (_, c, their_layout) in enumerate(gathered) if their_layout}
     if len(set(contents.values())) > 1:
         raise ValueError(f"{what}: processes disagree: " + ", ".join(f"process {r} has {c}" for r, c in contents.items()))
@@ -115,21 +117,17 @@ def _unflatten(leaves: Mapping[_Key, object]) -> dict:
     return state
 
 
-def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, group=None, *, device=None) -> None:
+def all_reduce_merger_(merger: StreamingMerger | AdapterMerger, group=None, *, device=None) -> None:
     """Sum a merger's running sums and client count over the processes of ``group``, in place.
 
     RegMeanMerger and AStepMerger (Gram and weighted sums), BStepMerger (projected sums), AdapterMerger
-    (also the objective constants, so ``objective`` stays exact). Works on the merger's state_dict: every
-    tensor and ``num_clients`` is summed, every other entry (``uses_lefts``) must agree. Shared factors
-    (``shared_b``, ``shared_a``) must be the same on every process. ``device`` is where a process without
+    (also the objective constants, so ``objective`` stays exact). Works on the merger's public protocol: its
+    ``merge_key`` (kind, and shapes of the shared factors or the rank) must be equal on every process; in its
+    state_dict every tensor and ``num_clients`` is summed, every other entry (``uses_lefts``) must agree. Shared
+    factors (``shared_b``, ``shared_a``) must also hold the same values on every process (not checked). ``device`` is where a process without
     clients creates its zeros (default: the current CUDA device under NCCL, else the CPU).
     """
-    if isinstance(merger, AdapterMerger):
-        config: Hashable = ("AdapterMerger", merger.rank, merger.track_objective)
-    elif isinstance(merger, (RegMeanMerger, BStepMerger)):
-        shared = getattr(merger, "shared_a", None) or getattr(merger, "shared_b", None) or {}
-        config = (type(merger).__name__, tuple((n, tuple(t.shape)) for n, t in sorted(shared.items())))
-    else:
+    if not isinstance(merger, (StreamingMerger, AdapterMerger)):
         raise TypeError(f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, BStepMerger or AdapterMerger, "
                         f"got {type(merger).__name__}")
     device = _collective_device(group, device)
@@ -141,7 +139,7 @@ def all_reduce_merger_(merger: RegMeanMerger | AdapterMerger | BStepMerger, grou
         local.update({path: torch.tensor(leaves[path], dtype=torch.int64, device=device) for path in counts})
     others = tuple(sorted((path, v) for path, v in leaves.items() if path not in local and path not in counts))
     summed, agreed = _all_reduce_sums(
-        local, what=f"all_reduce_merger_({type(merger).__name__})", config=config, content=others,
+        local, what=f"all_reduce_merger_({type(merger).__name__})", config=merger.merge_key, content=others,
         group=group, device=device,
     )
     if not summed:  # no process had a client: nothing to add

@@ -2,6 +2,15 @@
 folded into running sums by the fused ops, and one batched solve per layer shape finishes the merge.
 Memory does not grow with the number of clients. ``lorm_ext.reference`` states what every merge computes.
 
+Every merge here solves, per layer, numerator · denominator⁺: the numerator (m × n) is the sum of what the
+clients send times their Grams (Σ [L_k] F_k G_k, or Σ B_k P_k), the denominator (n × n, or its diagonal) the
+sum of the Grams (Σ G_k, or Σ P_k). Those two names are used for them throughout, always in that order; the
+fused ops call them ``weighted_sums`` and ``gram_sums`` / ``projection_sums``.
+
+The streaming mergers (``StreamingMerger``: RegMeanMerger, AStepMerger, BStepMerger) share a small public
+protocol: ``sum_groups`` (the sums, stacked by shape), ``dtype``, ``rcond``, ``merge_key`` (what the merger
+merges: equal keys mean the sums of two mergers may be added), ``state_dict`` / ``load_state_dict``.
+
 - ``RegMeanMerger``: W = (Σ_k [L_k] F_k G_k)(Σ_k G_k)⁺. RegMean (F_k = W_k), the A-step with B shared
   (F_k = A_k), the cross-task merge (L_t = B_t, F_t = A_t).
 - ``AStepMerger``: the A-step, also with per-client B_k: A = (BᵀB)⁺ Bᵀ (Σ_k B_k A_k G_k) G⁺.
@@ -24,8 +33,8 @@ from .validation import LayerError, check_gram, check_layer_names, check_matrix,
 
 
 @dataclass
-class _Group:
-    """Same-shape layers stacked so that one batched solve finishes them all."""
+class SumGroup:
+    """Same-shape layers' sums stacked, so that one batched solve finishes them all."""
 
     names: list[str] = field(default_factory=list)
     numerators: Tensor | None = None  # (L, m, n)
@@ -39,21 +48,21 @@ class _SolveSums:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulators must be float32 or float64, got {dtype}")
         self.dtype, self.rcond = dtype, rcond
-        self.groups: dict[tuple, _Group] = {}
+        self.groups: dict[tuple, SumGroup] = {}
         self.slots: dict[str, tuple[tuple, int]] = {}
         self._views: dict[str, tuple[Tensor, Tensor]] = {}
 
     def allocate(self, shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], device) -> None:
         """Zero sums for {layer: (numerator shape, denominator shape)}."""
-        for name, (num_shape, den_shape) in shapes.items():
-            group = self.groups.setdefault((num_shape, den_shape), _Group())
-            self.slots[name] = ((num_shape, den_shape), len(group.names))
+        for name, (numerator_shape, denominator_shape) in shapes.items():
+            group = self.groups.setdefault((numerator_shape, denominator_shape), SumGroup())
+            self.slots[name] = ((numerator_shape, denominator_shape), len(group.names))
             group.names.append(name)
-        for (num_shape, den_shape), group in self.groups.items():
-            group.numerators = torch.zeros((len(group.names), *num_shape), dtype=self.dtype, device=device)
-            group.denominators = torch.zeros((len(group.names), *den_shape), dtype=self.dtype, device=device)
+        for (numerator_shape, denominator_shape), group in self.groups.items():
+            group.numerators = torch.zeros((len(group.names), *numerator_shape), dtype=self.dtype, device=device)
+            group.denominators = torch.zeros((len(group.names), *denominator_shape), dtype=self.dtype, device=device)
         # made once: indexing the stacked storage per layer and client costs as much as a small layer's merge
-        self._views = {n: (self.groups[k].denominators[i], self.groups[k].numerators[i]) for n, (k, i) in self.slots.items()}
+        self._views = {n: (self.groups[k].numerators[i], self.groups[k].denominators[i]) for n, (k, i) in self.slots.items()}
 
     @property
     def allocated(self) -> bool:
@@ -67,22 +76,24 @@ class _SolveSums:
         return self.slots[name][0]
 
     def views(self, names) -> tuple[list[Tensor], list[Tensor]]:
-        """(denominators, numerators) of the named layers: views into the stacked storage."""
+        """(numerators, denominators) of the named layers: views into the stacked storage."""
         return [self._views[n][0] for n in names], [self._views[n][1] for n in names]
 
     def solve(self) -> dict[str, Tensor]:
         out = {}
         for group in self.groups.values():
-            dens = group.denominators
+            denominators = group.denominators
             # diagonal Grams as (L, 1, n): never ambiguous with one full Gram, whatever L and n are
-            solved = ops.psd_right_solve(group.numerators, dens.unsqueeze(-2) if dens.dim() == 2 else dens, self.rcond)
+            if denominators.dim() == 2:
+                denominators = denominators.unsqueeze(-2)
+            solved = ops.psd_right_solve(group.numerators, denominators, self.rcond)
             out.update(zip(group.names, solved.unbind(0)))
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {}
-        for name, (den, num) in self._views.items():
-            out[f"{name}.denominator"], out[f"{name}.numerator"] = den, num
+        for name, (numerator, denominator) in self._views.items():
+            out[f"{name}.numerator"], out[f"{name}.denominator"] = numerator, denominator
         return out
 
     def load_state_dict(
@@ -104,10 +115,10 @@ class _SolveSums:
                 {n: (tuple(state[f"{n}.numerator"].shape), tuple(state[f"{n}.denominator"].shape)) for n in names},
                 device if device is not None else state[f"{names[0]}.numerator"].device,
             )
-        dens, nums = self.views(names)
-        for name, den, num in zip(names, dens, nums):
-            den.copy_(state[f"{name}.denominator"])
-            num.copy_(state[f"{name}.numerator"])
+        numerators, denominators = self.views(names)
+        for name, numerator, denominator in zip(names, numerators, denominators):
+            numerator.copy_(state[f"{name}.numerator"])
+            denominator.copy_(state[f"{name}.denominator"])
 
     def _check_state(self, state, values: bool, expected) -> list[str]:
         """The layer names of a valid state; else a ValueError naming the first problem: keys not in pairs
@@ -131,18 +142,19 @@ class _SolveSums:
             check_layer_names(expected, dict.fromkeys(names), "load_state_dict")
         try:
             for name in names:
-                num, den = state[f"{name}.numerator"], state[f"{name}.denominator"]
-                for what, t in (("numerator", num), ("denominator", den)):
+                numerator, denominator = state[f"{name}.numerator"], state[f"{name}.denominator"]
+                for what, t in (("numerator", numerator), ("denominator", denominator)):
                     if not isinstance(t, Tensor) or t.dtype != self.dtype:
                         got = t.dtype if isinstance(t, Tensor) else type(t).__name__
                         raise LayerError(name, f"{what} must be a {self.dtype} tensor like the sums, got {got}")
-                num_shape, den_shape = expected[name] if expected is not None else ((None, None), None)
-                if den_shape is None:  # any (n, n) or its diagonal (n,), n the numerator's width
-                    if den.dim() != 1 and (den.dim() != 2 or den.shape[0] != den.shape[1]):
-                        raise LayerError(name, f"denominator must be (n, n) or a diagonal (n,), got {tuple(den.shape)}")
-                    den_shape = (num_shape[1],) * den.dim()
-                check_matrix(name, "denominator", den, den_shape, values=False)
-                check_matrix(name, "numerator", num, (num_shape[0], den.shape[0]), values=False)
+                numerator_shape, denominator_shape = expected[name] if expected is not None else ((None, None), None)
+                if denominator_shape is None:  # any (n, n) or its diagonal (n,), n the numerator's width
+                    shape = tuple(denominator.shape)
+                    if len(shape) != 1 and (len(shape) != 2 or shape[0] != shape[1]):
+                        raise LayerError(name, f"denominator must be (n, n) or a diagonal (n,), got {shape}")
+                    denominator_shape = (numerator_shape[1],) * denominator.dim()
+                check_matrix(name, "denominator", denominator, denominator_shape, values=False)
+                check_matrix(name, "numerator", numerator, (numerator_shape[0], denominator.shape[0]), values=False)
             if values:
                 tensors = [(n, what, state[f"{n}.{what}"]) for n in names for what in ("numerator", "denominator")]
                 check_values({}, tensors)
@@ -155,14 +167,21 @@ def _first_device(tensors: Mapping[str, Tensor], device):
     return torch.device(device) if device is not None else next(iter(tensors.values())).device
 
 
+def _shapes(tensors: Mapping[str, Tensor]) -> tuple:
+    return tuple((name, tuple(t.shape)) for name, t in sorted(tensors.items()))
+
+
 def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
     if not isinstance(tensors, Mapping) or len(tensors) == 0:
         raise ValueError(f"{what}: expected a non-empty dict of tensors keyed by layer name")
     return list(tensors)
 
 
-class _StreamingMerger:
-    """Running sums per layer, a client count, and the one batched solve that finishes the merge."""
+class StreamingMerger:
+    """Running sums per layer, a client count, and the one batched solve that finishes the merge.
+
+    The protocol other code may rely on (AdapterMerger, ``distributed.all_reduce_merger_``): ``sum_groups``,
+    ``dtype``, ``rcond``, ``merge_key``, ``state_dict`` / ``load_state_dict``, ``num_clients``, ``layers``."""
 
     _STATE_KEYS: tuple[str, ...] = ("sums", "num_clients")  # of state_dict()
 
@@ -174,6 +193,35 @@ class _StreamingMerger:
     @property
     def layers(self) -> list[str]:
         return list(self._sums.slots)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Of the sums and the solve."""
+        return self._sums.dtype
+
+    @property
+    def rcond(self) -> float:
+        return self._sums.rcond
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the sums live; None before the first client."""
+        return self._sums.device if self._sums.allocated else None
+
+    @property
+    def sum_groups(self) -> list[SumGroup]:
+        """The sums, same-shape layers stacked (the storage itself, not copies); empty before the first client."""
+        return list(self._sums.groups.values())
+
+    @property
+    def merge_key(self) -> tuple:
+        """What this merger merges: its kind and the shapes of what it shares with every client. Two mergers
+        whose sums may be added (over processes, say) have equal keys."""
+        return (type(self).__name__, self._shared_shapes())
+
+    def _shared_shapes(self) -> tuple:
+        """(layer, shape) of the factors the server shares with every client, sorted by layer; none here."""
+        return ()
 
     def merge(self) -> dict[str, Tensor]:
         if self.num_clients == 0:
@@ -216,7 +264,7 @@ class _StreamingMerger:
             check_values(grams, matrices)
 
 
-class RegMeanMerger(_StreamingMerger):
+class RegMeanMerger(StreamingMerger):
     """Streams clients into Σ_k G_k and Σ_k [L_k] F_k G_k per layer; ``merge()`` = (Σ [L_k] F_k G_k)(Σ G_k)⁺.
 
     ``add_client(factors, grams, lefts=None)``: F_k (p × n) and G_k (n × n, or a length-n diagonal) per layer,
@@ -246,8 +294,8 @@ class RegMeanMerger(_StreamingMerger):
                 said = "sent them" if self._uses_lefts else "did not"
                 raise ValueError(f"{lefts_arg} must be sent by every client or by none: earlier clients {said}")
         for name in names:
-            (rows, width), den_shape = self._sums.shapes(name) if self._sums.allocated else ((None, None), None)
-            diagonal = None if den_shape is None else len(den_shape) == 1
+            (rows, width), denominator_shape = self._sums.shapes(name) if self._sums.allocated else ((None, None), None)
+            diagonal = None if denominator_shape is None else len(denominator_shape) == 1
             check_gram(name, grams[name], width, diagonal, values=False)
             width = grams[name].shape[0]
             if lefts is None:
@@ -273,10 +321,10 @@ class RegMeanMerger(_StreamingMerger):
             self._sums.allocate(shapes, _first_device(grams, self._device))
             self._uses_lefts = lefts is not None
         device = self._sums.device
-        dens, nums = self._sums.views(names)
+        numerators, denominators = self._sums.views(names)
         ops.gram_weighted_accumulate_(
-            dens,
-            nums,
+            denominators,
+            numerators,
             [grams[n].to(device) for n in names],
             [factors[n].to(device) for n in names],
             [lefts[n].to(device) for n in names] if lefts is not None else None,
@@ -286,7 +334,7 @@ class RegMeanMerger(_StreamingMerger):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "uses_lefts": self._uses_lefts}
 
-    _STATE_KEYS = (*_StreamingMerger._STATE_KEYS, "uses_lefts")
+    _STATE_KEYS = (*StreamingMerger._STATE_KEYS, "uses_lefts")
 
     def _check_state(self, state) -> None:
         super()._check_state(state)
@@ -322,6 +370,9 @@ class AStepMerger(RegMeanMerger):
             for name, b in shared_b.items():
                 check_matrix(name, "shared_b", b, (None, None))
         self.shared_b = shared_b
+
+    def _shared_shapes(self) -> tuple:
+        return _shapes(self.shared_b or {})
 
     def add_client(self, factors, grams, factors_b: Mapping[str, Tensor] | None = None) -> None:
         if (factors_b is None) != (self.shared_b is None):
@@ -377,19 +428,27 @@ def project_client(
         check_gram(name, grams[name], values=False)
         check_matrix(name, "shared_a", shared_a[name], (None, grams[name].shape[0]), values=False)
         check_matrix(name, "factors_b", factors_b[name], (None, shared_a[name].shape[0]), values=False)
-    proj = {n: torch.zeros(shared_a[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
-    weighted = {n: torch.zeros(factors_b[n].shape[0], shared_a[n].shape[0], dtype=dtype, device=grams[n].device) for n in names}
+    return _projected(shared_a, factors_b, grams, dtype)
+
+
+def _projected(shared_a, factors_b, grams, dtype) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(B_k P_k, P_k) per layer, P_k = A G_k Aᵀ, of checked inputs: one fused op over every layer."""
+    names = list(factors_b)
+    device = {n: grams[n].device for n in names}
+    rank = {n: shared_a[n].shape[0] for n in names}
+    projections = {n: torch.zeros(rank[n], rank[n], dtype=dtype, device=device[n]) for n in names}
+    weighted = {n: torch.zeros(factors_b[n].shape[0], rank[n], dtype=dtype, device=device[n]) for n in names}
     ops.projected_accumulate_(
-        [proj[n] for n in names],
+        [projections[n] for n in names],
         [weighted[n] for n in names],
         [grams[n] for n in names],
-        [shared_a[n].to(grams[n].device) for n in names],
-        [factors_b[n].to(grams[n].device) for n in names],
+        [shared_a[n].to(device[n]) for n in names],
+        [factors_b[n].to(device[n]) for n in names],
     )
-    return weighted, proj
+    return weighted, projections
 
 
-class BStepMerger(_StreamingMerger):
+class BStepMerger(StreamingMerger):
     """LoRM B-step with A shared: streams Σ_k P_k and Σ_k B_k P_k (P_k = A G_k Aᵀ, r × r);
     ``merge()`` = (Σ_k B_k P_k)(Σ_k P_k)⁺. Never forms an out × in product.
 
@@ -412,6 +471,9 @@ class BStepMerger(_StreamingMerger):
         super().__init__(dtype=dtype, rcond=rcond, device=_first_device(shared_a, device), validate=validate)
         self.shared_a = dict(shared_a)
         self._shared_a_as_sums: list[Tensor] | None = None
+
+    def _shared_shapes(self) -> tuple:
+        return _shapes(self.shared_a)
 
     def _check_structure(self, factors_b: Mapping[str, Tensor], what: str) -> list[str]:
         """Names and shapes of the B-shaped inputs (B_k, or B_k P_k) against A and the earlier clients."""
@@ -446,11 +508,11 @@ class BStepMerger(_StreamingMerger):
             check_gram(name, grams[name], a.shape[1], values=False)
         names = self._check_structure(factors_b, "factor")
         self._check_values(grams, [(n, "factor", factors_b[n]) for n in names])
-        dens, nums = self._views_after_checks(factors_b, names)
+        numerators, denominators = self._views_after_checks(factors_b, names)
         device = self._sums.device
         ops.projected_accumulate_(
-            dens,
-            nums,
+            denominators,
+            numerators,
             [grams[n].to(device) for n in names],
             self._shared_a_like_sums(),
             [factors_b[n].to(device) for n in names],
@@ -464,10 +526,10 @@ class BStepMerger(_StreamingMerger):
             check_gram(name, projections[name], a.shape[0], diagonal=False, values=False)
         names = self._check_structure(weighted, "weighted projection")
         self._check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
-        dens, nums = self._views_after_checks(weighted, names)
+        numerators, denominators = self._views_after_checks(weighted, names)
         device = self._sums.device
-        torch._foreach_add_(dens, [projections[n].to(device, self._sums.dtype) for n in names])
-        torch._foreach_add_(nums, [weighted[n].to(device, self._sums.dtype) for n in names])
+        torch._foreach_add_(denominators, [projections[n].to(device, self._sums.dtype) for n in names])
+        torch._foreach_add_(numerators, [weighted[n].to(device, self._sums.dtype) for n in names])
         self.num_clients += 1
 
 
@@ -623,6 +685,13 @@ def low_rank_alternating(
     return B, A, history
 
 
+class _AdapterStream(RegMeanMerger):
+    """AdapterMerger's sums: numerator N = Σ B_k (A_k G_k), denominator G = Σ G_k, with the arguments named as
+    AdapterMerger's callers pass them."""
+
+    _argument_names = {"factors": ("factors_a", "factors_a"), "lefts": ("factors_b", "factors_b")}
+
+
 class AdapterMerger:
     """Merges LoRA adapters of any ranks — client k sends B_k (out × r_k), A_k (r_k × in) and G_k — into one
     rank-``rank`` adapter per layer, minimising Σ_k ‖X_k (B A − B_k A_k)ᵀ‖²_F.
@@ -638,8 +707,7 @@ class AdapterMerger:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.rank = rank
-        self._stream = RegMeanMerger(**kwargs)  # numerator N = Σ B_k (A_k G_k), denominator G = Σ G_k
-        self._stream._argument_names = {"factors": ("factors_a", "factors_a"), "lefts": ("factors_b", "factors_b")}
+        self._stream = _AdapterStream(**kwargs)
         self.track_objective = track_objective
         self._constants: dict[str, Tensor] = {}
 
@@ -655,12 +723,17 @@ class AdapterMerger:
             if isinstance(b, Tensor) and isinstance(gram, Tensor) and min(b.dim(), gram.dim()) > 0:  # else: below
                 check_rank_fits(name, self.rank, b.shape[0], gram.shape[0])
         self._stream.add_client(factors_a, grams, lefts=factors_b)
-        if self.track_objective:
-            sums = self._stream._sums
-            weighted, _ = project_client(factors_a, factors_b, grams, dtype=sums.dtype)
+        if self.track_objective:  # c_k = ‖X_k (B_k A_k)ᵀ‖² = ⟨B_k, B_k P_k⟩ with P_k = A_k G_k A_kᵀ
+            weighted, _ = _projected(factors_a, factors_b, grams, self._stream.dtype)
             for name, b in factors_b.items():
-                constant = (b.to(weighted[name]) * weighted[name]).sum().to(sums.device)
+                constant = (b.to(weighted[name]) * weighted[name]).sum().to(self._stream.device)
                 self._constants[name] = self._constants.get(name, 0) + constant
+
+    @property
+    def merge_key(self) -> tuple:
+        """What this merger merges (as ``StreamingMerger.merge_key``): its rank and whether it tracks the
+        objective."""
+        return (type(self).__name__, self.rank, self.track_objective)
 
     def state_dict(self) -> dict:
         """The stream's sums and client count, and the objective constants (views, not copies)."""
@@ -694,7 +767,7 @@ class AdapterMerger:
         if layers and not constants:
             raise ValueError("load_state_dict: the state has no objective constants (track_objective=False?)")
         check_layer_names(layers, constants, "load_state_dict: constants")
-        dtype = self._stream._sums.dtype
+        dtype = self._stream.dtype
         for name, constant in constants.items():
             if not isinstance(constant, Tensor) or constant.shape != () or constant.dtype != dtype:
                 got = f"{constant.dtype} {tuple(constant.shape)}" if isinstance(constant, Tensor) else type(constant)
@@ -702,10 +775,10 @@ class AdapterMerger:
             if self._stream.validate and not bool(torch.isfinite(constant)):
                 raise ValueError(f"load_state_dict: layer {name!r}: constant is {float(constant)}, not finite")
 
-    def _groups(self):
+    def _groups(self) -> list[SumGroup]:
         if self.num_clients == 0:
             raise ValueError("AdapterMerger: no clients were added, nothing to merge")
-        return self._stream._sums.groups.values()
+        return self._stream.sum_groups
 
     def merge(
         self, method: str = "alternating", *, init_a: Mapping[str, Tensor] | None = None, **options
@@ -716,7 +789,7 @@ class AdapterMerger:
             raise ValueError(f"unknown merge method {method!r}; choose one of {self.METHODS}")
         if init_a is not None:
             check_layer_names(self._stream.layers, init_a, "init_a")
-        rcond = self._stream._sums.rcond
+        rcond = self._stream.rcond
         out = {}
         for group in self._groups():
             if method == "exact":

@@ -116,6 +116,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as err:
             error = str(err)
         (Path(out_dir) / f"rank{rank}.error").write_text(error)
+        # Mergers of different kinds: every process names process 0's kind as process 0's.
+        other_kind = RegMeanMerger() if rank == 0 else BStepMerger({"q": torch.ones(2, 5)})
+        try:
+            all_reduce_merger_(other_kind)
+            error = "no error"
+        except ValueError as err:
+            error = str(err)
+        (Path(out_dir) / f"rank{rank}.kind_error").write_text(error)
     except BaseException:
         (Path(out_dir) / f"rank{rank}.traceback").write_text(traceback.format_exc())
         raise
@@ -148,7 +156,11 @@ def distributed_results(tmp_path_factory) -> list[dict]:
                 process.kill()
                 process.join()
     return [
-        {"results": torch.load(out_dir / f"rank{r}.pt"), "error": (out_dir / f"rank{r}.error").read_text()}
+        {
+            "results": torch.load(out_dir / f"rank{r}.pt"),
+            "error": (out_dir / f"rank{r}.error").read_text(),
+            "kind_error": (out_dir / f"rank{r}.kind_error").read_text(),
+        }
         for r in range(WORLD_SIZE)
     ]
 
@@ -192,3 +204,9 @@ def test_disagreeing_processes_all_get_the_error(distributed_results):
     errors = [r["error"] for r in distributed_results]
     assert errors[0] == errors[1]
     assert "sums.q.denominator is (6, 6) torch.float64 on process 1 but (5, 5) torch.float64 on process 0" in errors[0]
+
+
+def test_processes_with_different_mergers_all_name_process_0s_merger(distributed_results):
+    problem = "process 1 has ('BStepMerger', (('q', (2, 5)),)), process 0 has ('RegMeanMerger', ())"
+    errors = [r["kind_error"] for r in distributed_results]
+    assert errors == [f"all_reduce_merger_({kind}): {problem}" for kind in ("RegMeanMerger", "BStepMerger")]

@@ -26,8 +26,9 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_ext.fcil import RunConfig, run
-from lorm_ext.fcil.client import client_step, message_shapes
+from lorm_ext.fcil.client import client_step
 from lorm_ext.fcil.model import build_model
+from lorm_ext.fcil.protocol import message_shapes
 from lorm_ext.fcil.strategies import LoRM
 from lorm_ext.flower import LoRMStrategy, NoUsableReplyError, simulate
 from lorm_ext.flower.client_app import app as client_app

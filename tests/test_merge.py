@@ -652,3 +652,32 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     factor = torch.full((2, 3), 1e308, dtype=torch.float64)  # finite entries, infinite sum
     merger.add_client({"l": factor}, {"l": torch.eye(3, dtype=torch.float64)})
     assert torch.equal(merger.merge()["l"], factor)
+
+
+def test_the_public_sums_are_the_numerators_and_denominators_of_the_reference(device):
+    """sum_groups: per shape, the layers' numerators Σ B_k A_k G_k and denominators Σ G_k, in the merger's dtype;
+    merge_key: equal exactly for mergers whose sums may be added."""
+    clients = make_clients(3, 4, device=device)
+    merger = RegMeanMerger()
+    assert merger.sum_groups == [] and merger.device is None
+    for c in clients:
+        merger.add_client(c["A"], c["G"], lefts=c["B"])
+    groups = merger.sum_groups
+    assert sorted(n for g in groups for n in g.names) == sorted(LAYERS)
+    assert len(groups) == 2  # the two qkv layers share a shape: one stack
+    for group in groups:
+        assert group.numerators.dtype == group.denominators.dtype == merger.dtype == torch.float64
+        for i, name in enumerate(group.names):
+            gram, numerator = ref.gram_and_product_sums_ref(
+                column(clients, "B", name), column(clients, "A", name), column(clients, "G", name), torch.float64
+            )
+            assert_rel_close(group.numerators[i], numerator, 1e-12)
+            assert_rel_close(group.denominators[i], gram, 1e-12)
+    shared = {"q": torch.randn(2, 5)}
+    keys = [
+        RegMeanMerger().merge_key, AStepMerger().merge_key, AStepMerger(shared).merge_key,
+        BStepMerger(shared).merge_key, BStepMerger({"q": torch.randn(3, 5)}).merge_key,
+        AdapterMerger(2).merge_key, AdapterMerger(3).merge_key, AdapterMerger(2, track_objective=False).merge_key,
+    ]  # fmt: skip
+    assert len(set(keys)) == len(keys)
+    assert BStepMerger(shared).merge_key == BStepMerger({"q": torch.zeros(2, 5)}).merge_key

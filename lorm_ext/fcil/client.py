@@ -1,19 +1,15 @@
 """The client step, the same function for every strategy: the server's ``Instruction`` says what to train and
 what to report; the client loads the server's tensors into the shared model, trains locally and returns a
-message of tensors. It holds no state between calls: everything it needs is in the instruction, the run
-configuration, its own data and its id, and its random numbers come from a seed derived from
-(seed, task, round, client), so the same call gives the same message in this process or in another one.
-
-Message keys (all tensors): "A/<layer>", "B/<layer>" (the trained factors), "head/weight", "head/bias",
-"gram/<layer>" and "gram/head" (Grams after shrinkage, a vector when diagonal), "BP/<layer>" and "P/<layer>"
-(a pre-reduced B-round: B_k P_k and P_k = A G_k Aᵀ instead of B_k and G_k), "num_samples".
+message of tensors laid out as ``protocol.layout`` says. It holds no state between calls: everything it needs
+is in the instruction, the run configuration, its own data and its id, and its random numbers come from a seed
+derived from (seed, task, round, client), so the same call gives the same message in this process or in
+another one. The message keys are ``protocol``'s.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,33 +20,19 @@ from ..gram import GramCollector
 from ..merge import project_client
 from .config import SEED_CLIENT, RunConfig, derive_seed
 from .data import ImageSet, batches
-from .model import HEAD, AdaptedViT
-
-FIT, TASK_GRAMS = "fit", "task_grams"
-
-
-@dataclass
-class Instruction:
-    """What the server sends every selected client (for Flower: the scalars as a ConfigRecord, the tensors as
-    an ArrayRecord).
-
-    phase: FIT (train, then report factors, head and, if ``grams``, the round's Grams) or TASK_GRAMS (report
-    the Grams of the server's final model of the task; no training). ``train``: the factors to train, "A", "B"
-    or "AB". ``prereduce``: in a B-round send (B_k P_k, P_k) instead of (B_k, G_k). Tensors: "A/<layer>",
-    "B/<layer>", "head/weight", "head/bias" to start from and, when Grams are asked for, the adapters of the
-    finished tasks, "task<t>/A/<layer>" and "task<t>/B/<layer>": Grams are taken through
-    W0 + (Σ_t s·B_t A_t + s·B A)/(task + 1) as the authors' (r × (in + out) per task and layer, not in × out).
-    """
-
-    phase: str
-    task: int
-    round: int
-    class_offset: int
-    num_task_classes: int
-    train: str = ""
-    grams: bool = False
-    prereduce: bool = False
-    tensors: dict[str, Tensor] = field(default_factory=dict)
+from .model import AdaptedViT
+from .protocol import (
+    FIT,
+    HEAD,
+    NUM_SAMPLES,
+    Instruction,
+    delta_weight,
+    factor_key,
+    gram_key,
+    layout,
+    projection_keys,
+    task_factor_key,
+)
 
 
 @dataclass
@@ -106,8 +88,9 @@ def _grams(
     for name, layer in model.layers.items():
         past = torch.zeros_like(layer.base.weight)
         for t in range(inst.task):  # the server's running sum, term by term: the same floats
-            past += model.scaling * inst.tensors[f"task{t}/B/{name}"] @ inst.tensors[f"task{t}/A/{name}"]
-        dense[name] = (past + model.scaling * layer.lora_B @ layer.lora_A) / (inst.task + 1)
+            b, a = (inst.tensors[task_factor_key(t, factor, name)] for factor in "BA")
+            past += delta_weight(config, b, a)
+        dense[name] = (past + delta_weight(config, layer.lora_B, layer.lora_A)) / (inst.task + 1)
     diagonal_backbone = config.backbone_alpha == 0
     collector = GramCollector(
         model.vit,
@@ -123,36 +106,6 @@ def _grams(
     return collector.shrunk(lambda name: config.alpha_regmean_head if name == HEAD else config.backbone_alpha)
 
 
-def message_shapes(
-    instruction: Instruction,
-    config: RunConfig,
-    layer_shapes: Mapping[str, tuple[int, int]],
-    head_shape: tuple[int, int],
-) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor ``client_step`` sends for this instruction, by message key (without
-    "num_samples"): what a server of another runtime checks replies against."""
-    r, (classes, features) = config.r, head_shape
-    shapes: dict[str, tuple[int, ...]] = {}
-    if instruction.phase == FIT:
-        for factor in instruction.train:
-            for name, (out_features, in_features) in layer_shapes.items():
-                shapes[f"{factor}/{name}"] = (r, in_features) if factor == "A" else (out_features, r)
-        shapes |= {f"{HEAD}/weight": (classes, features), f"{HEAD}/bias": (classes,)}
-        if instruction.grams:
-            shapes[f"gram/{HEAD}"] = (features, features)  # the head's Gram is always full
-    if not instruction.grams:
-        return shapes
-    for name, (out_features, in_features) in layer_shapes.items():
-        if instruction.prereduce and instruction.train == "B":
-            del shapes[f"B/{name}"]
-            shapes |= {f"BP/{name}": (out_features, r), f"P/{name}": (r, r)}
-        else:
-            shapes[f"gram/{name}"] = (
-                (in_features,) if config.backbone_alpha == 0 else (in_features, in_features)
-            )
-    return shapes
-
-
 def client_step(
     model: AdaptedViT, images: ImageSet, indices: np.ndarray, inst: Instruction, config: RunConfig, client_id: int
 ) -> ClientReply:
@@ -162,26 +115,27 @@ def client_step(
     generator = torch.Generator().manual_seed(seed)
     device = model.head.weight.device
     model.load(inst.tensors)
-    message: dict[str, Tensor] = {"num_samples": torch.tensor(len(indices))}
+    what = layout(inst)
+    message: dict[str, Tensor] = {NUM_SAMPLES: torch.tensor(len(indices))}
     start = clock(device)
     if inst.phase == FIT:
         _train(model, images, indices, inst, config, generator)
-        for factor in inst.train:
-            message.update({f"{factor}/{n}": p.detach().clone() for n, p in model.factors(factor).items()})
-        message.update({f"head/{n}": p.detach().clone() for n, p in model.head_parameters().items()})
+        for factor in what.factors:
+            message.update({factor_key(factor, n): p.detach().clone() for n, p in model.factors(factor).items()})
+    if what.head:
+        message.update({f"{HEAD}/{n}": p.detach().clone() for n, p in model.head_parameters().items()})
     trained = clock(device)
     if inst.grams:
         grams = _grams(model, images, indices, inst, config)
         head_gram = grams.pop(HEAD)
-        if inst.phase == FIT:
-            message[f"gram/{HEAD}"] = head_gram
-        if inst.prereduce and inst.train == "B":
+        if what.head_gram:
+            message[gram_key(HEAD)] = head_gram
+        if what.projections:
             # computed in float64 like the server's merge, sent in the Grams' own dtype
-            factors_b = {n: message.pop(f"B/{n}") for n in grams}
+            factors_b = {n: p.detach() for n, p in model.factors("B").items()}
             weighted, projections = project_client(model.factors("A"), factors_b, grams, dtype=torch.float64)
-            dtype = head_gram.dtype
-            message.update({f"BP/{n}": t.to(dtype) for n, t in weighted.items()})
-            message.update({f"P/{n}": t.to(dtype) for n, t in projections.items()})
-        else:
-            message.update({f"gram/{n}": g for n, g in grams.items()})
+            message.update({projection_keys(n)[0]: t.to(head_gram.dtype) for n, t in weighted.items()})
+            message.update({projection_keys(n)[1]: t.to(head_gram.dtype) for n, t in projections.items()})
+        if what.layer_grams:
+            message.update({gram_key(n): g for n, g in grams.items()})
     return ClientReply(message, {"train": trained - start, "gram": clock(device) - trained})

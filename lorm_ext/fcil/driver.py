@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from ..files import atomic_write as _write_atomic
 from .client import client_step, tensor_bytes
 from .client import clock as client_clock
-from .config import SEED_PARTICIPATION, ConfigError, RunConfig, derive_seed, validate
+from .config import ConfigError, RunConfig, validate
 from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks, split_to_json
 from .environment import machine_record
 from .metrics import accuracy_matrix, seen_accuracy, summarize
 from .model import AdaptedViT, build_model, check_architecture, resolve_weights
 from .plots import as_array, plot_accuracy_matrices
+from .protocol import close_unit, open_unit, participants, units
 from .strategies import SERVERS
 
 EVAL_BATCH_SIZE = 256
@@ -64,17 +65,6 @@ def prepare(config: RunConfig) -> RunData:
 def split_bytes(data: RunData) -> bytes:
     """The run's split in the format of ``--split_file`` (``data.split_to_json``), as the file holds it."""
     return json.dumps(split_to_json(data.dataset, data.splits), separators=(",", ":")).encode()
-
-
-def participants(config: RunConfig, task: int) -> list[int]:
-    """The clients taking part in a task, drawn once per task as the authors (sorted ids)."""
-    rng = np.random.default_rng(derive_seed(config.seed, SEED_PARTICIPATION, task))
-    return sorted(rng.permutation(config.num_clients)[: int(config.num_clients * config.participation_rate)].tolist())
-
-
-def units(config: RunConfig, n_tasks: int) -> list[tuple[int, int | None]]:
-    """(task, round) for every round, (task, None) for every task end."""
-    return [(t, r) for t in range(n_tasks) for r in [*range(config.num_comm_rounds), None]]
 
 
 def _write_json(path: str, data) -> None:
@@ -163,16 +153,13 @@ def _communicate(config, data, model, server, clock, task: int, round_: int | No
         shards = {0: np.sort(np.concatenate(split.train))}
     else:
         shards = {k: split.train[k] for k in participants(config, task)}
-    instruction = server.open_unit(task, round_, data.dataset.class_range(task))
+    instruction = open_unit(server, task, round_, data.dataset.class_range(task))
     stats = _no_traffic()
     if instruction is not None:
         desc = "task Grams" if round_ is None else f"round {round_ + 1}"
         stats = _exchange(server, instruction, model, data.dataset.train, shards, config, clock, desc)
     merge_start = clock()
-    if round_ is None:
-        server.close_task()
-    else:
-        server.close()
+    close_unit(server, round_)
     stats["merge_s"] += clock() - merge_start
     return instruction, stats
 

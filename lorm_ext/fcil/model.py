@@ -29,8 +29,7 @@ from ..gram import VIT_LORA_PATTERN, linear_layers
 from ..validation import LayerError, check_rank_fits
 from .config import EMBEDDED_NETWORK, ConfigError, RunConfig
 from .data import InputSpec, resize_normalise
-
-HEAD = "head"
+from .protocol import HEAD
 # The embedded default backbone: a timm VisionTransformer small enough for a 2-core CPU.
 EMBEDDED_ARCH = "vit_tiny_patch16_224"
 EMBEDDED_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
@@ -76,7 +75,6 @@ class AdaptedViT:
         for p in vit.parameters():  # frozen; each client step switches on what it trains
             p.requires_grad_(False)
         self.head: nn.Linear = vit.get_submodule(HEAD)
-        self.scaling = scaling
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:

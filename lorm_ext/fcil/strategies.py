@@ -1,24 +1,19 @@
 """Server side of each strategy: the state clients start from, and how their messages become the new state.
 
-The seam for a federated runtime (e.g. Flower's ServerApp / ClientApp), per round of task t:
-
-    instruction = server.open_round(round, classes)            # ServerApp: broadcast to the selected clients
-    reply = client.client_step(model, images, indices,          # ClientApp: any process, same result
-                               instruction, config, client_id)
-    server.receive(reply.message)  # for each selected client, in increasing client id (float sums are ordered)
-    server.close()                                             # the merge; new state
-
-around ``server.start_task(task)`` and, at the end of the task, ``open_task_end`` (LoRM asks the clients for
-the Grams of the task's final model; None for the others), ``receive``, ``close_task``. ``state_dict`` /
-``load_state_dict`` checkpoint the server between rounds. Seeds are derived from (seed, task, round, client),
-so a run split over processes reproduces the in-process run bit for bit as long as messages are added in the
-same order. The server never holds more than one client's message: every merge is a running sum.
+A server takes part in the protocol of ``protocol`` (``open_unit``, ``receive`` per client, ``close_unit``):
+a round is ``open_round`` / ``close``, a task end ``open_task_end`` (LoRM asks the clients for the Grams of
+the task's final model; None for the others) / ``close_task``. A server reads each message as the instruction
+it sent lays it out (``protocol.layout``). ``state_dict`` / ``load_state_dict`` checkpoint it between units.
+Seeds are derived from (seed, task, round, client), so a run split over processes reproduces the in-process run
+bit for bit as long as messages are added in the same order. The server never holds more than one client's
+message: every merge is a running sum.
 
 Strategies (all train the head in full; all but LoRM average it by samples):
 - ``lorm``: rounds alternate the trained factor, B first (``--train_matrix alt``); the B-step with A shared
   is B = (Σ B_k P_k)(Σ P_k)⁺, the A-step with B shared A = (Σ A_k G_k) G⁺, the head is merged by RegMean
   (bias: sample-weighted mean). After each task the clients' Grams of the final model feed the cross-task
-  merge ΔW = (Σ_t s·B_t A_t G_t)(Σ_t G_t)⁺, which is the evaluated model from the second task on.
+  merge ΔW = (Σ_t s·B_t A_t G_t)(Σ_t G_t)⁺, which is the evaluated model from the second task on (solved
+  once per task end, not per evaluation).
 - ``fedit``: both factors trained, averaged separately (FedAvg of A and of B).
 - ``ffa-lora``: A frozen at its random initialisation, B trained and averaged.
 - ``lora-fair``: FedIT's averages Ā, B̄, then B = B̄ + ΔB with ΔB = argmin 1 − cos(ΔW, (B̄ + ΔB) Ā) + λ‖ΔB‖²,
@@ -41,8 +36,23 @@ from torch import Tensor, nn
 
 from ..merge import AStepMerger, BStepMerger, RegMeanMerger
 from ..validation import LayerError, check_layer_names, check_values
-from .client import FIT, TASK_GRAMS, Instruction
 from .config import SEED_INIT, RunConfig, derive_seed
+from .protocol import (
+    FIT,
+    HEAD,
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    NUM_SAMPLES,
+    TASK_GRAMS,
+    Instruction,
+    delta_weight,
+    factor_key,
+    gram_key,
+    layout,
+    projection_keys,
+    scaled_b,
+    task_factor_key,
+)
 
 
 class Server(ABC):
@@ -69,13 +79,13 @@ class Server(ABC):
         for name, (out_features, in_features) in self.shapes.items():
             a = torch.empty(self.config.r, in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            self.current[f"A/{name}"] = a.to(self.device)
-            self.current[f"B/{name}"] = torch.zeros(out_features, self.config.r, device=self.device)
+            self.current[factor_key("A", name)] = a.to(self.device)
+            self.current[factor_key("B", name)] = torch.zeros(out_features, self.config.r, device=self.device)
         self.task = task
 
     def update(self, name: str) -> Tensor:
         """s·B A of the current factors for one layer."""
-        return self.config.lora_scaling * self.current[f"B/{name}"] @ self.current[f"A/{name}"]
+        return delta_weight(self.config, self.current[factor_key("B", name)], self.current[factor_key("A", name)])
 
     def _instruction(self, phase: str, round: int, classes: tuple[int, int], **kwargs) -> Instruction:
         return Instruction(phase, self.task, round, *classes, **kwargs)
@@ -96,18 +106,12 @@ class Server(ABC):
         """What clients report at the end of a task; None: nothing."""
         return None
 
-    def open_unit(self, task: int, round: int | None, classes: tuple[int, int]) -> Instruction | None:
-        """Opens one unit of the protocol (``driver.units``): a task's first round also starts the task; round
-        None is the task end."""
-        if round == 0:
-            self.start_task(task)
-        return self.open_task_end(classes) if round is None else self.open_round(round, classes)
-
     def close_task(self) -> None:
         """Keeps the finished task's adapter and folds its update into the running sum."""
         for name in self.shapes:
             for factor in "AB":
-                self.task_adapters[f"task{self.task}/{factor}/{name}"] = self.current[f"{factor}/{name}"].clone()
+                adapter = self.current[factor_key(factor, name)].clone()
+                self.task_adapters[task_factor_key(self.task, factor, name)] = adapter
         self._fold(self.task)
         self.finished = self.task + 1
 
@@ -119,8 +123,8 @@ class Server(ABC):
     def _fold(self, task: int) -> None:
         """past += s·B_t A_t, the same floats whether at the task's end or rebuilt from a checkpoint."""
         for name in self.shapes:
-            b, a = (self.task_adapters[f"task{task}/{factor}/{name}"] for factor in "BA")
-            self.past[name] += self.config.lora_scaling * b @ a
+            b, a = (self.task_adapters[task_factor_key(task, factor, name)] for factor in "BA")
+            self.past[name] += delta_weight(self.config, b, a)
 
     def evaluation_deltas(self) -> dict[str, Tensor]:
         """The update the server's model adds to W0: the mean over tasks so far of s·B_t A_t."""
@@ -129,7 +133,7 @@ class Server(ABC):
         return {n: (p + self.update(n)) / (self.finished + 1) for n, p in self.past.items()}
 
     def head(self) -> dict[str, Tensor]:
-        return {"weight": self.current["head/weight"], "bias": self.current["head/bias"]}
+        return {"weight": self.current[HEAD_WEIGHT], "bias": self.current[HEAD_BIAS]}
 
     def model_tensors(self) -> dict[str, Tensor]:
         """The server's model as tensors (the run's adapters.safetensors): the update W0 gets in every adapted
@@ -165,15 +169,18 @@ class Server(ABC):
             raise ValueError(f"server state: task {task!r} and finished {finished!r} are not a stage of a run")
         head = {f"head/{k}": v for k, v in self.head().items()}
         factors = {
-            f"{factor}/{name}": shape
+            (factor, name): shape
             for name, (out_features, in_features) in self.shapes.items()
             for factor, shape in (("A", (self.config.r, in_features)), ("B", (out_features, self.config.r)))
         }
+        current = {factor_key(*key): shape for key, shape in factors.items()} if task >= 0 else {}
         expected = {
-            "current": {k: tuple(v.shape) for k, v in head.items()} | (factors if task >= 0 else {}),
-            "task_adapters": {f"task{t}/{key}": shape for t in range(finished) for key, shape in factors.items()},
+            "current": {k: tuple(v.shape) for k, v in head.items()} | current,
+            "task_adapters": {
+                task_factor_key(t, *key): shape for t in range(finished) for key, shape in factors.items()
+            },
         }
-        dtype = head["head/weight"].dtype
+        dtype = head[HEAD_WEIGHT].dtype
         for part, shapes in expected.items():
             tensors = state[part]
             if not isinstance(tensors, Mapping):
@@ -207,7 +214,7 @@ class FedIT(Server):
         return self._instruction(FIT, round, classes, train=self.trains, tensors=dict(self.current))
 
     def receive(self, message: Mapping[str, Tensor]) -> None:
-        weight = int(message["num_samples"])
+        weight = int(message[NUM_SAMPLES])
         self._samples += weight
         for key, value in message.items():
             if key in self.current:
@@ -276,23 +283,25 @@ class LoRAFAIR(FedIT):
 
     def receive(self, message: Mapping[str, Tensor]) -> None:
         super().receive(message)
-        weight = int(message["num_samples"])
+        weight = int(message[NUM_SAMPLES])
         for name in self.shapes:
-            product = message[f"B/{name}"].to(torch.float64) @ message[f"A/{name}"].to(torch.float64)
+            b, a = (message[factor_key(factor, name)].to(torch.float64) for factor in "BA")
+            product = b @ a  # B_k A_k without s: the cosine the correction maximises is blind to it
             self._targets[name] = self._targets.get(name, 0) + weight * product
 
     def close(self) -> None:
         super().close()
         corrections = lora_fair_correction(
             {n: t / self._samples for n, t in self._targets.items()},
-            {n: self.current[f"B/{n}"] for n in self.shapes},
-            {n: self.current[f"A/{n}"] for n in self.shapes},
+            {n: self.current[factor_key("B", n)] for n in self.shapes},
+            {n: self.current[factor_key("A", n)] for n in self.shapes},
             lam=self.config.lora_fair_lambda,
             steps=self.config.lora_fair_steps,
             lr=self.config.lora_fair_lr,
         )
         for name, delta in corrections.items():
-            self.current[f"B/{name}"] = self.current[f"B/{name}"] + delta.to(self.current[f"B/{name}"].dtype)
+            b = self.current[factor_key("B", name)]
+            self.current[factor_key("B", name)] = b + delta.to(b.dtype)
 
 
 class LoRM(Server):
@@ -303,6 +312,8 @@ class LoRM(Server):
     def __init__(self, config: RunConfig, layer_shapes: Mapping[str, tuple[int, int]], head: Mapping[str, Tensor]):
         super().__init__(config, layer_shapes, head)
         self._across_tasks = RegMeanMerger()
+        self._across_tasks_merged: dict[str, Tensor] | None = None  # the solve of _across_tasks' current sums
+        self._sent: Instruction | None = None  # what the unit in progress asked the clients
 
     def trained_factor(self, round: int) -> str:
         """B in round 0, then A, B, A, ... (``alt``); or always the one named by --train_matrix."""
@@ -313,52 +324,61 @@ class LoRM(Server):
     def _tensors(self) -> dict[str, Tensor]:
         return dict(self.current) | self.task_adapters
 
+    def _factors(self, factor: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: tensors[factor_key(factor, n)] for n in self.shapes}
+
     def open_round(self, round: int, classes: tuple[int, int]) -> Instruction:
-        self._phase = self.trained_factor(round)
-        shared_a = {n: self.current[f"A/{n}"] for n in self.shapes}
-        self._factor_merger = AStepMerger() if self._phase == "A" else BStepMerger(shared_a)
+        factor = self.trained_factor(round)
+        shared_a = self._factors("A", self.current)
+        self._factor_merger = AStepMerger() if factor == "A" else BStepMerger(shared_a)
         self._head_merger = RegMeanMerger()
         self._bias_sum, self._samples = 0, 0
-        return self._instruction(
-            FIT, round, classes, train=self._phase, grams=True, prereduce=self.config.prereduce, tensors=self._tensors()
+        self._sent = self._instruction(
+            FIT, round, classes, train=factor, grams=True, prereduce=self.config.prereduce, tensors=self._tensors()
         )
+        return self._sent
 
     def open_task_end(self, classes: tuple[int, int]) -> Instruction:
-        self._phase = TASK_GRAMS
-        return self._instruction(TASK_GRAMS, self.config.num_comm_rounds, classes, grams=True, tensors=self._tensors())
+        self._sent = self._instruction(
+            TASK_GRAMS, self.config.num_comm_rounds, classes, grams=True, tensors=self._tensors()
+        )
+        return self._sent
 
     def receive(self, message: Mapping[str, Tensor]) -> None:
-        grams = {n: message[f"gram/{n}"] for n in self.shapes if f"gram/{n}" in message}
-        if self._phase == TASK_GRAMS:
+        """One client's reply to the instruction of the unit in progress, read as that instruction laid it out."""
+        what = layout(self._sent)
+        grams = {n: message[gram_key(n)] for n in self.shapes} if what.layer_grams else {}
+        if self._sent.phase == TASK_GRAMS:
             self._across_tasks.add_client(
-                {n: self.current[f"A/{n}"] for n in self.shapes},
+                self._factors("A", self.current),
                 grams,
-                lefts={n: self.config.lora_scaling * self.current[f"B/{n}"] for n in self.shapes},
+                lefts={n: scaled_b(self.config, b) for n, b in self._factors("B", self.current).items()},
             )
+            self._across_tasks_merged = None
             return
-        if self._phase == "A":
-            self._factor_merger.add_client({n: message[f"A/{n}"] for n in self.shapes}, grams)
-        elif grams:
-            self._factor_merger.add_client({n: message[f"B/{n}"] for n in self.shapes}, grams)
-        else:  # pre-reduced B-round
-            self._factor_merger.add_projections(
-                {n: message[f"BP/{n}"] for n in self.shapes}, {n: message[f"P/{n}"] for n in self.shapes}
-            )
-        self._head_merger.add_client({"head": message["head/weight"]}, {"head": message["gram/head"]})
-        weight = int(message["num_samples"])
-        self._bias_sum = self._bias_sum + weight * message["head/bias"].to(torch.float64)
+        if what.projections:
+            weighted, projections = ({n: message[projection_keys(n)[i]] for n in self.shapes} for i in (0, 1))
+            self._factor_merger.add_projections(weighted, projections)
+        else:
+            self._factor_merger.add_client(self._factors(self._sent.train, message), grams)
+        self._head_merger.add_client({"head": message[HEAD_WEIGHT]}, {"head": message[gram_key(HEAD)]})
+        weight = int(message[NUM_SAMPLES])
+        self._bias_sum = self._bias_sum + weight * message[HEAD_BIAS].to(torch.float64)
         self._samples += weight
 
     def close(self) -> None:
         for name, merged in self._factor_merger.merge().items():
-            self.current[f"{self._phase}/{name}"] = merged.to(torch.float32)
-        self.current["head/weight"] = self._head_merger.merge()["head"].to(torch.float32)
-        self.current["head/bias"] = (self._bias_sum / self._samples).to(torch.float32)
+            self.current[factor_key(self._sent.train, name)] = merged.to(torch.float32)
+        self.current[HEAD_WEIGHT] = self._head_merger.merge()["head"].to(torch.float32)
+        self.current[HEAD_BIAS] = (self._bias_sum / self._samples).to(torch.float32)
 
     def evaluation_deltas(self) -> dict[str, Tensor]:
-        """From the second task on, once the task is finished: the cross-task merge."""
+        """From the second task on, once the task is finished: the cross-task merge (solved once per change of
+        its sums)."""
         if self.finished == self.task + 1 and self.task > 0:
-            return {n: d.to(torch.float32) for n, d in self._across_tasks.merge().items()}
+            if self._across_tasks_merged is None:
+                self._across_tasks_merged = {n: d.to(torch.float32) for n, d in self._across_tasks.merge().items()}
+            return dict(self._across_tasks_merged)
         return super().evaluation_deltas()
 
     def state_dict(self) -> dict:
@@ -386,7 +406,7 @@ class LoRM(Server):
                 f"finished, none before ({state['finished']} finished); layer {wrong[0]!r} does not fit"
             )
         self._set_state(state)
-        self._across_tasks = across_tasks
+        self._across_tasks, self._across_tasks_merged = across_tasks, None
 
 
 SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in (LoRM, FedIT, FFALoRA, LoRAFAIR, Centralized)}

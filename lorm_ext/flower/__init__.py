@@ -1,11 +1,15 @@
-"""LoRM and the FCIL protocol on Flower (flwr 1.41, Message API; docs/flower.md).
+"""LoRA merging on Flower (flwr 1.41, Message API; docs/flower.md).
 
-``LoRMStrategy`` (strategy): the LoRM server as a ``flwr.serverapp.strategy.Strategy``; ``client_app.app``: the
-ClientApp of the FCIL client; ``serve`` (the body of a ServerApp's main) and ``simulate`` (the protocol in
-Flower's simulation engine) in server_app; messages: the Flower records of ``lorm_ext.fcil``'s client seam.
+For any Flower app with any LoRA model: ``LoRAMergeStrategy`` (strategy), whose nodes reply with
+``messages.lora_reply`` (factors and Grams of the modules the strategy names) and load ``messages.read_adapter``.
+Built on it, the FCIL protocol of ``lorm_ext.fcil``: ``LoRMStrategy`` (fcil_strategy), ``client_app.app`` (the
+ClientApp of the FCIL client), ``serve`` (the body of a ServerApp's main) and ``simulate`` (the protocol in
+Flower's simulation engine) in server_app.
 """
 
+from .fcil_strategy import LoRMStrategy
+from .messages import lora_reply, read_adapter
 from .server_app import serve, simulate
-from .strategy import LoRMStrategy, NoUsableReplyError
+from .strategy import LoRAMergeStrategy, NoUsableReplyError
 
-__all__ = ["LoRMStrategy", "NoUsableReplyError", "serve", "simulate"]
+__all__ = ["LoRAMergeStrategy", "LoRMStrategy", "NoUsableReplyError", "lora_reply", "read_adapter", "serve", "simulate"]

@@ -13,10 +13,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ..fcil.client import TASK_GRAMS, client_step
+from ..fcil.client import client_step
 from ..fcil.config import RunConfig
 from ..fcil.driver import RunData, prepare
 from ..fcil.model import AdaptedViT, build_model
+from ..fcil.protocol import TASK_GRAMS
 from .messages import read_instruction, reply_content
 
 app = ClientApp()

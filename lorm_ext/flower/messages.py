@@ -1,12 +1,17 @@
-"""The FCIL seam (``lorm_ext.fcil.client``) as Flower records: what travels in each Message.
+"""What travels in each Flower Message: the records of ``strategy.LoRAMergeStrategy`` (any LoRA model) and of the
+FCIL protocol (``lorm_ext.fcil.protocol``), which share the reply records.
 
-Instruction (server → one client), a RecordDict:
+Any LoRA model (``LoRAMergeStrategy``): the server sends "arrays" (the merged adapter, "B/<module>" and
+"A/<module>"; ``read_adapter``) and "config"; a node replies with ``lora_reply``: "arrays" (its B_k, A_k),
+"grams" ("gram/<module>") and "metrics" ("num-examples").
+
+FCIL instruction (server → one client), a RecordDict:
     "config"  ConfigRecord: the ``Instruction``'s scalars, "client-id" (the FCIL client this node plays: its
               data shard and its seeds) and "run-config" (the ``RunConfig`` as JSON, so a client needs
               nothing but its data)
     "arrays"  ArrayRecord: the instruction's tensors (the factors and head to start from, and what the Grams
               are taken through: see ``Instruction``)
-Reply (client → server):
+FCIL reply (client → server):
     "arrays"  ArrayRecord: the trained factor(s) and the head (training rounds only)
     "grams"   ArrayRecord: "gram/<layer>" and "gram/head", or a pre-reduced B-round's "BP/<layer>", "P/<layer>"
     "metrics" MetricRecord: "num-examples", "train-seconds", "gram-seconds"
@@ -19,18 +24,18 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
+from numbers import Real
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 from torch import Tensor
 
-from ..fcil.client import FIT, TASK_GRAMS, ClientReply, Instruction
+from ..fcil.client import ClientReply
 from ..fcil.config import RunConfig
-from ..fcil.model import HEAD
+from ..fcil.protocol import FIT, GRAM_KINDS, HEAD, NUM_SAMPLES, TASK_GRAMS, Instruction, factor_key, gram_key
 from ..validation import check_gram, check_matrix, check_values
 
 MESSAGE_TYPES = {FIT: MessageType.TRAIN, TASK_GRAMS: f"{MessageType.QUERY}.{TASK_GRAMS}"}
-GRAM_KINDS = ("gram", "BP", "P")  # reply keys that travel in the "grams" record
 _SCALARS = [f.name for f in dataclasses.fields(Instruction) if f.name != "tensors"]
 
 
@@ -58,7 +63,7 @@ def reply_content(reply: ClientReply) -> RecordDict:
     message = dict(reply.message)
     metrics = MetricRecord(
         {
-            "num-examples": int(message.pop("num_samples")),
+            "num-examples": int(message.pop(NUM_SAMPLES)),
             "train-seconds": reply.seconds["train"],
             "gram-seconds": reply.seconds["gram"],
         }
@@ -69,6 +74,48 @@ def reply_content(reply: ClientReply) -> RecordDict:
     if trained:
         records["arrays"] = ArrayRecord(trained)
     return RecordDict(records)
+
+
+def _scalings(scaling: float | Mapping[str, float], modules) -> dict[str, float]:
+    return {m: float(scaling if isinstance(scaling, Real) else scaling[m]) for m in modules}
+
+
+def lora_reply(
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    grams: Mapping[str, Tensor],
+    num_examples: int,
+    *,
+    scaling: float | Mapping[str, float] = 1.0,
+) -> RecordDict:
+    """A node's reply to ``LoRAMergeStrategy``: per module its LoRA factors (B_k, A_k) and the Gram of the
+    module's inputs (``gram.GramCollector``), and the number of examples it trained on. ``scaling``: the s of
+    the node's ΔW = s·B A (a number, or one per module; PEFT's ``layer.scaling[adapter]``), folded into B."""
+    if set(grams) != set(factors):
+        raise ValueError(f"lora_reply: factors are for {sorted(factors)} but grams for {sorted(grams)}")
+    s = _scalings(scaling, factors)
+    arrays = {}
+    for module, (b, a) in factors.items():
+        arrays |= {factor_key("B", module): (s[module] * b).detach(), factor_key("A", module): a.detach()}
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "grams": ArrayRecord({gram_key(m): g.detach() for m, g in grams.items()}),
+            "metrics": MetricRecord({"num-examples": int(num_examples)}),
+        }
+    )
+
+
+def read_adapter(
+    arrays: ArrayRecord, modules, *, scaling: float | Mapping[str, float] = 1.0
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The merged adapter a ``LoRAMergeStrategy`` sent (its message's "arrays"), {module: (B, A)} with B divided
+    by ``scaling`` (the node's s, as in ``lora_reply``): what to load into the node's LoRA model; {} when the
+    server sent none (round 1 without an initial adapter)."""
+    tensors = arrays.to_torch_state_dict()
+    if not tensors:
+        return {}
+    s = _scalings(scaling, modules)
+    return {m: (tensors[factor_key("B", m)] / s[m], tensors[factor_key("A", m)]) for m in modules}
 
 
 def _decoded(what: str, decode: Callable[[], Tensor]) -> Tensor:
@@ -95,7 +142,7 @@ def read_reply(content: RecordDict) -> dict[str, Tensor]:
     metrics = content.metric_records.get("metrics", MetricRecord())
     if "num-examples" in metrics:
         samples = metrics["num-examples"]
-        message["num_samples"] = _decoded(f"num-examples {samples!r}", lambda: torch.tensor(samples))
+        message[NUM_SAMPLES] = _decoded(f"num-examples {samples!r}", lambda: torch.tensor(samples))
     return message
 
 

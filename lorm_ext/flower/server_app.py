@@ -1,4 +1,5 @@
-"""The FCIL ServerApp body (``serve``) and the whole protocol in Flower's simulation engine (``simulate``)."""
+"""The FCIL ServerApp body (``serve``), the whole protocol in Flower's simulation engine (``simulate``) and any app
+pair there (``run_simulation_here``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
@@ -14,7 +16,7 @@ from ..fcil.driver import check, evaluate_seen, prepare, task_test_sets
 from ..fcil.metrics import seen_accuracy
 from ..fcil.model import build_model
 from .client_app import app as client_app
-from .strategy import LoRMStrategy
+from .fcil_strategy import LoRMStrategy
 
 
 def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
@@ -43,18 +45,8 @@ def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
 def simulate(config: RunConfig, *, timeout: float = 3600.0) -> Result:
     """The FCIL protocol in Flower's simulation engine: ``config.num_clients`` virtual nodes run the ClientApp
     in Ray actors of ``config.num_threads`` CPUs each (a whole GPU each when ``config.device`` is CUDA); returns
-    ``serve``'s result. Ray is shut down before it returns or raises.
-
-    Ray's processes address each other on 127.0.0.1 and send no usage statistics, unless the environment says
-    otherwise (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, ``RAY_USAGE_STATS_ENABLED``): Ray reads these when it is
-    first imported, which is here unless the process imported it before."""
+    ``serve``'s result (``run_simulation_here``)."""
     check(config)  # a bad configuration fails before Ray starts
-    # "no cluster": Ray takes the loopback address as the node's address instead of the machine's
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray  # after the environment above
-    from flwr.simulation import run_simulation
-
     results: list[Result] = []
     server_app = ServerApp()
 
@@ -62,16 +54,35 @@ def simulate(config: RunConfig, *, timeout: float = 3600.0) -> Result:
     def main(grid: Grid, context: Context) -> None:
         results.append(serve(grid, config, timeout=timeout))
 
+    gpus = 1.0 if config.device.startswith("cuda") else 0.0
+    run_simulation_here(
+        server_app, client_app, config.num_clients, cpus_per_node=config.num_threads, gpus_per_node=gpus
+    )
+    return results[0]
+
+
+def run_simulation_here(
+    server_app: ServerApp, client_app: ClientApp, num_nodes: int, *, cpus_per_node: int = 1, gpus_per_node: float = 0.0
+) -> None:
+    """Any ServerApp / ClientApp pair in Flower's simulation engine on this machine alone: ``num_nodes`` virtual
+    nodes in Ray actors of ``cpus_per_node`` CPUs (and ``gpus_per_node`` GPUs) each. Ray is shut down before it
+    returns or raises.
+
+    Ray's processes address each other on 127.0.0.1 and send no usage statistics, unless the environment says
+    otherwise (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, ``RAY_USAGE_STATS_ENABLED``): Ray reads these when it is
+    first imported, which is here unless the process imported it before."""
+    # "no cluster": Ray takes the loopback address as the node's address instead of the machine's
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray  # after the environment above
+    from flwr.simulation import run_simulation
+
     backend_config = {
-        "client_resources": {
-            "num_cpus": config.num_threads,
-            "num_gpus": 1.0 if config.device.startswith("cuda") else 0.0,
-        },
+        "client_resources": {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node},
         "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
     }
     try:
-        run_simulation(server_app, client_app, num_supernodes=config.num_clients, backend_config=backend_config)
+        run_simulation(server_app, client_app, num_supernodes=num_nodes, backend_config=backend_config)
     finally:
         if ray.is_initialized():  # Flower shuts Ray down itself unless the simulation failed on the way
             ray.shutdown()
-    return results[0]

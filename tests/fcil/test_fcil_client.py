@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorm_ext.fcil import model as model_module
-from lorm_ext.fcil.client import client_step, message_shapes, tensor_bytes
+from lorm_ext.fcil.client import client_step, tensor_bytes
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.environment import file_sha256
 from lorm_ext.fcil.model import (
@@ -26,6 +26,7 @@ from lorm_ext.fcil.model import (
     build_model,
     resolve_weights,
 )
+from lorm_ext.fcil.protocol import message_shapes
 from lorm_ext.fcil.strategies import SERVERS
 
 

@@ -15,7 +15,7 @@ import torch
 
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, split_to_json, to_channels
-from lorm_ext.fcil.driver import participants
+from lorm_ext.fcil.protocol import participants
 
 
 def test_split_uses_every_sample_once_and_gives_each_client_six(mnist, tiny_config):

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 import lorm_ext
 from lorm_ext.fcil import cli
 from lorm_ext.fcil.config import STRATEGIES, ConfigError
-from lorm_ext.fcil.driver import run, units
+from lorm_ext.fcil.driver import run
 from lorm_ext.fcil.environment import CPU_ENVIRONMENT, NATIVE_KERNELS, code_record, missing_cpu_environment
 from lorm_ext.fcil.metrics import comparison_table, summarize, wins_table
+from lorm_ext.fcil.protocol import units
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

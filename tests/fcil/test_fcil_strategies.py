@@ -10,7 +10,7 @@ import torch
 from lorm_testing import random_gram
 
 from lorm_ext import reference
-from lorm_ext.fcil.client import FIT, TASK_GRAMS
+from lorm_ext.fcil.protocol import FIT, TASK_GRAMS
 from lorm_ext.fcil.strategies import SERVERS, LoRM, lora_fair_correction
 from lorm_ext.merge import project_client
 
