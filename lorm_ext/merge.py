@@ -290,7 +290,7 @@ class StreamingMerger:
 
     def _set_state(self, state: Mapping) -> None:
         self.num_clients = state["num_clients"]
-        self._passed = {}  # the loaded sums may have other shapes
+        self._passed = {}  # sums loaded into a merger without clients may have other shapes
 
     def _check_values(self, grams: Mapping[str, Tensor], matrices: list[tuple[str, str, Tensor]]) -> None:
         """A client's values (after its structure passed), unless the merger was made with validate=False."""

@@ -326,6 +326,18 @@ class TestBadInputs:
         self.expect(merger, LayerError, "factor contains NaN or Inf", {**c["A"], name: c["A"][name] * float("inf")}, c["G"])
         self.expect(merger, LayerError, "factor must be a torch.Tensor", {**c["A"], name: [[1.0]]}, c["G"])
 
+    def test_structure_checks_follow_a_loaded_state(self, device):
+        # a client rejected for its values leaves its (valid) structure remembered and no sums; a state of other
+        # shapes loaded then must be what the next client of that structure is checked against
+        c, other = make_clients(1, 4, device=device)[0], make_clients(1, 5, device=device)[0]
+        merger = AStepMerger()
+        with pytest.raises(LayerError, match="NaN or Inf"):
+            merger.add_client({k: v * float("nan") for k, v in c["A"].items()}, c["G"])
+        wider = AStepMerger()
+        wider.add_client(other["A"], other["G"])
+        merger.load_state_dict(wider.state_dict())
+        self.expect(merger, LayerError, r"factor has shape \(4, 16\), expected \(5, 16\)", c["A"], c["G"])
+
     def test_no_clients(self):
         for merger in (RegMeanMerger(), BStepMerger({"l": torch.randn(2, 3)}), AdapterMerger(1)):
             with pytest.raises(ValueError, match="no clients were added"):
