@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ._install import MissingExtra, needs_extra
 from .adapter_merge import MERGE_METHODS, MergeResult, merge_device, merge_lora_adapters
 from .adapters import AdapterFile, check_output_file, collect_grams, save_grams
 
@@ -52,7 +53,8 @@ def _to_device(batch, device: torch.device):
 
 
 def run_grams(args: argparse.Namespace) -> None:
-    from peft import PeftModel  # only this subcommand needs PEFT installed
+    with needs_extra("peft", "lorm-merge grams"):  # only this subcommand needs PEFT installed
+        from peft import PeftModel
 
     check_output_file(args.output)  # before the model runs over all the data
     device = merge_device(args.device)
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         args.run(args)
-    except (ValueError, OSError) as err:  # AdapterFileError, LayerError, bad arguments, I/O: a message, not a traceback
+    except (ValueError, OSError, MissingExtra) as err:  # AdapterFileError, LayerError, bad arguments, I/O, no PEFT
         print(f"lorm-merge {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

