@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from ._install import MissingExtra, needs_extra
 from .adapter_merge import MERGE_METHODS, MergeResult, merge_device, merge_lora_adapters
 from .adapters import AdapterFile, check_output_file, collect_grams, save_grams
+from .progress import configure_cli_logging
 
 
 def load_callable(spec: str) -> Callable:
@@ -163,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = logging.getLogger("lorm_ext")
-    if not log.handlers:  # progress lines where no terminal shows a bar
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    configure_cli_logging()
     try:
         args.run(args)
     except (ValueError, OSError, MissingExtra) as err:  # AdapterFileError, LayerError, bad arguments, I/O, no PEFT

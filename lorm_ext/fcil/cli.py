@@ -21,6 +21,7 @@ import typing
 import torch
 
 from .._install import MissingExtra, needs_extra
+from ..progress import configure_cli_logging
 from .config import STRATEGIES, STRATEGY_FIELDS, ConfigError, RunConfig
 from .environment import pin_cpu_kernels, reexec_with_cpu_environment
 
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", "--random_seed", default="0", help="a seed or a comma list (mean ± std over them)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<dataset>-<network>-beta<β>")
     parser.add_argument("--overwrite", type=str_to_bool, default=False, help="discard earlier runs in --output_dir")
+    parser.add_argument(
+        "--resume", type=str_to_bool, default=False,
+        help="reuse finished runs in --output_dir even when made by other code or on another machine (interrupted "
+        "runs always resume)",
+    )
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name in ("strategy", "seed"):
@@ -184,10 +190,11 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
         os.path.join(output_dir, "accuracy_after_task.png"),
         title,
     )
+    several = any(len(runs) > 1 for runs in results.values())
     plot_accuracy_matrices(
         {s: np.mean([as_array(r["accuracy_matrix"]) for r in runs], axis=0) for s, runs in results.items()},
         os.path.join(output_dir, "accuracy_matrices.png"),
-        f"accuracy matrices, mean over seeds ({title})",
+        f"accuracy matrices{', mean over seeds' if several else ''} ({title})",
     )
     return table
 
@@ -199,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:
         reexec_with_cpu_environment("lorm_ext.fcil.cli")
+    configure_cli_logging()
     try:
         with needs_extra("fcil", "lorm-fcil"):
-            from .driver import check, check_run_dir, prepare, run, split_bytes
+            from .driver import check, check_run_dir, finished_results, prepare, run, split_bytes
     except MissingExtra as error:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2
@@ -212,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             "runs", f"{base.dataset}-{base.network}-beta{base.distribution_alpha}"
         )
         run_dirs = [os.path.join(output_dir, c.strategy, f"seed{c.seed}") for c in configs]
+        if args.overwrite and args.resume:
+            raise ConfigError("--overwrite True discards the runs that --resume True would reuse: pass one of them")
         for config, run_dir in zip(configs, run_dirs):
             check(config)
             if args.overwrite:
                 shutil.rmtree(run_dir, ignore_errors=True)
             check_run_dir(config, run_dir)
+            finished_results(run_dir, args.resume)  # a finished run made elsewhere: stop before any work
         torch.set_num_threads(base.num_threads)
         pin_cpu_kernels()
         data = {}
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     try:
         for config, run_dir in zip(configs, run_dirs):
-            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir))
+            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir, args.resume))
     except ConfigError as error:  # a run folder that cannot be resumed (its checkpoint, say)
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2

@@ -91,6 +91,8 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "| lorm | 1 |" in resumed.stdout  # the comparison table
+    folder = re.escape(str(tmp_path / "resumed" / "lorm" / "seed0"))
+    assert re.search(rf"lorm_ext\.fcil\.driver: resuming {folder}: [1-9] of 10 units done\n", resumed.stderr)
     assert reference.wait() == 0, reference.stderr.read()
     folders = [tmp_path / name / "lorm" / "seed0" for name in ("reference", "resumed")]
     results = [json.loads((folder / "results.json").read_text()) for folder in folders]
@@ -190,6 +192,8 @@ def test_metrics_on_a_hand_made_run():
     assert summary["forgetting_max"] == pytest.approx(((100 - 50) + (90 - 50)) / 2)
     table = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}] * 2})
     assert "| lorm | 2 | 57.50 ± 0.00 |" in table
+    one = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}]})
+    assert one.splitlines()[2] == "| lorm | 1 | 57.50 | 60.00 | 80.28 | 40.00 | 45.00 | 1.0 | 2 |"  # no spread
 
 
 def test_wins_table_counts_seeds_where_lorm_is_ahead():
@@ -206,5 +210,5 @@ def test_wins_table_counts_seeds_where_lorm_is_ahead():
     }
     lines = wins_table(results).splitlines()
     assert lines[2] == "| fedit | 3 | 1/1/1 | +0.00 ± 5.00 | 3/0/0 | +11.00 ± 1.00 |"
-    assert lines[3] == "| centralized | 1 | 1/0/0 | +10.00 ± 0.00 | 0/0/1 | -8.00 ± 0.00 |"
+    assert lines[3] == "| centralized | 1 | 1/0/0 | +10.00 | 0/0/1 | -8.00 |"  # one seed: no spread
     assert wins_table({"fedit": results["fedit"]}) == ""
