@@ -2,9 +2,9 @@
 
 Every flag of a run is a field of ``RunConfig`` under the authors' name; ``--strategies`` and ``--seed`` take
 comma lists. All configurations are checked before the first one trains. The output folder gets one run
-folder per strategy and seed (``<strategy>/seed<k>``; an interrupted run resumes, a finished one is reused)
-and the comparison: comparison.md (the table), comparison.json, accuracy_after_task.png and
-accuracy_matrices.png (per strategy, mean over seeds).
+folder per strategy and seed (``<strategy>/seed<k>``; an interrupted run resumes, a finished one is reused, one
+made by other code or on another machine only with ``--resume True``) and the comparison: comparison.md (the
+table), comparison.json, accuracy_after_task.png and accuracy_matrices.png (per strategy, mean over seeds).
 """
 
 from __future__ import annotations
