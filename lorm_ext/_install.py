@@ -103,7 +103,9 @@ def load_extension():
         built = None  # built before setup.py recorded the torch: the load below decides
     if built is not None and built != torch.__version__:
         raise ImportError(
-            rebuild_advice(f"lorm_ext._C was built against torch {built}, but this environment has torch {torch.__version__}")
+            rebuild_advice(
+                f"lorm_ext._C was built against torch {built}, but this environment has torch {torch.__version__}"
+            )
         )
     try:
         return importlib.import_module(f"{__package__}._C")

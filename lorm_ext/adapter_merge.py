@@ -247,7 +247,8 @@ class _Progress:
     def group_done(self) -> None:
         with self.lock:
             rate = self.bytes / max(time.monotonic() - self.start, 1e-9)
-            self.progress.update(f"{self.bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB read at {rate / 1e6:.0f} MB/s")
+            read = f"{self.bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB read at {rate / 1e6:.0f} MB/s"
+            self.progress.update(read)
 
     def close(self) -> None:
         self.progress.close()

@@ -279,7 +279,7 @@ def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) ->
     finished = finished_results(run_dir, resume)
     if finished is not None:
         results, changes = finished
-        logger.info("resuming %s: %d of %d units done (finished: its results are reused)", run_dir, len(plan), len(plan))
+        logger.info("resuming %s: %d of %d units done (finished: its results are reused)", run_dir, *[len(plan)] * 2)
         if changes:
             logger.warning("%s: reusing (--resume) a run made %s", run_dir, "; ".join(changes))
         return results

@@ -181,7 +181,8 @@ def test_the_intact_checkpoint_still_resumes(interrupted, tmp_path, caplog):
     assert len(results["accuracy_after_task"]) == 2 and not (run_dir / CHECKPOINT).exists()
     assert caplog.messages[0] == f"resuming {run_dir}: {UNITS_DONE} of 4 units done"
     # no terminal here: the progress of the run is a log line (the last unit's, as the run ends)
-    assert re.fullmatch(r"lorm seed 0: 4/4 units, [0-9.e+-]+ unit/s, ETA 0:00:00, task 2, acc [0-9.]+", caplog.messages[-1])
+    last = caplog.messages[-1]
+    assert re.fullmatch(r"lorm seed 0: 4/4 units, [0-9.e+-]+ unit/s, ETA 0:00:00, task 2, acc [0-9.]+", last), last
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +277,8 @@ def test_the_command_line_stops_before_any_work_at_a_finished_run_made_elsewhere
     assert cli.configurations(cli.build_parser().parse_args(flags)) == [config]
     assert cli.main(flags) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"lorm-fcil: error: {run_dir} holds a finished run made by other code") and err.count("\n") == 1
+    assert err.startswith(f"lorm-fcil: error: {run_dir} holds a finished run made by other code")
+    assert err.count("\n") == 1
     assert not (tmp_path / "out" / "splits").exists()  # stopped before the data and the split
     assert cli.main([*flags, "--resume", "True", "--overwrite", "True"]) == 2
     assert "--overwrite True discards the runs that --resume True would reuse" in capsys.readouterr().err
