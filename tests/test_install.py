@@ -317,3 +317,11 @@ def test_build_ext_records_the_torch_beside_the_library_in_the_build_and_the_sou
     for folder in (tmp_path / "pkg", tmp_path / "out" / "pkg"):
         assert list(folder.glob("_C*.so")), folder
         assert (folder / _install.BUILD_INFO).read_text() == expected
+
+
+def test_a_missing_module_of_lorm_ext_itself_is_a_bug_not_a_missing_extra():
+    with pytest.raises(ModuleNotFoundError), _install.needs_extra("fcil", "lorm-fcil"):  # not a MissingExtra
+        import lorm_ext.no_such_module  # noqa: F401
+    with pytest.raises(_install.MissingExtra, match=r"^lorm-fcil needs no_such_dependency, which is not installed"):
+        with _install.needs_extra("fcil", "lorm-fcil"):
+            import no_such_dependency  # noqa: F401
