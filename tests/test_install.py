@@ -292,6 +292,15 @@ def test_installed_torch_version_ignores_what_pythonpath_puts_in_front(tmp_path,
     assert _install.installed_torch_version() == importlib.metadata.version("torch")
 
 
+def test_a_target_environment_without_torch_has_nothing_to_compare(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # an environment without torch: the build goes ahead
+    python = str(tmp_path / "bare" / "bin" / "python")
+    assert _install.installed_torch_version(python) is None
+    _install.check_build_torch(python)
+
+
 def test_build_ext_records_the_torch_beside_the_library_in_the_build_and_the_sources(tmp_path):
     # A tiny extension (no torch headers: seconds to compile) built by the command setup.py uses.
     (tmp_path / "pkg").mkdir()
