@@ -79,12 +79,28 @@ class Progress:
         self.close()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each line, not to the stream of the moment it was made (which a caller
+    that swaps stderr, such as pytest's capture, may have closed since)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def configure_cli_logging() -> None:
     """For the command lines: lorm_ext's INFO lines (progress, resuming) on stderr with a time stamp, and each
     distinct warning printed once rather than at every batch (unless the user chose with -W / PYTHONWARNINGS)."""
     log = logging.getLogger("lorm_ext")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -3,7 +3,9 @@ the command lines show them and print each distinct warning once."""
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import warnings
 
 import pytest
@@ -65,6 +67,23 @@ def test_an_inner_loop_logs_no_final_line(log):
     progress.update()
     progress.update()
     assert log.messages == []
+
+
+def test_the_command_lines_log_to_stderr_as_it_is_at_each_line(monkeypatch):
+    log = logging.getLogger("lorm_ext")
+    handlers = list(log.handlers)
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_cli_logging()
+        LOGGER.info("one")
+        monkeypatch.setattr(sys, "stderr", second)  # as pytest's capture does between tests
+        first.close()
+        LOGGER.info("two")
+        assert second.getvalue().endswith("lorm_ext.test_progress: two\n")
+    finally:
+        for handler in set(log.handlers) - set(handlers):
+            log.removeHandler(handler)
 
 
 def test_the_command_lines_print_each_warning_once():
