@@ -4,8 +4,19 @@ LORM_EXT_CUDA=auto (default) builds CUDA when torch has CUDA and nvcc is found, 
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100 and H100/H200 machine code, plus PTX that newer GPUs compile at load time).
 """
 import glob
+import importlib.util
 import os
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).parent
+# lorm_ext/_install.py: the install advice and checks, loaded by path (importing lorm_ext needs the built library)
+_spec = importlib.util.spec_from_file_location("lorm_ext_install", ROOT / "lorm_ext" / "_install.py")
+install = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(install)
+# An isolated build (plain `pip install .`) would compile against a torch other than the target's: refuse now,
+# before pip spends minutes compiling a library that cannot load there.
+install.check_build_torch(sys.executable)
 
 # torch derives CUDA_HOME from the nvcc on PATH, which misleads it when that nvcc is a wrapper script
 # (as on these machines); the standard toolkit location is the better guess.
@@ -16,7 +27,6 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-ROOT = Path(__file__).parent
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 
@@ -63,5 +73,5 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": install.build_ext_command()},
 )

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .adapters import (
     _MUST_AGREE_FIELDS,
@@ -45,6 +43,7 @@ from .adapters import (
     saved_key,
 )
 from .merge import FactoredNumerator, RegMeanMerger, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
+from .progress import Progress
 from .reference import DEFAULT_RCOND
 from .validation import LayerError, check_rank_fits
 
@@ -253,13 +252,13 @@ def _mirror_upper_(gram: Tensor) -> None:
 
 
 class _Progress:
-    """Module groups done and bytes read per second: a tqdm bar on a terminal, else a log line every 10 s."""
+    """Module groups done and bytes read (``progress.Progress``: a bar on a terminal, else log lines)."""
 
     def __init__(self, groups: int, total_bytes: int):
-        self.total_bytes, self.bytes, self.groups, self.done = total_bytes, 0, groups, 0
-        self.start = self.last_log = time.monotonic()
+        self.total_bytes, self.bytes = total_bytes, 0
+        self.start = time.monotonic()
         self.lock = threading.Lock()
-        self.bar = tqdm(total=groups, unit="group", desc="merging modules", disable=not sys.stderr.isatty())
+        self.progress = Progress(groups, "merging modules", "group", logger)
 
     def read(self, nbytes: int) -> None:
         with self.lock:
@@ -267,20 +266,12 @@ class _Progress:
 
     def group_done(self) -> None:
         with self.lock:
-            self.done += 1
-            elapsed = max(time.monotonic() - self.start, 1e-9)
-            rate = self.bytes / elapsed
-            if not self.bar.disable:
-                self.bar.set_postfix_str(f"{rate / 1e6:.0f} MB/s read", refresh=False)
-                self.bar.update(1)
-            elif self.done == self.groups or time.monotonic() - self.last_log >= 10:
-                self.last_log = time.monotonic()
-                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else math.inf
-                logger.info("merged %d/%d module groups, %.2f of %.2f GB read at %.0f MB/s, ETA %.0f s", self.done,
-                            self.groups, self.bytes / 1e9, self.total_bytes / 1e9, rate / 1e6, eta)
+            rate = self.bytes / max(time.monotonic() - self.start, 1e-9)
+            read = f"{self.bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB read at {rate / 1e6:.0f} MB/s"
+            self.progress.update(read)
 
     def close(self) -> None:
-        self.bar.close()
+        self.progress.close()
 
 
 def plan_saved(first: AdapterFile, gram_files: Sequence[GramFile]) -> dict[str, str]:

@@ -316,7 +316,7 @@ class RegMeanMerger(StreamingMerger):
     _argument_names = {"factors": ("factors", "factor"), "lefts": ("lefts", "left")}
 
     def _check_client(self, factors, grams, lefts) -> list[str]:
-        (factors_arg, factor), (lefts_arg, left) = self._argument_names["factors"], self._argument_names["lefts"]
+        factor, left = self._argument_names["factors"][1], self._argument_names["lefts"][1]
         names = self._checked_structure(
             "client", (factors, grams, lefts), lambda: self._check_client_structure(factors, grams, lefts)
         )

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from ._install import MissingExtra, needs_extra
 from .adapter_merge import MERGE_METHODS, MergeResult, merge_device, merge_lora_adapters
 from .adapters import AdapterFile, check_output_file, collect_grams, save_grams
+from .progress import configure_cli_logging
 
 
 def load_callable(spec: str) -> Callable:
@@ -52,7 +53,8 @@ def _to_device(batch, device: torch.device):
 
 
 def run_grams(args: argparse.Namespace) -> None:
-    from peft import PeftModel  # only this subcommand needs PEFT installed
+    with needs_extra("peft", "lorm-merge grams"):  # only this subcommand needs PEFT installed
+        from peft import PeftModel
 
     check_output_file(args.output)  # before the model runs over all the data
     device = merge_device(args.device)
@@ -172,15 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = logging.getLogger("lorm_ext")
-    if not log.handlers:  # progress lines where no terminal shows a bar
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    configure_cli_logging()
     try:
         args.run(args)
-    except (ValueError, OSError) as err:  # AdapterFileError, LayerError, bad arguments, I/O: a message, not a traceback
+    except (ValueError, OSError, MissingExtra) as err:  # AdapterFileError, LayerError, bad arguments, I/O, no PEFT
         print(f"lorm-merge {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

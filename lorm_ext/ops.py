@@ -12,9 +12,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._install import load_extension
 from .reference import DEFAULT_RCOND
 
+# Loading the library registers the ops; one built against another torch is an ImportError saying how to rebuild.
+_C = load_extension()
 _ops = torch.ops.lorm_ext
 
 

@@ -15,21 +15,26 @@ The seam for a federated runtime such as Flower (``protocol`` states it): a Clie
 run is reproduced bit for bit.
 """
 
-from .client import ClientReply, client_step
-from .config import ConfigError, RunConfig
-from .driver import RunData, prepare, run
-from .protocol import Instruction
-from .strategies import SERVERS, Server
+import importlib
 
-__all__ = [
-    "SERVERS",
-    "ClientReply",
-    "ConfigError",
-    "Instruction",
-    "RunConfig",
-    "RunData",
-    "Server",
-    "client_step",
-    "prepare",
-    "run",
-]
+# Imported on first use (PEP 562), so that `lorm-fcil --help` and the configuration need neither the [fcil]
+# extra (timm, torchvision) nor its import time.
+_EXPORTS = {
+    "ClientReply": "client",
+    "Instruction": "protocol",
+    "client_step": "client",
+    "ConfigError": "config",
+    "RunConfig": "config",
+    "RunData": "driver",
+    "prepare": "driver",
+    "run": "driver",
+    "SERVERS": "strategies",
+    "Server": "strategies",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

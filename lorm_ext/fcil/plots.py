@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def _heatmap(ax, matrix: np.ndarray, title: str) -> None:
+def _heatmap(ax, matrix: np.ndarray, title: str):
     """One accuracy matrix: rows = after training task i, columns = tested on task j; blank above the diagonal."""
     masked = np.ma.masked_invalid(matrix)
-    ax.imshow(masked, cmap="viridis", vmin=0, vmax=100)
+    image = ax.imshow(masked, cmap="viridis", vmin=0, vmax=100)
     for (i, j), value in np.ndenumerate(matrix):
         if np.isfinite(value):
             ax.text(
@@ -24,6 +24,7 @@ def _heatmap(ax, matrix: np.ndarray, title: str) -> None:
     ax.set_xlabel("tested on task")
     ax.set_ylabel("after task")
     ax.set_title(title, fontsize=10)
+    return image
 
 
 def as_array(matrix: list[list[float | None]]) -> np.ndarray:
@@ -31,10 +32,12 @@ def as_array(matrix: list[list[float | None]]) -> np.ndarray:
 
 
 def plot_accuracy_matrices(matrices: dict[str, np.ndarray], path: str, suptitle: str = "") -> None:
-    """One heatmap per entry (a run, or a strategy's mean over seeds), side by side."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.6), squeeze=False, layout="constrained")
+    """One heatmap per entry (a run, or a strategy's mean over seeds), side by side, one colour bar (0-100 %)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices) + 0.8, 3.6), squeeze=False,
+                             layout="constrained")
     for ax, (title, matrix) in zip(axes[0], matrices.items()):
-        _heatmap(ax, matrix, title)
+        image = _heatmap(ax, matrix, title)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     fig.savefig(path, dpi=120)

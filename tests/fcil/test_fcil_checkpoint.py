@@ -1,8 +1,11 @@
-"""Resuming from a checkpoint that is corrupt or tampered with: one line naming the file, the problem and how to
-start over, and nothing in the run folder changes."""
+"""Resuming: from a checkpoint that is corrupt or tampered with, one line naming the file, the problem and how to
+start over, and nothing in the run folder changes; an intact one says how far the run got; a finished run made
+by other code or on another machine is reused only with --resume."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
 import re
@@ -170,11 +173,116 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file_and_how_to_start_over(
     assert not (run_dir / "ran").exists()
 
 
-def test_the_intact_checkpoint_still_resumes(interrupted, tmp_path):
+def test_the_intact_checkpoint_still_resumes(interrupted, tmp_path, caplog):
     config, data, folder = interrupted
     run_dir = _copy(folder, tmp_path)
-    results = run(config, data, str(run_dir))
+    with caplog.at_level(logging.INFO, logger="lorm_ext"):
+        results = run(config, data, str(run_dir))
     assert len(results["accuracy_after_task"]) == 2 and not (run_dir / CHECKPOINT).exists()
+    assert caplog.messages[0] == f"resuming {run_dir}: {UNITS_DONE} of 4 units done"
+    # no terminal here: the progress of the run is a log line (the last unit's, as the run ends)
+    last = caplog.messages[-1]
+    assert re.fullmatch(r"lorm seed 0: 4/4 units, [0-9.e+-]+ unit/s, ETA 0:00:00, task 2, acc [0-9.]+", last), last
+
+
+@pytest.fixture(scope="module")
+def finished(interrupted, tmp_path_factory):
+    """(config, data, run folder) of the interrupted run, finished."""
+    config, data, folder = interrupted
+    run_dir = _copy(folder, tmp_path_factory.mktemp("finished"))
+    run(config, data, str(run_dir))
+    return config, data, run_dir
+
+
+def _made_elsewhere(finished, tmp_path, change) -> tuple:
+    """A copy of the finished run whose results.json says ``change(environment)`` made it; (config, data, folder)."""
+    config, data, folder = finished
+    output_dir = tmp_path / "out"
+    (output_dir / config.strategy).mkdir(parents=True)
+    run_dir = _copy(folder, output_dir / config.strategy)
+    run_dir.rename(output_dir / config.strategy / f"seed{config.seed}")
+    run_dir = output_dir / config.strategy / f"seed{config.seed}"
+    results = json.loads((run_dir / driver.RESULTS).read_text())
+    change(results["environment"])
+    (run_dir / driver.RESULTS).write_text(json.dumps(results))
+    return config, data, run_dir
+
+
+def _other_code(environment):
+    environment["code"]["source_sha256"] = "0" * 64
+
+
+def _no_code(environment):
+    del environment["code"]
+
+
+def _other_cpu(environment):
+    environment["cpu_model"] = "Other CPU"
+
+
+def _other_switch(environment):
+    environment["variables"]["MKL_CBWR"] = "AVX2"  # a branch nobody here picks
+
+
+def _same(environment):
+    pass
+
+
+ELSEWHERE = {
+    _other_code: r"by other code \(sources sha256 000000000000…, here [0-9a-f]{12}…\)",
+    _no_code: "by code whose version it does not record",
+    _other_cpu: r"with cpu_model 'Other CPU' \(here '[^']*'\)",
+    _other_switch: r"with variables \{.*'MKL_CBWR': 'AVX2'.*\} \(here \{.*\}\)",
+}
+
+
+@pytest.mark.parametrize("change", list(ELSEWHERE), ids=lambda f: f.__name__)
+def test_a_finished_run_made_elsewhere_is_reused_only_with_resume(finished, tmp_path, caplog, change):
+    config, data, run_dir = _made_elsewhere(finished, tmp_path, change)
+    before = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
+    with pytest.raises(ConfigError) as refused:
+        run(config, data, str(run_dir))
+    assert re.fullmatch(
+        rf"{re.escape(str(run_dir))} holds a finished run made {ELSEWHERE[change]}: pass --resume True to reuse its "
+        r"results, --overwrite True to run it again, or choose another --output_dir",
+        str(refused.value),
+    ), refused.value
+    with caplog.at_level(logging.INFO, logger="lorm_ext"):
+        results = run(config, data, str(run_dir), resume=True)
+    assert results == json.loads(before[driver.RESULTS])
+    assert caplog.messages[0] == f"resuming {run_dir}: 4 of 4 units done (finished: its results are reused)"
+    assert caplog.messages[1].startswith(f"{run_dir}: reusing (--resume) a run made ")
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == before  # nothing ran
+
+
+def test_a_finished_run_made_here_is_reused_saying_so(finished, tmp_path, caplog):
+    config, data, run_dir = _made_elsewhere(finished, tmp_path, _same)
+    with caplog.at_level(logging.INFO, logger="lorm_ext"):
+        run(config, data, str(run_dir))
+    assert caplog.messages == [f"resuming {run_dir}: 4 of 4 units done (finished: its results are reused)"]
+
+
+def _flags(config, output_dir) -> list[str]:
+    flags = ["--strategies", config.strategy, "--seed", str(config.seed), "--output_dir", str(output_dir)]
+    defaults = driver.RunConfig()
+    for key, value in config.to_json().items():
+        if key not in ("strategy", "seed") and value != getattr(defaults, key):
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def test_the_command_line_stops_before_any_work_at_a_finished_run_made_elsewhere(finished, tmp_path, capsys):
+    config, _, run_dir = _made_elsewhere(finished, tmp_path, _other_code)
+    flags = _flags(config, tmp_path / "out")
+    assert cli.configurations(cli.build_parser().parse_args(flags)) == [config]
+    assert cli.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorm-fcil: error: {run_dir} holds a finished run made by other code")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out" / "splits").exists()  # stopped before the data and the split
+    assert cli.main([*flags, "--resume", "True", "--overwrite", "True"]) == 2
+    assert "--overwrite True discards the runs that --resume True would reuse" in capsys.readouterr().err
+    assert (run_dir / driver.RESULTS).exists()
 
 
 @needs_mlxtend

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 from lorm_testing import needs_mlxtend
 from safetensors.torch import load_file
 
@@ -92,6 +93,8 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "| lorm | 1 |" in resumed.stdout  # the comparison table
+    folder = re.escape(str(tmp_path / "resumed" / "lorm" / "seed0"))
+    assert re.search(rf"lorm_ext\.fcil\.driver: resuming {folder}: [1-9] of 10 units done\n", resumed.stderr)
     assert reference.wait() == 0, reference.stderr.read()
     folders = [tmp_path / name / "lorm" / "seed0" for name in ("reference", "resumed")]
     results = [json.loads((folder / "results.json").read_text()) for folder in folders]
@@ -152,6 +155,17 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--split_file", "/no/such/split.json"], "--split_file '/no/such/split.json': no such file"),
         (["--seed", "one"], "comma list of integers"),
         (["--device", "tpu"], "cpu or cuda"),
+        (["--device", "gpu"], r"--device must be cpu or cuda\[:N\], got 'gpu'$"),
+        (["--device", "cuda:x"], r"--device must be cpu or cuda\[:N\], got 'cuda:x'$"),
+        pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine$",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+        (["--device", f"cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["--device", "cuda:0"],
+         f"this machine has {torch.cuda.device_count()} CUDA device" if torch.cuda.is_available() else
+         "CUDA is not available"),
+        (["--strategies", "fedit", "--prereduce", "True"],
+         "--prereduce applies to lorm only, which --strategies fedit does not include$"),
+        (["--strategies", "lorm,fedit", "--lora_fair_steps", "5"],
+         "--lora_fair_steps applies to lora-fair only, which --strategies lorm,fedit does not include$"),
     ],
 )
 def test_bad_configuration_fails_before_any_work(tmp_path, capsys, flags, message):
@@ -159,6 +173,18 @@ def test_bad_configuration_fails_before_any_work(tmp_path, capsys, flags, messag
     assert cli.main([*flags, "--pretrained", "False", "--output_dir", str(output_dir)]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not output_dir.exists()
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "default: runs/<dataset>-<network>-beta<β> --overwrite" in text  # not followed by "(default: None)"
+    for action in cli.build_parser()._actions:
+        if action.help and action.help != "show this help message and exit":
+            assert text.count(action.help) == 1
+            assert text.split(action.help, 1)[1].lstrip().startswith("(default: ") != ("default" in action.help)
 
 
 def test_bad_boolean_flag_is_refused(capsys):
@@ -191,6 +217,8 @@ def test_metrics_on_a_hand_made_run():
     assert summary["forgetting_max"] == pytest.approx(((100 - 50) + (90 - 50)) / 2)
     table = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}] * 2})
     assert "| lorm | 2 | 57.50 ± 0.00 |" in table
+    one = comparison_table({"lorm": [{"summary": summary | {"kib_up_per_round": 1.0, "seconds": 2.0}}]})
+    assert one.splitlines()[2] == "| lorm | 1 | 57.50 | 60.00 | 80.28 | 40.00 | 45.00 | 1.0 | 2 |"  # no spread
 
 
 def test_wins_table_counts_seeds_where_lorm_is_ahead():
@@ -207,5 +235,33 @@ def test_wins_table_counts_seeds_where_lorm_is_ahead():
     }
     lines = wins_table(results).splitlines()
     assert lines[2] == "| fedit | 3 | 1/1/1 | +0.00 ± 5.00 | 3/0/0 | +11.00 ± 1.00 |"
-    assert lines[3] == "| centralized | 1 | 1/0/0 | +10.00 ± 0.00 | 0/0/1 | -8.00 ± 0.00 |"
+    assert lines[3] == "| centralized | 1 | 1/0/0 | +10.00 | 0/0/1 | -8.00 |"  # one seed: no spread
     assert wins_table({"fedit": results["fedit"]}) == ""
+
+
+def _figures(monkeypatch) -> list:
+    """The figures lorm_ext.fcil.plots draws, kept when it closes them."""
+    from lorm_ext.fcil import plots
+
+    figures, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    return figures
+
+
+def _finished(seed: int) -> dict:
+    correct, total = [[9, 0], [6, 18]], [10, 20]
+    return {"seed": seed, "config": {"dataset": "mnist", "network": "digits-vit", "distribution_alpha": 0.5},
+            "summary": summarize(correct, total) | {"kib_up_per_round": 1.0, "seconds": 2.0},
+            "accuracy_after_task": [90.0, 80.0], "accuracy_matrix": [[90.0, None], [60.0, 90.0]],
+            "environment": {}}  # fmt: skip
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_the_accuracy_matrices_have_a_colour_bar_and_say_what_they_average(tmp_path, monkeypatch, seeds):
+    figures = _figures(monkeypatch)
+    cli.write_comparison(str(tmp_path), {s: [_finished(seed) for seed in seeds] for s in ("lorm", "fedit")})
+    matrices = next(f for f in figures if f._suptitle is not None and "accuracy matrices" in f._suptitle.get_text())
+    assert len(matrices.axes) == 3 and matrices.axes[-1].get_ylabel() == "accuracy (%)"  # two heatmaps, one bar
+    title = matrices._suptitle.get_text()
+    assert ("mean over seeds" in title) == (len(seeds) > 1), title
+    assert (tmp_path / "accuracy_matrices.png").stat().st_size > 0
