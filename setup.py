@@ -3,6 +3,7 @@
 LORM_EXT_CUDA=auto (default) builds CUDA when torch has CUDA and nvcc is found, =1 requires it, =0 skips it.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100 and H100/H200 machine code, plus PTX that newer GPUs compile at load time).
 """
+
 import glob
 import importlib.util
 import os

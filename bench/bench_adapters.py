@@ -27,10 +27,8 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,8 +49,13 @@ def machine() -> dict:
     flags_line = re.search(r"flags\s*:\s*(.*)", info)
     flags = set(flags_line.group(1).split()) if flags_line else set()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return {"cpu": model.group(1) if model else platform.processor(), "isa": isa, "threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "torch": torch.__version__}
+    return {
+        "cpu": model.group(1) if model else platform.processor(),
+        "isa": isa,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 def llama_layout(hidden: int, ffn: int, blocks: int) -> dict[str, tuple[int, int]]:
@@ -88,9 +91,16 @@ def write_adapters(root: Path, layout, rank: int, count: int) -> list[Path]:
             tensors[key_a] = torch.randn(rank, width, generator=g) / width**0.5
             tensors[key_b] = torch.randn(out, rank, generator=g) * 0.01
         save_file(tensors, d / adapters.WEIGHTS_NAME, metadata={"format": "pt"})
-        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": None,
-                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                  "base_model_name_or_path": "bench/llama-like", "lora_dropout": 0.0, "bias": "none"}
+        config = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "task_type": None,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "base_model_name_or_path": "bench/llama-like",
+            "lora_dropout": 0.0,
+            "bias": "none",
+        }
         (d / adapters.CONFIG_NAME).write_text(json.dumps(config))
     return dirs
 
@@ -117,7 +127,9 @@ def write_grams(root: Path, layout, count: int, diagonal: bool) -> list[Path]:
                 gram = y @ y.T
                 gram.diagonal().add_(d)
                 by_input[input_of(module)] = gram
-        adapters.save_grams(path, {m: by_input[input_of(m)] for m in layout}, dtype=None if diagonal else torch.bfloat16)
+        adapters.save_grams(
+            path, {m: by_input[input_of(m)] for m in layout}, dtype=None if diagonal else torch.bfloat16
+        )
     return files
 
 
@@ -200,8 +212,12 @@ print(json.dumps({"seconds": end - loaded, "load_seconds": loaded - start,
 
 def run_child(spec: dict, inputs) -> dict:
     drop_from_page_cache(inputs)
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if run.returncode != 0:
         raise RuntimeError(f"{spec['path']} failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -218,6 +234,7 @@ def objectives(dirs, gram_files, rank, scored: dict[str, Path]) -> dict[str, flo
 
 # -------------------------------------------------------------------------------------- exact solver
 
+
 def plain_torch_exact(numerator, gram, rank):
     """What a competent user writes: G = L Lᵀ, X = N L⁻ᵀ, rank-r SVD of X, A = V_rᵀ L⁻¹."""
     L = torch.linalg.cholesky(gram)
@@ -230,7 +247,9 @@ def plain_torch_exact(numerator, gram, rank):
 
 def eigh_exact(numerator, gram, rank):
     """The documented fallback: G = U Λ Uᵀ, the reference's L = U Λ^½."""
-    return low_rank_exact(numerator.unsqueeze(0), gram.unsqueeze(0).clone(), rank, rcond=1e-300)  # rcond ≠ default: eigh
+    return low_rank_exact(
+        numerator.unsqueeze(0), gram.unsqueeze(0).clone(), rank, rcond=1e-300
+    )  # rcond ≠ default: eigh
 
 
 def solver_rows(shapes, rank, rank_sums, eigh_max, rows: list, save) -> None:
@@ -240,24 +259,38 @@ def solver_rows(shapes, rank, rank_sums, eigh_max, rows: list, save) -> None:
             g = torch.Generator().manual_seed(out + width + rank_sum)
             y = torch.randn(width, 64, generator=g, dtype=torch.float64)
             gram = y @ y.T + torch.diag(1 + torch.rand(width, generator=g, dtype=torch.float64))
-            numerator = (torch.randn(out, rank_sum, generator=g, dtype=torch.float64)
-                         @ torch.randn(rank_sum, width, generator=g, dtype=torch.float64)) @ gram
+            numerator = (
+                torch.randn(out, rank_sum, generator=g, dtype=torch.float64)
+                @ torch.randn(rank_sum, width, generator=g, dtype=torch.float64)
+            ) @ gram
             timed = {}
-            for name, solve in [("lorm_ext", lambda: low_rank_exact(numerator, gram, rank, rank_bound=rank_sum)),
-                                ("plain_torch", lambda: plain_torch_exact(numerator, gram, rank)),
-                                ("eigh", lambda: eigh_exact(numerator, gram, rank))]:
+            for name, solve in [
+                ("lorm_ext", lambda: low_rank_exact(numerator, gram, rank, rank_bound=rank_sum)),
+                ("plain_torch", lambda: plain_torch_exact(numerator, gram, rank)),
+                ("eigh", lambda: eigh_exact(numerator, gram, rank)),
+            ]:
                 if name == "eigh" and width > eigh_max:
                     continue
                 start = time.perf_counter()
                 B, A = solve()
                 timed[name] = (time.perf_counter() - start, (B @ A).reshape(out, width))
             ref = timed["plain_torch"][1]
-            rows.append({"out": out, "in": width, "rank_sum": rank_sum, "rank": rank,
-                         **{f"{n}_s": t for n, (t, _) in timed.items()},
-                         "max_rel_diff": max(((v - ref).abs().max() / ref.abs().max()).item() for _, v in timed.values())})
-            print(f"| {out} × {width} | {rank_sum} | {timed['lorm_ext'][0]:.2f} | {timed['plain_torch'][0]:.2f} | "
-                  f"{timed['eigh'][0] if 'eigh' in timed else float('nan'):.2f} | "
-                  f"{timed['plain_torch'][0] / timed['lorm_ext'][0]:.1f} | {rows[-1]['max_rel_diff']:.1e} |", flush=True)
+            rows.append(
+                {
+                    "out": out,
+                    "in": width,
+                    "rank_sum": rank_sum,
+                    "rank": rank,
+                    **{f"{n}_s": t for n, (t, _) in timed.items()},
+                    "max_rel_diff": max(((v - ref).abs().max() / ref.abs().max()).item() for _, v in timed.values()),
+                }
+            )
+            print(
+                f"| {out} × {width} | {rank_sum} | {timed['lorm_ext'][0]:.2f} | {timed['plain_torch'][0]:.2f} | "
+                f"{timed['eigh'][0] if 'eigh' in timed else float('nan'):.2f} | "
+                f"{timed['plain_torch'][0] / timed['lorm_ext'][0]:.1f} | {rows[-1]['max_rel_diff']:.1e} |",
+                flush=True,
+            )
             save()
 
 
@@ -273,8 +306,13 @@ def main(argv=None) -> None:
     p.add_argument("--peft-clients", type=int, nargs="*", default=[10], help="N at which PEFT's merges run too")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--solver-rank-sums", type=int, nargs="*", default=[160, 1600])
-    p.add_argument("--solver-widths", choices=("hidden", "ffn"), nargs="*", default=["hidden", "ffn"],
-                   help="solver rows for a q_proj-like (hidden × hidden) and a gate_proj-like (ffn × hidden) module")
+    p.add_argument(
+        "--solver-widths",
+        choices=("hidden", "ffn"),
+        nargs="*",
+        default=["hidden", "ffn"],
+        help="solver rows for a q_proj-like (hidden × hidden) and a gate_proj-like (ffn × hidden) module",
+    )
     p.add_argument("--eigh-max", type=int, default=4096, help="largest width the eigendecomposition row runs at")
     p.add_argument("--dir", type=Path, default=Path("/tmp/lorm-bench-adapters"), help="generated inputs (kept)")
     p.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
@@ -285,24 +323,36 @@ def main(argv=None) -> None:
 
     def save() -> None:  # after every row: a long run that is stopped keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
-            "machine": info, "ceilings": ceil, "rows": rows, "exact_solver": solver,
-            "note": "full-Gram rows reuse distinct_gram_files Gram files across clients",
-        }, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
+                    "machine": info,
+                    "ceilings": ceil,
+                    "rows": rows,
+                    "exact_solver": solver,
+                    "note": "full-Gram rows reuse distinct_gram_files Gram files across clients",
+                },
+                indent=2,
+            )
+        )
 
     print(f"# {info['cpu']} ({info['isa']}), {info['threads']} threads, torch {info['torch']}")
     n_max = max(args.clients)
     sets = {"diagonal": args.blocks, "full": args.full_blocks}
-    print("\n| Grams | blocks | N | LoRM s | adapters/s | input GB | input GB/s | disk read GB/s | copy GB/s | "
-          "peak RSS MB | peak anon MB | PEFT svd s | PEFT svd peak RSS MB | PEFT cat s | PEFT cat peak RSS MB | "
-          "objective LoRM exact | PEFT svd | PEFT cat | zero |")
+    print(
+        "\n| Grams | blocks | N | LoRM s | adapters/s | input GB | input GB/s | disk read GB/s | copy GB/s | "
+        "peak RSS MB | peak anon MB | PEFT svd s | PEFT svd peak RSS MB | PEFT cat s | PEFT cat peak RSS MB | "
+        "objective LoRM exact | PEFT svd | PEFT cat | zero |"
+    )
     print("|" + "---|" * 19)
     for kind, blocks in sets.items():
         layout = llama_layout(args.hidden, args.ffn, blocks)
         root = args.dir / f"{kind}-{blocks}blocks"
         all_dirs = write_adapters(root / "adapters", layout, args.rank, n_max)
-        distinct = write_grams(root / "grams", layout, n_max if kind == "diagonal" else args.full_gram_files, kind == "diagonal")
+        distinct = write_grams(
+            root / "grams", layout, n_max if kind == "diagonal" else args.full_gram_files, kind == "diagonal"
+        )
         for n in args.clients:
             dirs = all_dirs[:n]
             grams = [distinct[k % len(distinct)] for k in range(n)]
@@ -310,21 +360,49 @@ def main(argv=None) -> None:
             disk = disk_read_GBps(inputs)
             out = root / f"merged-{n}"
             shutil.rmtree(out, ignore_errors=True)
-            lorm = run_child({"path": "lorm", "dirs": list(map(str, dirs)), "grams": list(map(str, grams)),
-                              "rank": args.rank, "out": str(out), "workers": args.workers}, inputs)
-            read_bytes = sum((d / adapters.WEIGHTS_NAME).stat().st_size for d in dirs) + sum(g.stat().st_size for g in grams)
-            row = {"grams": kind, "blocks": blocks, "clients": n, "lorm_s": lorm["seconds"],
-                   "adapters_per_s": n / lorm["seconds"], "input_GB": read_bytes / 1e9,
-                   "input_GBps": read_bytes / 1e9 / lorm["seconds"], "disk_read_GBps": disk, "copy_GBps": ceil["copy_GBps"],
-                   "peak_rss_mb": lorm["peak_rss_mb"], "peak_anon_mb": lorm["peak_anon_mb"],
-                   "distinct_gram_files": len(set(grams))}
+            lorm = run_child(
+                {
+                    "path": "lorm",
+                    "dirs": list(map(str, dirs)),
+                    "grams": list(map(str, grams)),
+                    "rank": args.rank,
+                    "out": str(out),
+                    "workers": args.workers,
+                },
+                inputs,
+            )
+            read_bytes = sum((d / adapters.WEIGHTS_NAME).stat().st_size for d in dirs) + sum(
+                g.stat().st_size for g in grams
+            )
+            row = {
+                "grams": kind,
+                "blocks": blocks,
+                "clients": n,
+                "lorm_s": lorm["seconds"],
+                "adapters_per_s": n / lorm["seconds"],
+                "input_GB": read_bytes / 1e9,
+                "input_GBps": read_bytes / 1e9 / lorm["seconds"],
+                "disk_read_GBps": disk,
+                "copy_GBps": ceil["copy_GBps"],
+                "peak_rss_mb": lorm["peak_rss_mb"],
+                "peak_anon_mb": lorm["peak_anon_mb"],
+                "distinct_gram_files": len(set(grams)),
+            }
             scored = {}
             if n in args.peft_clients:
                 for combination in ("svd", "cat"):
                     folder = root / f"peft-{combination}-{n}"
                     shutil.rmtree(folder, ignore_errors=True)
-                    peft = run_child({"path": f"peft_{combination}", "dirs": list(map(str, dirs)), "rank": args.rank,
-                                      "out": str(folder), "layout": layout}, inputs)
+                    peft = run_child(
+                        {
+                            "path": f"peft_{combination}",
+                            "dirs": list(map(str, dirs)),
+                            "rank": args.rank,
+                            "out": str(folder),
+                            "layout": layout,
+                        },
+                        inputs,
+                    )
                     row[f"peft_{combination}_s"] = peft["seconds"]
                     row[f"peft_{combination}_load_s"] = peft["load_seconds"]
                     row[f"peft_{combination}_peak_rss_mb"] = peft["peak_rss_mb"]
@@ -332,12 +410,25 @@ def main(argv=None) -> None:
             row["objective"] = objectives(dirs, grams, args.rank, scored)
             rows.append(row)
             o = row["objective"]
-            cells = [kind, blocks, n, f"{row['lorm_s']:.1f}", f"{row['adapters_per_s']:.2f}", f"{row['input_GB']:.2f}",
-                     f"{row['input_GBps']:.2f}", f"{disk:.2f}", f"{ceil['copy_GBps']:.1f}", f"{row['peak_rss_mb']:.0f}",
-                     f"{row['peak_anon_mb']:.0f}"]
+            cells = [
+                kind,
+                blocks,
+                n,
+                f"{row['lorm_s']:.1f}",
+                f"{row['adapters_per_s']:.2f}",
+                f"{row['input_GB']:.2f}",
+                f"{row['input_GBps']:.2f}",
+                f"{disk:.2f}",
+                f"{ceil['copy_GBps']:.1f}",
+                f"{row['peak_rss_mb']:.0f}",
+                f"{row['peak_anon_mb']:.0f}",
+            ]
             for combination in ("svd", "cat"):
-                cells += [f"{row[f'peft_{combination}_s']:.1f}", f"{row[f'peft_{combination}_peak_rss_mb']:.0f}"] \
-                    if f"peft_{combination}_s" in row else ["–", "–"]
+                cells += (
+                    [f"{row[f'peft_{combination}_s']:.1f}", f"{row[f'peft_{combination}_peak_rss_mb']:.0f}"]
+                    if f"peft_{combination}_s" in row
+                    else ["–", "–"]
+                )
             cells += [f"{o['lorm_exact']:.4e}"] + [f"{o[k]:.4e}" if k in o else "–" for k in ("peft_svd", "peft_cat")]
             cells += [f"{o['zero']:.4e}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)

@@ -63,19 +63,33 @@ def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str
 
 
 GRAM_COLUMNS = [
-    ("case", "case", "s"), ("width", "width", "s"), ("kernels", "kernels", "s"), ("fused ms", "fused_ms", ".3f"),
+    ("case", "case", "s"),
+    ("width", "width", "s"),
+    ("kernels", "kernels", "s"),
+    ("fused ms", "fused_ms", ".3f"),
     ("floor ms", "floor_ms", ".3f"),
-    ("reference ms", "reference_ms", ".3f"), ("speedup", "speedup", ".2f"),
-    ("fraction of bf16 matmul rate", "fraction_of_bf16_rate", ".2f"), ("fused rel err", "fused_rel_err", ".1e"),
+    ("reference ms", "reference_ms", ".3f"),
+    ("speedup", "speedup", ".2f"),
+    ("fraction of bf16 matmul rate", "fraction_of_bf16_rate", ".2f"),
+    ("fused rel err", "fused_rel_err", ".1e"),
     ("reference rel err", "reference_rel_err", ".1e"),
 ]
 
 MERGE_COLUMNS = [
-    ("step", "step", "s"), ("Grams", "grams", "s"), ("K", "K", "d"), ("r", "r", "d"), ("kernels", "kernels", "s"),
-    ("reduction ms/client", "reduction_ms", ".3f"), ("floor ms/client", "reduction_floor_ms", ".3f"),
-    ("fraction of copy BW", "fraction_of_copy_bandwidth", ".2f"), ("fused s", "fused_s", ".4f"),
-    ("floor s", "floor_s", ".4f"), ("authors s", "authors_s", ".2f"), ("× vs authors", "speedup_vs_authors", ".1f"),
-    ("fused peak MB", "fused_peak_MB", ".0f"), ("authors peak MB", "authors_peak_MB", ".0f"),
+    ("step", "step", "s"),
+    ("Grams", "grams", "s"),
+    ("K", "K", "d"),
+    ("r", "r", "d"),
+    ("kernels", "kernels", "s"),
+    ("reduction ms/client", "reduction_ms", ".3f"),
+    ("floor ms/client", "reduction_floor_ms", ".3f"),
+    ("fraction of copy BW", "fraction_of_copy_bandwidth", ".2f"),
+    ("fused s", "fused_s", ".4f"),
+    ("floor s", "floor_s", ".4f"),
+    ("authors s", "authors_s", ".2f"),
+    ("× vs authors", "speedup_vs_authors", ".1f"),
+    ("fused peak MB", "fused_peak_MB", ".0f"),
+    ("authors peak MB", "authors_peak_MB", ".0f"),
     ("max rel diff", "max_rel_diff_vs_authors", ".1e"),
 ]
 
@@ -83,8 +97,13 @@ MERGE_COLUMNS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=["gram", "merge"], choices=["gram", "merge"])
-    p.add_argument("--kernels", nargs="+", default=["custom", "aten"], choices=["custom", "aten"],
-                   help="CUDA implementations to time (ops.use_cuda_kernels)")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["custom", "aten"],
+        choices=["custom", "aten"],
+        help="CUDA implementations to time (ops.use_cuda_kernels)",
+    )
     p.add_argument("--gram-widths", type=int, nargs="+", default=[768, 3072])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 16])
@@ -202,10 +221,14 @@ def gram_case(case: str, widths: list[int], kernels: str, ceil: dict, repeats: i
     exact = [x.double().T @ x.double() for x in xs]
     flops = sum(TOKENS * n * (n + 1) for n in widths)
     return {
-        "case": case, "width": "+".join(str(n) for n in sorted(set(widths))) if len(widths) > 1 else str(widths[0]),
+        "case": case,
+        "width": "+".join(str(n) for n in sorted(set(widths))) if len(widths) > 1 else str(widths[0]),
         "kernels": kernels,
-        "pairs": len(widths), "fused_ms": fused_s * 1e3, "floor_ms": gram_floor_s(widths, ceil) * 1e3,
-        "reference_ms": reference_s * 1e3, "speedup": reference_s / fused_s,
+        "pairs": len(widths),
+        "fused_ms": fused_s * 1e3,
+        "floor_ms": gram_floor_s(widths, ceil) * 1e3,
+        "reference_ms": reference_s * 1e3,
+        "speedup": reference_s / fused_s,
         "fraction_of_bf16_rate": flops / fused_s / 1e9 / ceil["matmul_bfloat16_GFLOPs"],
         "fused_rel_err": max(rel_err(g, e) for g, e in zip(grams, exact)),
         "reference_rel_err": max(rel_err(h, e) for h, e in zip(refs, exact)),
@@ -302,8 +325,11 @@ def _merge_row(step: str, kind: str, k: int, r: int, pool, shared_a, args, ceil:
     bytes_ = reduction_bytes(r, step, diagonal)
 
     def fused():
-        merger = AStepMerger(validate=False, device="cuda") if step == "A" else BStepMerger(
-            shared_a, validate=False, device="cuda")
+        merger = (
+            AStepMerger(validate=False, device="cuda")
+            if step == "A"
+            else BStepMerger(shared_a, validate=False, device="cuda")
+        )
         for c in range(k):
             layer_data = pool[c % DISTINCT_CLIENTS]
             factors = {n: (a if step == "A" else b) for n, (a, b, _) in zip(names, layer_data)}
@@ -312,13 +338,17 @@ def _merge_row(step: str, kind: str, k: int, r: int, pool, shared_a, args, ceil:
 
     fused_s, fused_peak, merged = measure(fused, max(1, args.repeats // 4), warmup=1)
     row = {
-        "step": step, "grams": kind, "K": k, "r": r,
-        "reduction_ms": reduction_s * 1e3, "reduction_floor_ms": reduction_floor_s(r, step, diagonal, ceil) * 1e3,
+        "step": step,
+        "grams": kind,
+        "K": k,
+        "r": r,
+        "reduction_ms": reduction_s * 1e3,
+        "reduction_floor_ms": reduction_floor_s(r, step, diagonal, ceil) * 1e3,
         "reduction_GBps": bytes_ / reduction_s / 1e9,
         "fraction_of_copy_bandwidth": bytes_ / reduction_s / 1e9 / ceil["copy_GBps"],
         "fused_s": fused_s,
-        "floor_s": k * reduction_floor_s(r, step, diagonal, ceil) + solve_flops(r, step, diagonal) / (
-            ceil["matmul_float64_GFLOPs"] * 1e9),
+        "floor_s": k * reduction_floor_s(r, step, diagonal, ceil)
+        + solve_flops(r, step, diagonal) / (ceil["matmul_float64_GFLOPs"] * 1e9),
         "fused_peak_MB": fused_peak / 2**20,
     }
     return row, merged
@@ -352,13 +382,17 @@ def merge_rows(args, ceil: dict, rows: list[dict], save) -> None:
                         row, merged = merge_row(step, kind, k, r, kernels, pool, shared_a, args, ceil)
                         if authors is not None:
                             authors_s, authors_peak, authors_out = authors
-                            row.update({
-                                "authors_s": authors_s, "speedup_vs_authors": authors_s / row["fused_s"],
-                                "authors_peak_MB": authors_peak / 2**20,
-                                "max_rel_diff_vs_authors": max(
-                                    ((merged[n] - authors_out[n]).abs().max() / authors_out[n].abs().max()).item()
-                                    for n in authors_out),
-                            })
+                            row.update(
+                                {
+                                    "authors_s": authors_s,
+                                    "speedup_vs_authors": authors_s / row["fused_s"],
+                                    "authors_peak_MB": authors_peak / 2**20,
+                                    "max_rel_diff_vs_authors": max(
+                                        ((merged[n] - authors_out[n]).abs().max() / authors_out[n].abs().max()).item()
+                                        for n in authors_out
+                                    ),
+                                }
+                            )
                         rows.append(row)
                         print(markdown_table(MERGE_COLUMNS, [row]).splitlines()[-1], flush=True)
                         save()
@@ -379,8 +413,12 @@ def main(argv=None) -> None:
     print("ceilings: " + ", ".join(f"{key} {value:.1f}" for key, value in ceil.items()))
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv),
-        "device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
-        "ceilings": ceil, "complete": False,
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "ceilings": ceil,
+        "complete": False,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -47,7 +47,12 @@ from lorm_ext import reference as ref
 VIT_B_LAYERS = [
     (f"blocks.{i}.{name}", out, width)
     for i in range(12)
-    for name, out, width in (("attn.qkv", 2304, 768), ("attn.proj", 768, 768), ("mlp.fc1", 3072, 768), ("mlp.fc2", 768, 3072))
+    for name, out, width in (
+        ("attn.qkv", 2304, 768),
+        ("attn.proj", 768, 768),
+        ("mlp.fc1", 3072, 768),
+        ("mlp.fc2", 768, 3072),
+    )
 ]
 
 
@@ -235,8 +240,10 @@ def ceilings() -> dict:
         start = time.perf_counter()
         src.amax()
         read.append(time.perf_counter() - start)
-    out = {"copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9,
-           "read_GBps": src.numel() * 4 / statistics.median(read) / 1e9}
+    out = {
+        "copy_GBps": 2 * src.numel() * 4 / statistics.median(copy) / 1e9,
+        "read_GBps": src.numel() * 4 / statistics.median(read) / 1e9,
+    }
     for dtype in (torch.float32, torch.float64):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         rates = []
@@ -261,8 +268,13 @@ def machine() -> dict:
     except OSError:
         pass
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
-    return {"cpu": model, "isa": isa, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "cpu": model,
+        "isa": isa,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def interleaved(paths: dict, repeats: int) -> dict:
@@ -335,19 +347,30 @@ def gram_rows(ceil, widths, repeats) -> list[dict]:
             # plain: G.addmm_(Xᵀ, X) for fp32 X; a 16-bit X upcast first (the authors' hook does exactly this)
             xt = (lambda: x.T) if dtype == torch.float32 else (lambda: x.float().T)
             xs = (lambda: x) if dtype == torch.float32 else (lambda: x.float())
-            times = interleaved({"fused": lambda: ops.gram_accumulate_([g], [x]), "plain": lambda: h.addmm_(xt(), xs())}, repeats)
+            times = interleaved(
+                {"fused": lambda: ops.gram_accumulate_([g], [x]), "plain": lambda: h.addmm_(xt(), xs())}, repeats
+            )
             g.zero_(), h.zero_()
             ops.gram_accumulate_([g], [x])
             h.addmm_(xt(), xs())
             triangle_flops = width * (width + 1) * TOKENS
             scale = truth.abs().max().item()
-            rows.append({
-                "threads": torch.get_num_threads(), "width": width, "input": str(dtype).removeprefix("torch."),
-                "fused_s": times["fused"], "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
-                "fused_fraction_of_fp32_matmul_rate": triangle_flops / times["fused"] / 1e9 / ceil["matmul_float32_GFLOPs"],
-                "fused_rel_err": (g.double() - truth).abs().max().item() / scale,
-                "plain_rel_err": (h.double() - truth).abs().max().item() / scale,
-            })
+            rows.append(
+                {
+                    "threads": torch.get_num_threads(),
+                    "width": width,
+                    "input": str(dtype).removeprefix("torch."),
+                    "fused_s": times["fused"],
+                    "plain_s": times["plain"],
+                    "speedup_vs_plain": times["plain"] / times["fused"],
+                    "fused_fraction_of_fp32_matmul_rate": triangle_flops
+                    / times["fused"]
+                    / 1e9
+                    / ceil["matmul_float32_GFLOPs"],
+                    "fused_rel_err": (g.double() - truth).abs().max().item() / scale,
+                    "plain_rel_err": (h.double() - truth).abs().max().item() / scale,
+                }
+            )
     return rows
 
 
@@ -370,12 +393,19 @@ def stats_rows(ceil, layers, repeats) -> list[dict]:
 
     times = interleaved({"fused": lambda: ops.gram_stats(grams), "plain": plain}, repeats)
     gb = sum(g.numel() * g.element_size() for g in grams) / 1e9
-    return [{
-        "threads": torch.get_num_threads(), "grams": len(grams), "GB": gb, "fused_s": times["fused"],
-        "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
-        "fused_GBps": gb / times["fused"], "fused_fraction_of_copy_bandwidth": gb / times["fused"] / ceil["copy_GBps"],
-        "fused_fraction_of_read_bandwidth": gb / times["fused"] / ceil["read_GBps"],
-    }]
+    return [
+        {
+            "threads": torch.get_num_threads(),
+            "grams": len(grams),
+            "GB": gb,
+            "fused_s": times["fused"],
+            "plain_s": times["plain"],
+            "speedup_vs_plain": times["plain"] / times["fused"],
+            "fused_GBps": gb / times["fused"],
+            "fused_fraction_of_copy_bandwidth": gb / times["fused"] / ceil["copy_GBps"],
+            "fused_fraction_of_read_bandwidth": gb / times["fused"] / ceil["read_GBps"],
+        }
+    ]
 
 
 def solve_rows(ceil, layers, r, repeats) -> list[dict]:
@@ -383,24 +413,33 @@ def solve_rows(ceil, layers, r, repeats) -> list[dict]:
     rows = []
     for width in sorted({w for _, _, w in layers}):
         count = sum(1 for _, _, w in layers if w == width)
-        grams = torch.stack(block_grams([l for l in layers if l[2] == width], torch.float64))
+        grams = torch.stack(block_grams([layer for layer in layers if layer[2] == width], torch.float64))
         rhs = torch.randn(count, r, width, dtype=torch.float64)
         plain = lambda: torch.cholesky_solve(rhs.mT, torch.linalg.cholesky(grams)).mT  # noqa: E731
         times = interleaved({"fused": lambda: ops.psd_right_solve(rhs, grams), "plain": plain}, repeats)
         flops = count * (width**3 / 3 + 2 * r * width * width)
-        rows.append({
-            "threads": torch.get_num_threads(), "width": width, "layers": count, "r": r, "fused_s": times["fused"],
-            "plain_s": times["plain"], "speedup_vs_plain": times["plain"] / times["fused"],
-            "fused_fraction_of_fp64_matmul_rate": flops / times["fused"] / 1e9 / ceil["matmul_float64_GFLOPs"],
-            "max_rel_diff": ((ops.psd_right_solve(rhs, grams) - plain()).abs().max() / plain().abs().max()).item(),
-        })
+        rows.append(
+            {
+                "threads": torch.get_num_threads(),
+                "width": width,
+                "layers": count,
+                "r": r,
+                "fused_s": times["fused"],
+                "plain_s": times["plain"],
+                "speedup_vs_plain": times["plain"] / times["fused"],
+                "fused_fraction_of_fp64_matmul_rate": flops / times["fused"] / 1e9 / ceil["matmul_float64_GFLOPs"],
+                "max_rel_diff": ((ops.psd_right_solve(rhs, grams) - plain()).abs().max() / plain().abs().max()).item(),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], columns: dict) -> str:
     """A markdown table of the given {key: header} columns."""
+
     def cell(v):
         return "–" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[k]) for k in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -426,7 +465,9 @@ def merge_rows(args, layers, ceil) -> list[Row]:
                     f_s, u_s, p_s = map(statistics.median, (f_s, u_s, p_s))
                     r_s, r_mem, r_out = float("nan"), float("nan"), None
                     if not args.no_reference:
-                        r_s, r_mem, r_out = measure(lambda: per_layer(clients, k, step, reference_solve(step)), args.slow_repeats)
+                        r_s, r_mem, r_out = measure(
+                            lambda: per_layer(clients, k, step, reference_solve(step)), args.slow_repeats
+                        )
                     a_s, a_mem = float("nan"), float("nan")
                     if not args.no_authors:
                         a_s, a_mem, _ = measure(
@@ -434,18 +475,54 @@ def merge_rows(args, layers, ceil) -> list[Row]:
                         )
                     floor = fused_floor(layers, k, r, step, diagonal, ceil)
                     diff = max_rel_diff(f_out, r_out) if r_out is not None else float("nan")
-                    rows.append(Row(step, kind, k, r, f_s, u_s, p_s, r_s, a_s, floor, f_s / floor, p_s / f_s, r_s / f_s,
-                                    a_s / f_s, f_mem, p_mem, r_mem, a_mem, diff, args.repeats, args.slow_repeats))
+                    rows.append(
+                        Row(
+                            step,
+                            kind,
+                            k,
+                            r,
+                            f_s,
+                            u_s,
+                            p_s,
+                            r_s,
+                            a_s,
+                            floor,
+                            f_s / floor,
+                            p_s / f_s,
+                            r_s / f_s,
+                            a_s / f_s,
+                            f_mem,
+                            p_mem,
+                            r_mem,
+                            a_mem,
+                            diff,
+                            args.repeats,
+                            args.slow_repeats,
+                        )
+                    )
                     print(table([asdict(rows[-1])], MERGE_COLUMNS).splitlines()[-1], flush=True)
     return rows
 
 
 MERGE_COLUMNS = {
-    "step": "step", "grams": "Grams", "K": "K", "r": "r", "fused_s": "fused s", "fused_unchecked_s": "fused, no value checks s",
-    "plain_s": "plain s", "floor_s": "floor s", "fused_over_floor": "fused / floor", "speedup_vs_plain": "× vs plain",
-    "reference_s": "reference s", "authors_s": "authors s", "speedup_vs_reference": "× vs reference",
-    "speedup_vs_authors": "× vs authors", "fused_peak_MB": "fused peak MB", "plain_peak_MB": "plain peak MB",
-    "reference_peak_MB": "reference peak MB", "max_rel_diff_vs_reference": "max rel diff",
+    "step": "step",
+    "grams": "Grams",
+    "K": "K",
+    "r": "r",
+    "fused_s": "fused s",
+    "fused_unchecked_s": "fused, no value checks s",
+    "plain_s": "plain s",
+    "floor_s": "floor s",
+    "fused_over_floor": "fused / floor",
+    "speedup_vs_plain": "× vs plain",
+    "reference_s": "reference s",
+    "authors_s": "authors s",
+    "speedup_vs_reference": "× vs reference",
+    "speedup_vs_authors": "× vs authors",
+    "fused_peak_MB": "fused peak MB",
+    "plain_peak_MB": "plain peak MB",
+    "reference_peak_MB": "reference peak MB",
+    "max_rel_diff_vs_reference": "max rel diff",
 }
 
 
@@ -461,8 +538,13 @@ def main(argv=None) -> None:
     p.add_argument("--grams", nargs="+", default=["full", "diagonal"], choices=["full", "diagonal"])
     p.add_argument("--layers", type=int, default=len(VIT_B_LAYERS), help="use only the first N ViT-B layers")
     p.add_argument("--gram-widths", type=int, nargs="*", default=[64, 768, 3072], help="Gram accumulation widths")
-    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
-                   help="thread counts of the op tables (Gram accumulation, value checks, solve)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[torch.get_num_threads()],
+        help="thread counts of the op tables (Gram accumulation, value checks, solve)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="repeats of the fused and plain paths (median reported)")
     p.add_argument("--slow-repeats", type=int, default=1, help="repeats of the reference and authors' paths")
     p.add_argument("--no-reference", action="store_true", help="skip the reference (its rel diff is then not checked)")
@@ -487,18 +569,57 @@ def main(argv=None) -> None:
         grams += gram_rows(ceil, args.gram_widths, max(args.repeats, 5))
         stats += stats_rows(ceil, layers[:4], max(args.repeats, 5))
         solves += solve_rows(ceil, layers[:4], max(args.ranks), max(args.repeats, 3))
-    print("\n" + table(grams, {"threads": "threads", "width": "width", "input": "input", "fused_s": "fused s",
-                               "plain_s": "plain s", "speedup_vs_plain": "× vs plain",
-                               "fused_fraction_of_fp32_matmul_rate": "fraction of fp32 matmul rate",
-                               "fused_rel_err": "fused rel err", "plain_rel_err": "plain rel err"}))
-    print("\n" + table(stats, {"threads": "threads", "grams": "Grams", "GB": "GB", "fused_s": "fused s",
-                               "plain_s": "plain s", "speedup_vs_plain": "× vs plain", "fused_GBps": "fused GB/s",
-                               "fused_fraction_of_copy_bandwidth": "fraction of copy bandwidth",
-                               "fused_fraction_of_read_bandwidth": "fraction of read bandwidth"}))
-    print("\n" + table(solves, {"threads": "threads", "width": "width", "layers": "layers", "r": "r",
-                                "fused_s": "fused s", "plain_s": "plain s", "speedup_vs_plain": "× vs plain",
-                                "fused_fraction_of_fp64_matmul_rate": "fraction of fp64 matmul rate",
-                                "max_rel_diff": "max rel diff"}))
+    print(
+        "\n"
+        + table(
+            grams,
+            {
+                "threads": "threads",
+                "width": "width",
+                "input": "input",
+                "fused_s": "fused s",
+                "plain_s": "plain s",
+                "speedup_vs_plain": "× vs plain",
+                "fused_fraction_of_fp32_matmul_rate": "fraction of fp32 matmul rate",
+                "fused_rel_err": "fused rel err",
+                "plain_rel_err": "plain rel err",
+            },
+        )
+    )
+    print(
+        "\n"
+        + table(
+            stats,
+            {
+                "threads": "threads",
+                "grams": "Grams",
+                "GB": "GB",
+                "fused_s": "fused s",
+                "plain_s": "plain s",
+                "speedup_vs_plain": "× vs plain",
+                "fused_GBps": "fused GB/s",
+                "fused_fraction_of_copy_bandwidth": "fraction of copy bandwidth",
+                "fused_fraction_of_read_bandwidth": "fraction of read bandwidth",
+            },
+        )
+    )
+    print(
+        "\n"
+        + table(
+            solves,
+            {
+                "threads": "threads",
+                "width": "width",
+                "layers": "layers",
+                "r": "r",
+                "fused_s": "fused s",
+                "plain_s": "plain s",
+                "speedup_vs_plain": "× vs plain",
+                "fused_fraction_of_fp64_matmul_rate": "fraction of fp64 matmul rate",
+                "max_rel_diff": "max rel diff",
+            },
+        )
+    )
 
     torch.set_num_threads(threads_at_start)
     ceil = ceils.get(threads_at_start) or ceilings()
@@ -507,11 +628,20 @@ def main(argv=None) -> None:
     rows = merge_rows(args, layers, ceil)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
-        "machine": info, "ceilings_by_threads": ceils, "gram_accumulation": grams, "value_checks": stats,
-        "solve": solves, "merge": [nan_to_none(asdict(r)) for r in rows],  # NaN (skipped) -> null
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else argv,
+                "machine": info,
+                "ceilings_by_threads": ceils,
+                "gram_accumulation": grams,
+                "value_checks": stats,
+                "solve": solves,
+                "merge": [nan_to_none(asdict(r)) for r in rows],  # NaN (skipped) -> null
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

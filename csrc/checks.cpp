@@ -3,13 +3,12 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
-#include <limits>
-
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <utility>
 
 namespace lorm_ext {
@@ -25,28 +24,23 @@ bool is_input_dtype(at::ScalarType t) {
 
 // An accumulator is written in place tile by tile, so it must own its memory contiguously.
 void check_accumulator(const at::Tensor& t, const char* op, const char* name, size_t i) {
-  TORCH_CHECK(
-      is_accumulator_dtype(t.scalar_type()),
-      op, ": ", name, "[", i, "] must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(is_accumulator_dtype(t.scalar_type()), op, ": ", name, "[", i, "] must be float32 or float64, got ",
+              t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
 }
 
 void check_input(const at::Tensor& t, const char* op, const char* name, size_t i) {
-  TORCH_CHECK(
-      is_input_dtype(t.scalar_type()),
-      op, ": ", name, "[", i, "] must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(is_input_dtype(t.scalar_type()), op, ": ", name, "[", i,
+              "] must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, size_t i) {
-  TORCH_CHECK(
-      a.device() == b.device(),
-      op, ": entry ", i, " mixes devices ", a.device(), " and ", b.device());
+  TORCH_CHECK(a.device() == b.device(), op, ": entry ", i, " mixes devices ", a.device(), " and ", b.device());
 }
 
 void check_gram_shape(const at::Tensor& gram, const char* op, const char* name, size_t i) {
-  TORCH_CHECK(
-      gram.dim() == 1 || (gram.dim() == 2 && gram.size(0) == gram.size(1)),
-      op, ": ", name, "[", i, "] must be a square (n, n) Gram or a diagonal (n,), got shape ", gram.sizes());
+  TORCH_CHECK(gram.dim() == 1 || (gram.dim() == 2 && gram.size(0) == gram.size(1)), op, ": ", name, "[", i,
+              "] must be a square (n, n) Gram or a diagonal (n,), got shape ", gram.sizes());
 }
 
 void check_lengths(size_t expected, size_t got, const char* op, const char* name) {
@@ -57,10 +51,8 @@ void check_lengths(size_t expected, size_t got, const char* op, const char* name
 // live on the device of the first.
 void check_one_device(at::TensorList tensors, const at::Tensor& first, const char* op, const char* name) {
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(
-        tensors[i].device() == first.device(),
-        op, ": ", name, "[", i, "] is on ", tensors[i].device(), " but entry 0 is on ", first.device(),
-        "; all entries of one call must be on one device");
+    TORCH_CHECK(tensors[i].device() == first.device(), op, ": ", name, "[", i, "] is on ", tensors[i].device(),
+                " but entry 0 is on ", first.device(), "; all entries of one call must be on one device");
   }
 }
 
@@ -90,16 +82,14 @@ struct Named {
   const char* name;
   at::TensorList tensors;
 };
-void check_inputs_do_not_overlap_outputs(
-    std::initializer_list<Named> inputs, std::initializer_list<Named> outputs, const char* op) {
+void check_inputs_do_not_overlap_outputs(std::initializer_list<Named> inputs, std::initializer_list<Named> outputs,
+                                         const char* op) {
   for (const auto& in : inputs) {
     for (size_t i = 0; i < in.tensors.size(); ++i) {
       for (const auto& out : outputs) {
         for (size_t j = 0; j < out.tensors.size(); ++j) {
-          TORCH_CHECK(
-              !overlap(in.tensors[i], out.tensors[j]),
-              op, ": ", in.name, "[", i, "] shares memory with ", out.name, "[", j,
-              "], which the op writes; pass a copy (", in.name, "[", i, "].clone())");
+          TORCH_CHECK(!overlap(in.tensors[i], out.tensors[j]), op, ": ", in.name, "[", i, "] shares memory with ",
+                      out.name, "[", j, "], which the op writes; pass a copy (", in.name, "[", i, "].clone())");
         }
       }
     }
@@ -166,9 +156,8 @@ void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
     check_input(x, op, "inputs", i);
     check_same_device(g, x, op, i);
     TORCH_CHECK(x.dim() >= 1, op, ": inputs[", i, "] must have at least one dimension");
-    TORCH_CHECK(
-        x.size(-1) == g.size(0),
-        op, ": inputs[", i, "] has ", x.size(-1), " features but grams[", i, "] is for ", g.size(0));
+    TORCH_CHECK(x.size(-1) == g.size(0), op, ": inputs[", i, "] has ", x.size(-1), " features but grams[", i,
+                "] is for ", g.size(0));
   }
   if (!grams.empty()) {
     check_one_device(grams, grams[0], op, "grams");
@@ -176,20 +165,15 @@ void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs) {
   check_inputs_do_not_overlap_outputs({{"inputs", inputs}}, {{"grams", grams}}, op);
 }
 
-void check_gram_weighted_accumulate_args(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts) {
+void check_gram_weighted_accumulate_args(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                         at::TensorList factors, at::TensorList lefts) {
   constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
   const size_t n_layers = gram_sums.size();
   check_lengths(n_layers, weighted_sums.size(), op, "weighted_sums");
   check_lengths(n_layers, grams.size(), op, "grams");
   check_lengths(n_layers, factors.size(), op, "factors");
-  TORCH_CHECK(
-      lefts.empty() || lefts.size() == n_layers,
-      op, ": lefts must be empty or have ", n_layers, " entries, got ", lefts.size());
+  TORCH_CHECK(lefts.empty() || lefts.size() == n_layers, op, ": lefts must be empty or have ", n_layers,
+              " entries, got ", lefts.size());
   for (size_t i = 0; i < n_layers; ++i) {
     const auto& gs = gram_sums[i];
     const auto& ws = weighted_sums[i];
@@ -198,50 +182,39 @@ void check_gram_weighted_accumulate_args(
     check_accumulator(gs, op, "gram_sums", i);
     check_accumulator(ws, op, "weighted_sums", i);
     check_gram_shape(gs, op, "gram_sums", i);
-    TORCH_CHECK(
-        ws.scalar_type() == gs.scalar_type(),
-        op, ": weighted_sums[", i, "] is ", ws.scalar_type(), " but gram_sums[", i, "] is ", gs.scalar_type());
+    TORCH_CHECK(ws.scalar_type() == gs.scalar_type(), op, ": weighted_sums[", i, "] is ", ws.scalar_type(),
+                " but gram_sums[", i, "] is ", gs.scalar_type());
     check_input(g, op, "grams", i);
     check_input(f, op, "factors", i);
     for (const auto* t : {&ws, &g, &f}) {
       check_same_device(gs, *t, op, i);
     }
-    TORCH_CHECK(
-        g.sizes() == gs.sizes(),
-        op, ": grams[", i, "] has shape ", g.sizes(), " but gram_sums[", i, "] has ", gs.sizes());
+    TORCH_CHECK(g.sizes() == gs.sizes(), op, ": grams[", i, "] has shape ", g.sizes(), " but gram_sums[", i, "] has ",
+                gs.sizes());
     const int64_t n = gs.size(0);
-    TORCH_CHECK(
-        f.dim() == 2 && f.size(1) == n,
-        op, ": factors[", i, "] must be (p, ", n, "), got ", f.sizes());
+    TORCH_CHECK(f.dim() == 2 && f.size(1) == n, op, ": factors[", i, "] must be (p, ", n, "), got ", f.sizes());
     int64_t rows = f.size(0);
     if (!lefts.empty()) {
       const auto& l = lefts[i];
       check_input(l, op, "lefts", i);
       check_same_device(gs, l, op, i);
-      TORCH_CHECK(
-          l.dim() == 2 && l.size(1) == f.size(0),
-          op, ": lefts[", i, "] must be (m, ", f.size(0), ") to multiply factors[", i, "], got ", l.sizes());
+      TORCH_CHECK(l.dim() == 2 && l.size(1) == f.size(0), op, ": lefts[", i, "] must be (m, ", f.size(0),
+                  ") to multiply factors[", i, "], got ", l.sizes());
       rows = l.size(0);
     }
-    TORCH_CHECK(
-        ws.dim() == 2 && ws.size(0) == rows && ws.size(1) == n,
-        op, ": weighted_sums[", i, "] must be (", rows, ", ", n, "), got ", ws.sizes());
+    TORCH_CHECK(ws.dim() == 2 && ws.size(0) == rows && ws.size(1) == n, op, ": weighted_sums[", i, "] must be (", rows,
+                ", ", n, "), got ", ws.sizes());
   }
   if (n_layers > 0) {
     check_one_device(gram_sums, gram_sums[0], op, "gram_sums");
   }
   check_disjoint(gram_sums, weighted_sums, op);
-  check_inputs_do_not_overlap_outputs(
-      {{"grams", grams}, {"factors", factors}, {"lefts", lefts}},
-      {{"gram_sums", gram_sums}, {"weighted_sums", weighted_sums}}, op);
+  check_inputs_do_not_overlap_outputs({{"grams", grams}, {"factors", factors}, {"lefts", lefts}},
+                                      {{"gram_sums", gram_sums}, {"weighted_sums", weighted_sums}}, op);
 }
 
-void check_projected_accumulate_args(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors) {
+void check_projected_accumulate_args(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                     at::TensorList shared_factors, at::TensorList factors) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   const size_t n_layers = projection_sums.size();
   check_lengths(n_layers, weighted_sums.size(), op, "weighted_sums");
@@ -256,9 +229,8 @@ void check_projected_accumulate_args(
     const auto& b = factors[i];
     check_accumulator(ps, op, "projection_sums", i);
     check_accumulator(ws, op, "weighted_sums", i);
-    TORCH_CHECK(
-        ws.scalar_type() == ps.scalar_type(),
-        op, ": weighted_sums[", i, "] is ", ws.scalar_type(), " but projection_sums[", i, "] is ", ps.scalar_type());
+    TORCH_CHECK(ws.scalar_type() == ps.scalar_type(), op, ": weighted_sums[", i, "] is ", ws.scalar_type(),
+                " but projection_sums[", i, "] is ", ps.scalar_type());
     check_input(g, op, "grams", i);
     check_gram_shape(g, op, "grams", i);
     check_input(a, op, "shared_factors", i);
@@ -267,27 +239,22 @@ void check_projected_accumulate_args(
       check_same_device(ps, *t, op, i);
     }
     const int64_t n = g.size(0);
-    TORCH_CHECK(
-        a.dim() == 2 && a.size(1) == n,
-        op, ": shared_factors[", i, "] must be (r, ", n, ") for a Gram of width ", n, ", got ", a.sizes());
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == n, op, ": shared_factors[", i, "] must be (r, ", n,
+                ") for a Gram of width ", n, ", got ", a.sizes());
     const int64_t r = a.size(0);
-    TORCH_CHECK(
-        b.dim() == 2 && b.size(1) == r,
-        op, ": factors[", i, "] must be (m, ", r, ") to match shared_factors[", i, "], got ", b.sizes());
-    TORCH_CHECK(
-        ps.dim() == 2 && ps.size(0) == r && ps.size(1) == r,
-        op, ": projection_sums[", i, "] must be (", r, ", ", r, "), got ", ps.sizes());
-    TORCH_CHECK(
-        ws.dim() == 2 && ws.size(0) == b.size(0) && ws.size(1) == r,
-        op, ": weighted_sums[", i, "] must be (", b.size(0), ", ", r, "), got ", ws.sizes());
+    TORCH_CHECK(b.dim() == 2 && b.size(1) == r, op, ": factors[", i, "] must be (m, ", r, ") to match shared_factors[",
+                i, "], got ", b.sizes());
+    TORCH_CHECK(ps.dim() == 2 && ps.size(0) == r && ps.size(1) == r, op, ": projection_sums[", i, "] must be (", r,
+                ", ", r, "), got ", ps.sizes());
+    TORCH_CHECK(ws.dim() == 2 && ws.size(0) == b.size(0) && ws.size(1) == r, op, ": weighted_sums[", i, "] must be (",
+                b.size(0), ", ", r, "), got ", ws.sizes());
   }
   if (n_layers > 0) {
     check_one_device(projection_sums, projection_sums[0], op, "projection_sums");
   }
   check_disjoint(projection_sums, weighted_sums, op);
-  check_inputs_do_not_overlap_outputs(
-      {{"grams", grams}, {"shared_factors", shared_factors}, {"factors", factors}},
-      {{"projection_sums", projection_sums}, {"weighted_sums", weighted_sums}}, op);
+  check_inputs_do_not_overlap_outputs({{"grams", grams}, {"shared_factors", shared_factors}, {"factors", factors}},
+                                      {{"projection_sums", projection_sums}, {"weighted_sums", weighted_sums}}, op);
 }
 
 }  // namespace lorm_ext

@@ -28,19 +28,11 @@ void check_gram_stats_args(at::TensorList grams);
 void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs);
 
 // gram_weighted_accumulate_: gram_sums[i] += grams[i]; weighted_sums[i] += [lefts[i] @] factors[i] @ grams[i].
-void check_gram_weighted_accumulate_args(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts);
+void check_gram_weighted_accumulate_args(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                         at::TensorList factors, at::TensorList lefts);
 
 // projected_accumulate_: P = A G Aᵀ; projection_sums[i] += P; weighted_sums[i] += factors[i] @ P.
-void check_projected_accumulate_args(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors);
+void check_projected_accumulate_args(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                     at::TensorList shared_factors, at::TensorList factors);
 
 }  // namespace lorm_ext

@@ -26,9 +26,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
       },
       "Whether the CUDA implementations were compiled into this build.");
-  m.def(
-      "symmetry_tolerance", &lorm_ext::symmetry_tolerance,
-      "The largest max |G - G^T| accepted for a Gram of this dtype, relative to its largest diagonal entry.");
+  m.def("symmetry_tolerance", &lorm_ext::symmetry_tolerance,
+        "The largest max |G - G^T| accepted for a Gram of this dtype, relative to its largest diagonal entry.");
 #ifdef LORM_EXT_WITH_CUDA
   // An invalid choice is a ValueError with c10's message alone (its what() carries a C++ backtrace).
   m.def(

@@ -10,10 +10,9 @@
 // transposed copies, no zeroed triangle); elsewhere (CUDA: cuSOLVER) they go through ATen.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <c10/core/ScalarType.h>
 #include <c10/util/irange.h>
+#include <torch/library.h>
 
 #include <cmath>
 
@@ -27,8 +26,8 @@ void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* inf
 void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info) __attribute__((weak));
 void dpotrs_(const char* uplo, const int* n, const int* nrhs, const double* a, const int* lda, double* b,
              const int* ldb, int* info) __attribute__((weak));
-void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda, float* b,
-             const int* ldb, int* info) __attribute__((weak));
+void spotrs_(const char* uplo, const int* n, const int* nrhs, const float* a, const int* lda, float* b, const int* ldb,
+             int* info) __attribute__((weak));
 }
 
 namespace lorm_ext {
@@ -43,9 +42,8 @@ constexpr double kCholeskyRcond = 1e-15;
 enum class GramKind { kFull, kDiagonal, kDiagonalRow };
 
 GramKind check_solve_args(const at::Tensor& rhs, const at::Tensor& gram, double rcond) {
-  TORCH_CHECK(
-      gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
-      kOp, ": gram must be float32 or float64, got ", gram.scalar_type());
+  TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble, kOp,
+              ": gram must be float32 or float64, got ", gram.scalar_type());
   TORCH_CHECK(at::isFloatingType(rhs.scalar_type()), kOp, ": rhs must be floating point, got ", rhs.scalar_type());
   TORCH_CHECK(rhs.device() == gram.device(), kOp, ": rhs is on ", rhs.device(), " but gram is on ", gram.device());
   TORCH_CHECK(std::isfinite(rcond) && rcond >= 0, kOp, ": rcond must be finite and >= 0, got ", rcond);
@@ -54,50 +52,43 @@ GramKind check_solve_args(const at::Tensor& rhs, const at::Tensor& gram, double 
   GramKind kind = GramKind::kFull;
   if (rhs.dim() == gram.dim() + 1) {
     kind = GramKind::kDiagonal;
-    TORCH_CHECK(
-        !(gram.dim() >= 2 && gram.size(-1) == gram.size(-2)),
-        kOp, ": rhs ", rhs.sizes(), " with gram ", gram.sizes(), " is ambiguous: ", gram.size(-2),
-        " diagonal Grams, or one full Gram for a batch of right-hand sides (not supported: give the Gram the "
-        "batch dims of rhs); write diagonal Grams as (..., 1, n) to say which");
+    TORCH_CHECK(!(gram.dim() >= 2 && gram.size(-1) == gram.size(-2)), kOp, ": rhs ", rhs.sizes(), " with gram ",
+                gram.sizes(), " is ambiguous: ", gram.size(-2),
+                " diagonal Grams, or one full Gram for a batch of right-hand sides (not supported: give the Gram the "
+                "batch dims of rhs); write diagonal Grams as (..., 1, n) to say which");
   } else {
-    TORCH_CHECK(
-        rhs.dim() == gram.dim() && gram.dim() >= 2,
-        kOp, ": rhs must be (..., m, n) with gram (..., n, n), (..., 1, n) or a diagonal (..., n) of the same "
-        "batch dims, got rhs ", rhs.sizes(), " and gram ", gram.sizes());
+    TORCH_CHECK(rhs.dim() == gram.dim() && gram.dim() >= 2, kOp,
+                ": rhs must be (..., m, n) with gram (..., n, n), (..., 1, n) or a diagonal (..., n) of the same "
+                "batch dims, got rhs ",
+                rhs.sizes(), " and gram ", gram.sizes());
     if (gram.size(-2) == 1 && gram.size(-1) != 1) {
       kind = GramKind::kDiagonalRow;
     } else {
-      TORCH_CHECK(
-          gram.size(-1) == gram.size(-2),
-          kOp, ": gram must be (..., n, n), (..., 1, n) or a diagonal (..., n), got shape ", gram.sizes());
+      TORCH_CHECK(gram.size(-1) == gram.size(-2), kOp,
+                  ": gram must be (..., n, n), (..., 1, n) or a diagonal (..., n), got shape ", gram.sizes());
     }
   }
   const int64_t batch_dims = rhs.dim() - 2;
-  TORCH_CHECK(
-      rhs.sizes().slice(0, batch_dims) == gram.sizes().slice(0, batch_dims),
-      kOp, ": batch dims differ: rhs ", rhs.sizes(), ", gram ", gram.sizes());
-  TORCH_CHECK(
-      rhs.size(-1) == gram.size(-1),
-      kOp, ": rhs has ", rhs.size(-1), " columns but gram is for ", gram.size(-1), " features");
+  TORCH_CHECK(rhs.sizes().slice(0, batch_dims) == gram.sizes().slice(0, batch_dims), kOp, ": batch dims differ: rhs ",
+              rhs.sizes(), ", gram ", gram.sizes());
+  TORCH_CHECK(rhs.size(-1) == gram.size(-1), kOp, ": rhs has ", rhs.size(-1), " columns but gram is for ",
+              gram.size(-1), " features");
   return kind;
 }
 
 // The Cholesky factor reads one triangle only: an asymmetric Gram would be solved as a different matrix.
 void check_symmetric(const at::Tensor& grams) {
   std::vector<at::Tensor> entries(grams.unbind(0));
-  static const auto gram_stats = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("lorm_ext::gram_stats", "")
-                                     .typed<at::Tensor(at::TensorList)>();
+  static const auto gram_stats =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lorm_ext::gram_stats", "").typed<at::Tensor(at::TensorList)>();
   const at::Tensor stats = gram_stats.call(entries).cpu();
   const auto s = stats.accessor<double, 2>();
   const double tolerance = symmetry_tolerance(grams.scalar_type());
   for (const auto i : c10::irange(stats.size(0))) {
     const double asymmetry = s[i][0], max_diagonal = s[i][2];
     TORCH_CHECK(s[i][3] == 0, kOp, ": gram ", i, " contains NaN or Inf");
-    TORCH_CHECK(
-        asymmetry <= tolerance * max_diagonal,
-        kOp, ": gram ", i, " is not symmetric (max |G - Gᵀ| = ", asymmetry, " > ", tolerance,
-        " · max diag); a Gram XᵀX is");
+    TORCH_CHECK(asymmetry <= tolerance * max_diagonal, kOp, ": gram ", i,
+                " is not symmetric (max |G - Gᵀ| = ", asymmetry, " > ", tolerance, " · max diag); a Gram XᵀX is");
   }
 }
 
@@ -199,9 +190,8 @@ at::Tensor full_solve(const at::Tensor& rhs, const at::Tensor& gram, double rcon
     return eigh_pinv_solve(b, g, rcond).reshape(rhs.sizes());
   }
   at::Tensor usable = at::zeros({g.size(0)}, at::kBool);
-  at::Tensor out = g.is_cpu() && have_lapack() && n <= INT32_MAX && m <= INT32_MAX
-                       ? cholesky_solve_cpu(b, g, usable)
-                       : cholesky_solve_aten(b, g, usable);
+  at::Tensor out = g.is_cpu() && have_lapack() && n <= INT32_MAX && m <= INT32_MAX ? cholesky_solve_cpu(b, g, usable)
+                                                                                   : cholesky_solve_aten(b, g, usable);
   if (!usable.all().item<bool>()) {
     const at::Tensor fallback = usable.logical_not().nonzero().squeeze(-1).to(g.device());
     out.index_copy_(0, fallback, eigh_pinv_solve(b.index_select(0, fallback), g.index_select(0, fallback), rcond));
@@ -217,12 +207,9 @@ at::Tensor psd_right_solve(const at::Tensor& rhs_in, const at::Tensor& gram_in, 
     return at::zeros_like(rhs);
   }
   switch (kind) {
-    case GramKind::kDiagonal:
-      return diagonal_pinv_solve(rhs, gram, rcond);
-    case GramKind::kDiagonalRow:
-      return diagonal_pinv_solve(rhs, gram.squeeze(-2), rcond);
-    case GramKind::kFull:
-      return full_solve(rhs, gram, rcond);
+    case GramKind::kDiagonal: return diagonal_pinv_solve(rhs, gram, rcond);
+    case GramKind::kDiagonalRow: return diagonal_pinv_solve(rhs, gram.squeeze(-2), rcond);
+    case GramKind::kFull: return full_solve(rhs, gram, rcond);
   }
   TORCH_INTERNAL_ASSERT(false, kOp, ": unknown Gram kind");
 }

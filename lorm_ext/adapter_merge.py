@@ -42,7 +42,14 @@ from .adapters import (
     factor_keys,
     saved_key,
 )
-from .merge import FactoredNumerator, RegMeanMerger, _top_singular, excess_objective, low_rank_alternating, low_rank_exact
+from .merge import (
+    FactoredNumerator,
+    RegMeanMerger,
+    _top_singular,
+    excess_objective,
+    low_rank_alternating,
+    low_rank_exact,
+)
 from .progress import Progress
 from .reference import DEFAULT_RCOND
 from .validation import LayerError, check_rank_fits
@@ -103,8 +110,12 @@ def plan_groups(layout: dict[str, tuple[int, int, int]], gram_files: Sequence[Gr
         for module in sorted(layout):
             if grams.is_diagonal(module) != first.is_diagonal(module):
                 kinds = {True: "diagonal", False: "full"}
-                raise AdapterFileError(grams.path, f"Gram is {kinds[grams.is_diagonal(module)]} but the first Gram "
-                                       f"file's is {kinds[first.is_diagonal(module)]}", module)
+                raise AdapterFileError(
+                    grams.path,
+                    f"Gram is {kinds[grams.is_diagonal(module)]} but the first Gram "
+                    f"file's is {kinds[first.is_diagonal(module)]}",
+                    module,
+                )
     groups: dict[str, _Group] = {}
     inputs: dict[tuple, _Input] = {}
     for module in sorted(layout):
@@ -139,8 +150,10 @@ class _GroupSums:
             for out, modules in by_out.items():
                 total_rank = max(ranks[m] for m in modules)
                 if total_rank * (out + inp.width) < out * inp.width:
-                    stacked = FactoredNumerator(torch.zeros(len(modules), out, total_rank, **zeros),
-                                                torch.zeros(len(modules), total_rank, inp.width, **zeros))
+                    stacked = FactoredNumerator(
+                        torch.zeros(len(modules), out, total_rank, **zeros),
+                        torch.zeros(len(modules), total_rank, inp.width, **zeros),
+                    )
                 else:
                     stacked = torch.zeros(len(modules), out, inp.width, **zeros)
                 self.batches.append((modules, stacked, gram))
@@ -177,19 +190,19 @@ class _GroupSums:
                         total[start:stop, start:] += upper
                     if panel.mirrored:  # columns stop.. of the panel stand for G[stop:, start:stop] too
                         ag[:, start:].addmm_(a[:, start:stop], p)
-                        ag[:, start:stop].addmm_(a[:, stop:], p[:, stop - start:].mT)
+                        ag[:, start:stop].addmm_(a[:, stop:], p[:, stop - start :].mT)
                     else:
                         ag.addmm_(a[:, start:stop], p)
             progress.read(grams.nbytes(key))
             row = 0
             for module in modules:
                 b, a_k = factors[module]
-                ag_k = ag[row:row + a_k.shape[0]]
+                ag_k = ag[row : row + a_k.shape[0]]
                 row += a_k.shape[0]
                 numerator, done, r_k = self.numerator[module], self.rank_sum[module], a_k.shape[0]
                 if isinstance(numerator, FactoredNumerator):
-                    numerator.left[:, done:done + r_k] = b
-                    numerator.right[done:done + r_k] = ag_k
+                    numerator.left[:, done : done + r_k] = b
+                    numerator.right[done : done + r_k] = ag_k
                 else:
                     numerator.addmm_(b, ag_k)
                 self.constant[module] += ((b.mT @ b) * (ag_k @ a_k.mT)).sum()
@@ -219,14 +232,17 @@ class _GroupSums:
                 elif method == "alternating":  # its steps read the dense N
                     grams = one_gram.expand(len(modules), *gram.shape).contiguous()
                     dense = numerators.dense() if isinstance(numerators, FactoredNumerator) else numerators
-                    B, A, _ = low_rank_alternating(dense, grams, rank, constant=constants, max_iters=max_iters,
-                                                   tol=tol, rcond=DEFAULT_RCOND)
+                    B, A, _ = low_rank_alternating(
+                        dense, grams, rank, constant=constants, max_iters=max_iters, tol=tol, rcond=DEFAULT_RCOND
+                    )
                     del dense
                 elif method == "average":
                     B = torch.stack([self.sum_b[m] for m in modules]) / self.count
                     A = torch.stack([self.sum_a[m] for m in modules]) / self.count
                 else:  # svd of the mean update, PEFT's add_weighted_adapter(combination_type="svd")
-                    U, S, Vh = _top_singular(torch.stack([self.sum_delta[m] for m in modules]) / self.count, rank, bound)
+                    U, S, Vh = _top_singular(
+                        torch.stack([self.sum_delta[m] for m in modules]) / self.count, rank, bound
+                    )
                     B, A = U * S.unsqueeze(-2), Vh
                 values = (excess_objective(numerators, one_gram, B, A) + constants).tolist()
                 for i, module in enumerate(modules):
@@ -283,16 +299,21 @@ def plan_saved(first: AdapterFile, gram_files: Sequence[GramFile]) -> dict[str, 
         having = [g for g in gram_files if module in g.index] if module in heads else []
         if having and len(having) != len(gram_files):
             lacking = next(g for g in gram_files if module not in g.index)
-            raise AdapterFileError(lacking.path, f"has no Gram for this modules_to_save head but {having[0].path} has "
-                                   "one: give its Gram in every Gram file or in none", module)
+            raise AdapterFileError(
+                lacking.path,
+                f"has no Gram for this modules_to_save head but {having[0].path} has "
+                "one: give its Gram in every Gram file or in none",
+                module,
+            )
         for grams in having:
             grams.check_modules({module: heads[module][1]})
         methods[module] = "regmean" if having else "mean"
     return methods
 
 
-def merge_saved(adapters: Sequence[AdapterFile], gram_files: Sequence[GramFile], methods: Mapping[str, str],
-                device: torch.device) -> dict[str, dict[str, Tensor]]:
+def merge_saved(
+    adapters: Sequence[AdapterFile], gram_files: Sequence[GramFile], methods: Mapping[str, str], device: torch.device
+) -> dict[str, dict[str, Tensor]]:
     """The merged ``modules_to_save`` copies (``plan_saved``'s methods): a head's weight by RegMean,
     W = (Σ_k W_k G_k)(Σ_k G_k)⁺ with the Grams of its input; every other tensor (biases, norms, heads without
     Grams) the mean over the adapters. In float64, one module at a time."""
@@ -332,29 +353,36 @@ def _check_same_adapter_kind(first: AdapterFile, other: AdapterFile) -> None:
     """Same modules, same layer shapes and the same base model as the first adapter; ranks may differ."""
     missing, extra = sorted(set(first.layout) - set(other.layout)), sorted(set(other.layout) - set(first.layout))
     if missing or extra:
-        parts = ([f"lacks module(s) {missing}"] if missing else []) + ([f"has extra module(s) {extra}"] if extra else [])
+        parts = ([f"lacks module(s) {missing}"] if missing else []) + (
+            [f"has extra module(s) {extra}"] if extra else []
+        )
         raise AdapterFileError(other.weights_path, " and ".join(parts) + f" compared with {first.weights_path}")
     for module, (out, _, width) in other.layout.items():
         first_out, _, first_width = first.layout[module]
         if (out, width) != (first_out, first_width):
             raise AdapterFileError(
-                other.weights_path, f"shape mismatch: ΔW is {out} × {width} here but {first_out} × {first_width} in "
-                f"{first.weights_path}", module
+                other.weights_path,
+                f"shape mismatch: ΔW is {out} × {width} here but {first_out} × {first_width} in {first.weights_path}",
+                module,
             )
     for name in sorted(_MUST_AGREE_FIELDS):
         if (first.config.get(name) or None) != (other.config.get(name) or None):  # absent = None = False
             raise AdapterFileError(
-                other.path / CONFIG_NAME, f"{name}={other.config.get(name)!r} differs from "
-                f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}"
+                other.path / CONFIG_NAME,
+                f"{name}={other.config.get(name)!r} differs from "
+                f"{first.config.get(name)!r} in {first.path / CONFIG_NAME}",
             )
 
 
 def _check_same_saved_modules(first: AdapterFile, other: AdapterFile) -> None:
     """The same modules_to_save copies, parameters and shapes as the first adapter (dtypes may differ)."""
-    shapes = [{m: {p: shape for p, (shape, _) in params.items()} for m, params in a.saved.items()} for a in (first, other)]
+    shapes = [
+        {m: {p: shape for p, (shape, _) in params.items()} for m, params in a.saved.items()} for a in (first, other)
+    ]
     if shapes[0] != shapes[1]:
-        raise AdapterFileError(other.weights_path, f"modules_to_save tensors {shapes[1]} differ from {shapes[0]} in "
-                               f"{first.weights_path}")
+        raise AdapterFileError(
+            other.weights_path, f"modules_to_save tensors {shapes[1]} differ from {shapes[0]} in {first.weights_path}"
+        )
 
 
 def _check_options(rank, method, max_iters, tol, workers) -> None:
@@ -445,8 +473,9 @@ def merge_lora_adapters(
     def merge_group(group: _Group, writer: StreamedSafetensors | None) -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            sums = _GroupSums(group, first.layout, total_ranks, device, average="average" in methods,
-                              svd="svd" in methods)
+            sums = _GroupSums(
+                group, first.layout, total_ranks, device, average="average" in methods, svd="svd" in methods
+            )
             for adapter, gram_file in zip(adapters, grams):
                 sums.fold(adapter, gram_file, progress)
             merged, objectives = sums.solve(methods, rank, max_iters, tol, scored)
@@ -500,7 +529,9 @@ def merge_lora_adapters(
                 finally:
                     writer.close()
                 config = adapter_config(first.config, first.layout, rank, first.saved)
-                (output.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                (output.tmp / CONFIG_NAME).write_text(
+                    json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+                )
                 output.commit()
     finally:
         progress.close()

@@ -91,8 +91,9 @@ _OFF_VALUES = {
 # Modules trained in full and saved whole (a classification head): read, merged (RegMean with their Grams,
 # else the mean), written.
 _SAVED_FIELDS = {"modules_to_save"}
-_KNOWN_FIELDS = (_SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | _SAVED_FIELDS
-                 | set(_OFF_VALUES))
+_KNOWN_FIELDS = (
+    _SCALING_FIELDS | _TARGETING_FIELDS | _MUST_AGREE_FIELDS | _IGNORED_FIELDS | _SAVED_FIELDS | set(_OFF_VALUES)
+)
 # These initialisations rewrite the base model's weights, so the saved factors are not an update of the base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -177,8 +178,9 @@ def _parse_pattern(pattern: str, path, field: str):
         raise AdapterFileError(path, f"{field} key {pattern!r} is not a regular expression: {err}") from None
     if _pattern_paths(parsed, 1) is None:
         raise AdapterFileError(
-            path, f"{field} key {pattern!r} nests repetitions (like (a+)+): matching it can take exponential time; "
-            "write it without a repeated group that itself repeats or alternates"
+            path,
+            f"{field} key {pattern!r} nests repetitions (like (a+)+): matching it can take exponential time; "
+            "write it without a repeated group that itself repeats or alternates",
         )
     return parsed
 
@@ -192,8 +194,9 @@ def _pattern_value(patterns: Mapping[str, object], module: str, default, path, f
         paths = _pattern_paths(_parse_pattern(pattern, path, field), len(module))
         if paths * len(starts) > _MAX_PATTERN_PATHS:
             raise AdapterFileError(
-                path, f"{field} key {pattern!r} has too many repetitions and alternatives to match "
-                f"{module!r} in bounded time (over {_MAX_PATTERN_PATHS:.0e} paths); simplify it"
+                path,
+                f"{field} key {pattern!r} has too many repetitions and alternatives to match "
+                f"{module!r} in bounded time (over {_MAX_PATTERN_PATHS:.0e} paths); simplify it",
             )
         compiled = re.compile(pattern)
         if any(compiled.fullmatch(module, start) for start in starts):
@@ -240,8 +243,9 @@ def _check_fields_with_peft(lora_config: type, config: Mapping, path) -> None:
     unknown = sorted(set(config) - _KNOWN_FIELDS - set(fields))
     if unknown:
         raise AdapterFileError(
-            path, f"unknown config field(s) {unknown}: neither lorm_ext nor the installed PEFT "
-            f"{_peft_version()} knows them (saved by a newer PEFT? upgrade peft to read it)"
+            path,
+            f"unknown config field(s) {unknown}: neither lorm_ext nor the installed PEFT "
+            f"{_peft_version()} knows them (saved by a newer PEFT? upgrade peft to read it)",
         )
     # runtime_config is runtime only (PEFT drops it on loading too); fields this PEFT predates follow lorm_ext's rules
     arguments = {k: v for k, v in config.items() if k in fields and k != "runtime_config"}
@@ -254,8 +258,9 @@ def _check_fields_with_peft(lora_config: type, config: Mapping, path) -> None:
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if getattr(interpreted, name) != default:
             raise AdapterFileError(
-                path, f"{name}={config[name]!r} is set (PEFT's default is {default!r}): lorm_ext merges only "
-                "ΔW = s·B A and does not know whether this feature changes it"
+                path,
+                f"{name}={config[name]!r} is set (PEFT's default is {default!r}): lorm_ext merges only "
+                "ΔW = s·B A and does not know whether this feature changes it",
             )
 
 
@@ -278,22 +283,25 @@ def check_lora_config(config: Mapping, path: str | os.PathLike) -> None:
         unknown = sorted(set(config) - _KNOWN_FIELDS)
         if unknown:
             raise AdapterFileError(
-                path, f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
+                path,
+                f"unknown config field(s) {unknown}: lorm_ext cannot tell whether they change ΔW = s·B A "
                 "(saved by a newer PEFT than the 0.21 field set lorm_ext knows? with peft installed, fields a "
-                "newer PEFT adds are read at their defaults)"
+                "newer PEFT adds are read at their defaults)",
             )
     for field, off in _OFF_VALUES.items():
         if field in config and config[field] not in off:
             raise AdapterFileError(
-                path, f"{field}={config[field]!r} is not supported (only plain LoRA factors are merged; "
-                f"it must be {off[0]!r})"
+                path,
+                f"{field}={config[field]!r} is not supported (only plain LoRA factors are merged; "
+                f"it must be {off[0]!r})",
             )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterFileError(
-            path, f"init_lora_weights={init!r} changes the base model's weights, so the factors are not an "
+            path,
+            f"init_lora_weights={init!r} changes the base model's weights, so the factors are not an "
             "update of the base model; save the adapter converted to plain LoRA "
-            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))",
         )
     saved = config.get("modules_to_save")
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
@@ -380,14 +388,16 @@ class AdapterFile:
             if saved is not None:
                 shape, dtype = info[key]
                 if not isinstance(dtype, torch.dtype):
-                    raise AdapterFileError(self.weights_path, f"modules_to_save tensor {key!r} is {dtype}, not "
-                                           "floating point", saved[0])
+                    raise AdapterFileError(
+                        self.weights_path, f"modules_to_save tensor {key!r} is {dtype}, not floating point", saved[0]
+                    )
                 self.saved.setdefault(saved[0], {})[saved[1]] = (shape, dtype)
                 continue
             if match is None:
                 raise AdapterFileError(
-                    self.weights_path, f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / "
-                    "lora_B.weight of linear layers and the modules_to_save copies can be merged"
+                    self.weights_path,
+                    f"unexpected key {key!r}: only {KEY_PREFIX}<module>.lora_A.weight / "
+                    "lora_B.weight of linear layers and the modules_to_save copies can be merged",
                 )
             pairs.setdefault(match["module"], {})[match["factor"]] = key
         if not pairs:
@@ -402,16 +412,23 @@ class AdapterFile:
                 absent = "".join(sorted({"A", "B"} - set(pair)))
                 raise AdapterFileError(self.weights_path, f"lora_{absent}.weight is missing", module)
             (a_shape, a_dtype), (b_shape, b_dtype) = (info[pair[f]] for f in "AB")
-            if len(a_shape) != 2 or len(b_shape) != 2 or not all(isinstance(d, torch.dtype) for d in (a_dtype, b_dtype)):
+            if (
+                len(a_shape) != 2
+                or len(b_shape) != 2
+                or not all(isinstance(d, torch.dtype) for d in (a_dtype, b_dtype))
+            ):
                 raise AdapterFileError(
-                    self.weights_path, f"lora_A {a_shape} {a_dtype} and lora_B {b_shape} {b_dtype} must be "
-                    "floating-point matrices (LoRA on a linear layer)", module
+                    self.weights_path,
+                    f"lora_A {a_shape} {a_dtype} and lora_B {b_shape} {b_dtype} must be "
+                    "floating-point matrices (LoRA on a linear layer)",
+                    module,
                 )
             rank, self.scaling[module] = lora_scaling(self.config, module, config_path)
             if a_shape[0] != rank or b_shape[1] != rank:
                 raise AdapterFileError(
-                    self.weights_path, f"rank mismatch: the config gives r={rank} but lora_A is {a_shape} and "
-                    f"lora_B is {b_shape}", module
+                    self.weights_path,
+                    f"rank mismatch: the config gives r={rank} but lora_A is {a_shape} and lora_B is {b_shape}",
+                    module,
                 )
             self.keys[module] = (pair["B"], pair["A"])
             self.layout[module] = (b_shape[0], rank, a_shape[1])
@@ -421,8 +438,11 @@ class AdapterFile:
     def saved_matrices(self) -> dict[str, tuple[int, int]]:
         """The ``modules_to_save`` copies with a 2-D weight, {module: its shape}: a linear head's (out, in) is
         merged with RegMean where the Gram files hold its Gram (an embedding's (num, dim) has none)."""
-        return {m: params["weight"][0] for m, params in self.saved.items()
-                if "weight" in params and len(params["weight"][0]) == 2}
+        return {
+            m: params["weight"][0]
+            for m, params in self.saved.items()
+            if "weight" in params and len(params["weight"][0]) == 2
+        }
 
     def saved_tensor(self, module: str, parameter: str, device: torch.device | str = "cpu") -> Tensor:
         """One parameter of a ``modules_to_save`` copy in float64 on ``device``; NaN or Inf is an error."""
@@ -430,7 +450,9 @@ class AdapterFile:
         with _open_safetensors(self.weights_path) as handle:
             t = _read_tensor(handle, self.weights_path, key, module)
         if not bool(torch.isfinite(t).all()):
-            raise AdapterFileError(self.weights_path, f"modules_to_save tensor {parameter!r} contains NaN or Inf", module)
+            raise AdapterFileError(
+                self.weights_path, f"modules_to_save tensor {parameter!r} contains NaN or Inf", module
+            )
         return _to_device(t, device).double()
 
     def nbytes(self, module: str) -> int:
@@ -528,16 +550,22 @@ class GramFile:
         if self.first_format:
             self.panel_rows = {}
             self.index = {key: key for key in info}
-            self.kinds = {key: ("diagonal" if len(shape) == 1 else "full", shape[0] if shape else 0)
-                          for key, (shape, _) in info.items()}
+            self.kinds = {
+                key: ("diagonal" if len(shape) == 1 else "full", shape[0] if shape else 0)
+                for key, (shape, _) in info.items()
+            }
         else:
             try:
                 index = json.loads(index_text)
-                self.index, self.kinds = dict(index["modules"]), {k: (v["layout"], int(v["width"]))
-                                                                  for k, v in index["grams"].items()}
+                self.index, self.kinds = (
+                    dict(index["modules"]),
+                    {k: (v["layout"], int(v["width"])) for k, v in index["grams"].items()},
+                )
                 self.panel_rows = {k: int(v.get("panel_rows", 0)) for k, v in index["grams"].items()}
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise AdapterFileError(self.path, f"the {GRAM_INDEX_KEY!r} metadata is not a Gram index: {err!r}") from None
+                raise AdapterFileError(
+                    self.path, f"the {GRAM_INDEX_KEY!r} metadata is not a Gram index: {err!r}"
+                ) from None
         self._info = info
         missing = sorted({g for g in self.index.values() if g not in self.kinds})
         if missing:
@@ -557,20 +585,28 @@ class GramFile:
         if expected is None:
             raise AdapterFileError(self.path, f"Gram {key!r} has an unknown layout {layout!r}", module)
         if shape != expected:
-            raise AdapterFileError(self.path, f"gram must be square (n, n) or a diagonal (n,), got shape {shape}"
-                                   if self.first_format
-                                   else f"Gram {key!r} has shape {shape}, but a {layout} Gram of width {width} "
-                                   f"has {expected}", module)
+            raise AdapterFileError(
+                self.path,
+                f"gram must be square (n, n) or a diagonal (n,), got shape {shape}"
+                if self.first_format
+                else f"Gram {key!r} has shape {shape}, but a {layout} Gram of width {width} has {expected}",
+                module,
+            )
         if dtype not in GRAM_STORAGE_DTYPES:
-            raise AdapterFileError(self.path, f"gram is {dtype}; Grams are stored as one of "
-                                   f"{[str(d).removeprefix('torch.') for d in GRAM_STORAGE_DTYPES]}", module)
+            raise AdapterFileError(
+                self.path,
+                f"gram is {dtype}; Grams are stored as one of "
+                f"{[str(d).removeprefix('torch.') for d in GRAM_STORAGE_DTYPES]}",
+                module,
+            )
 
     def check_modules(self, widths: Mapping[str, int]) -> None:
         """Every module of ``widths`` ({module: in}) has a Gram of that width."""
         missing = sorted(set(widths) - set(self.index))
         if missing:
-            raise AdapterFileError(self.path, f"has no Gram for module(s) {missing} (keys are module names, e.g. "
-                                   f"{sorted(widths)[0]!r})")
+            raise AdapterFileError(
+                self.path, f"has no Gram for module(s) {missing} (keys are module names, e.g. {sorted(widths)[0]!r})"
+            )
         for module, width in widths.items():
             self._check_stored(self.index[module], module)
             stored = self.kinds[self.index[module]][1]
@@ -582,11 +618,15 @@ class GramFile:
 
     def nbytes(self, key: str) -> int:
         layout, width = self.kinds[key]
-        entries = {"full": width * width, "diagonal": width}.get(layout) or triangle_entries(width, self.panel_rows[key])
+        entries = {"full": width * width, "diagonal": width}.get(layout) or triangle_entries(
+            width, self.panel_rows[key]
+        )
         return entries * self._info[key][1].itemsize
 
     def _problem(self, key: str, modules: Sequence[str], problem: str) -> AdapterFileError:
-        return AdapterFileError(self.path, problem, modules[0] if len(modules) == 1 else f"{key} (input of {list(modules)})")
+        return AdapterFileError(
+            self.path, problem, modules[0] if len(modules) == 1 else f"{key} (input of {list(modules)})"
+        )
 
     def diagonal(self, key: str, modules: Sequence[str]) -> Tensor:
         """A diagonal Gram, checked: finite and non-negative."""
@@ -614,7 +654,7 @@ class GramFile:
             except LayerError as err:
                 raise self._problem(key, modules, err.problem) from None
             for start in range(0, width, step):
-                yield GramPanel(start, min(start + step, width), gram[start:start + step].double(), False)
+                yield GramPanel(start, min(start + step, width), gram[start : start + step].double(), False)
             return
         rows = self.panel_rows[key]
         offset = 0
@@ -632,8 +672,9 @@ class GramFile:
                 raise self._problem(key, modules, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
             asymmetry = float((block - block.mT).abs().max())
             if asymmetry > symmetry_tolerance(self._info[key][1]) * float(diagonal.max()):
-                raise self._problem(key, modules, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g} in rows "
-                                    f"{start}..{stop - 1})")
+                raise self._problem(
+                    key, modules, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g} in rows {start}..{stop - 1})"
+                )
             yield GramPanel(start, stop, values, True)
 
     def dense(self, module: str) -> Tensor:
@@ -645,9 +686,9 @@ class GramFile:
         gram = torch.zeros(width, width, dtype=torch.float64)
         for panel in self.panels(key, [module]):
             start, stop = panel.start, panel.stop
-            gram[start:stop, -panel.values.shape[1]:] = panel.values
+            gram[start:stop, -panel.values.shape[1] :] = panel.values
             if panel.mirrored:
-                gram[stop:, start:stop] = panel.values[:, stop - start:].mT
+                gram[stop:, start:stop] = panel.values[:, stop - start :].mT
         return gram.to(self._info[key][1])
 
 
@@ -693,13 +734,15 @@ def save_grams(
             continue
         stored = gram.detach().to("cpu", dtype or gram.dtype)
         if not bool(torch.isfinite(stored).all()):
-            raise LayerError(module, f"gram does not fit in {stored.dtype} (an entry overflows); store it in a wider dtype")
+            raise LayerError(
+                module, f"gram does not fit in {stored.dtype} (an entry overflows); store it in a wider dtype"
+            )
         if gram.dim() == 1:
             kinds[key] = {"layout": "diagonal", "width": gram.shape[0]}
         elif layout == "triangle":
             width, rows = gram.shape[0], TRIANGLE_PANEL_ROWS
             kinds[key] = {"layout": "triangle", "width": width, "panel_rows": rows}
-            stored = torch.cat([stored[s:s + rows, s:].reshape(-1) for s in range(0, width, rows)])
+            stored = torch.cat([stored[s : s + rows, s:].reshape(-1) for s in range(0, width, rows)])
         else:
             kinds[key] = {"layout": "full", "width": gram.shape[0]}
         tensors[key] = stored.contiguous()
@@ -710,6 +753,7 @@ def save_grams(
 # ---------------------------------------------------------------------------------------------------------
 # Writing: adapters streamed into a temporary folder renamed into place (single files: files.atomic_write)
 
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """A file that can be written: not a folder, and its folder exists and is writable. One-line errors."""
     path = Path(path)
@@ -717,8 +761,9 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise AdapterFileError(path, "is a folder; give a file name")
     parent = path.parent
     if not parent.is_dir():
-        raise AdapterFileError(path, f"its folder {parent} does not exist" if not parent.exists() else
-                               f"{parent} is not a folder")
+        raise AdapterFileError(
+            path, f"its folder {parent} does not exist" if not parent.exists() else f"{parent} is not a folder"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise AdapterFileError(path, f"its folder {parent} is not writable")
     return path
@@ -737,14 +782,19 @@ class OutputFolder:
         for p in inputs:
             p = Path(p).resolve()
             if p == resolved or resolved in p.parents:
-                raise AdapterFileError(self.target, f"holds the input {p}; refusing to overwrite it (choose another output)")
+                raise AdapterFileError(
+                    self.target, f"holds the input {p}; refusing to overwrite it (choose another output)"
+                )
         if self.target.exists() or self.target.is_symlink():
             if not self.target.is_dir():
-                raise AdapterFileError(self.target, "exists and is not a folder; choose a folder for the merged adapter")
+                raise AdapterFileError(
+                    self.target, "exists and is not a folder; choose a folder for the merged adapter"
+                )
             others = sorted(p.name for p in self.target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
             if others:
-                raise AdapterFileError(self.target, f"exists and holds other files than a PEFT adapter ({others[:3]}); "
-                                       "choose a new folder")
+                raise AdapterFileError(
+                    self.target, f"exists and holds other files than a PEFT adapter ({others[:3]}); choose a new folder"
+                )
             self.target = resolved
         ancestor = self.target.parent
         while not ancestor.exists():
@@ -789,8 +839,12 @@ class StreamedSafetensors:
     """A safetensors file whose header is written first (every tensor's name, dtype and shape known) and whose
     tensors are written at their offsets as they are ready, from any thread: only one tensor is in memory."""
 
-    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         header: dict = {"__metadata__": dict(metadata)} if metadata else {}
         self._offsets, offset = {}, 0
         for key in sorted(specs):
@@ -886,6 +940,7 @@ def write_lora_adapter(
 # ---------------------------------------------------------------------------------------------------------
 # Collecting Grams
 
+
 def _forward(model: nn.Module, batch) -> None:
     if isinstance(batch, Tensor):
         model(batch)
@@ -918,8 +973,13 @@ def collect_grams(
     object, which ``save_grams`` stores once.
     """
     names = sorted(modules)
-    collector = GramCollector(model, "^(?:" + "|".join(map(re.escape, names)) + ")$", diagonal=diagonal, dtype=dtype,
-                              share_inputs=share_inputs)
+    collector = GramCollector(
+        model,
+        "^(?:" + "|".join(map(re.escape, names)) + ")$",
+        diagonal=diagonal,
+        dtype=dtype,
+        share_inputs=share_inputs,
+    )
     missing = sorted(set(names) - set(collector.layers))
     if missing:
         raise ValueError(f"the model has no linear module named {missing}")

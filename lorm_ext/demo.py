@@ -22,7 +22,9 @@ from .merge import AdapterMerger
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--num_clients", type=int, default=10)
     p.add_argument("--r", type=int, default=8, help="LoRA rank of every client and of the merged adapter")
     p.add_argument("--images_per_client", type=int, default=64)
@@ -50,12 +52,20 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-        embed_dim=args.embed_dim, depth=args.depth, num_heads=3, num_classes=10,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=3,
+        num_classes=10,
     ).eval()
     layers = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    common = {n: (torch.randn(out, args.r, generator=generator), torch.randn(args.r, width, generator=generator))
-              for n, (out, width) in layers.items()}
+    common = {
+        n: (torch.randn(out, args.r, generator=generator), torch.randn(args.r, width, generator=generator))
+        for n, (out, width) in layers.items()
+    }
 
     merger = AdapterMerger(args.r)
     adapters = []
@@ -68,13 +78,23 @@ def main(argv=None) -> None:
             for batch in images.split(16):
                 model(batch)
         gram_seconds += time.perf_counter() - start
-        adapter = {n: (b + 0.5 * torch.randn(b.shape, generator=generator), a + 0.5 * torch.randn(a.shape, generator=generator))
-                   for n, (b, a) in common.items() if n in collector.grams}
+        adapter = {
+            n: (
+                b + 0.5 * torch.randn(b.shape, generator=generator),
+                a + 0.5 * torch.randn(a.shape, generator=generator),
+            )
+            for n, (b, a) in common.items()
+            if n in collector.grams
+        }
         adapters.append(adapter)
-        merger.add_client({n: b for n, (b, _) in adapter.items()}, {n: a for n, (_, a) in adapter.items()}, collector.grams)
+        merger.add_client(
+            {n: b for n, (b, _) in adapter.items()}, {n: a for n, (_, a) in adapter.items()}, collector.grams
+        )
 
-    averaged = {n: (torch.stack([c[n][0] for c in adapters]).mean(0), torch.stack([c[n][1] for c in adapters]).mean(0))
-                for n in adapters[0]}
+    averaged = {
+        n: (torch.stack([c[n][0] for c in adapters]).mean(0), torch.stack([c[n][1] for c in adapters]).mean(0))
+        for n in adapters[0]
+    }
     timings, objectives = {}, {"FedIT average": merger.objective(averaged)}
     for method in AdapterMerger.METHODS:
         start = time.perf_counter()
@@ -82,15 +102,19 @@ def main(argv=None) -> None:
         timings[method] = time.perf_counter() - start
         objectives[f"LoRM {method}"] = merger.objective(merged)
 
-    print(f"\n{args.num_clients} clients, rank {args.r}, {len(averaged)} layers; "
-          "objective Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² per layer (lower is better)\n")
+    print(
+        f"\n{args.num_clients} clients, rank {args.r}, {len(averaged)} layers; "
+        "objective Σ_k ‖X_k (ΔW − ΔW_k)ᵀ‖² per layer (lower is better)\n"
+    )
     header = f"{'layer':<22}" + "".join(f"{k:>20}" for k in objectives) + f"{'LoRM / average':>16}"
     print(header + "\n" + "-" * len(header))
     for name in averaged:
         values = [objectives[k][name] for k in objectives]
         print(f"{name:<22}" + "".join(f"{v:>20.4g}" for v in values) + f"{values[-1] / values[0]:>16.3f}")
-    print(f"\nGram collection (fused op, {args.num_clients} clients): {gram_seconds:.2f} s; "
-          + "; ".join(f"merge {m}: {s:.3f} s" for m, s in timings.items()))
+    print(
+        f"\nGram collection (fused op, {args.num_clients} clients): {gram_seconds:.2f} s; "
+        + "; ".join(f"merge {m}: {s:.3f} s" for m, s in timings.items())
+    )
 
 
 if __name__ == "__main__":

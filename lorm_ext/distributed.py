@@ -61,7 +61,9 @@ def _all_reduce_sums(
             raise ValueError(f"{what}: process {rank} has {their_config}, process 0 has {first_config}")
     contents = {rank: c for rank, (_, c, their_layout) in enumerate(gathered) if their_layout}
     if len(set(contents.values())) > 1:
-        raise ValueError(f"{what}: processes disagree: " + ", ".join(f"process {r} has {c}" for r, c in contents.items()))
+        raise ValueError(
+            f"{what}: processes disagree: " + ", ".join(f"process {r} has {c}" for r, c in contents.items())
+        )
     total_layout: dict[_Key, tuple[int, tuple, torch.dtype]] = {}
     for rank, (_, _, their_layout) in enumerate(gathered):
         for key, spec in sorted(their_layout.items()):
@@ -128,8 +130,10 @@ def all_reduce_merger_(merger: StreamingMerger | AdapterMerger, group=None, *, d
     clients creates its zeros (default: the current CUDA device under NCCL, else the CPU).
     """
     if not isinstance(merger, (StreamingMerger, AdapterMerger)):
-        raise TypeError(f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, BStepMerger or AdapterMerger, "
-                        f"got {type(merger).__name__}")
+        raise TypeError(
+            f"all_reduce_merger_ takes a RegMeanMerger, AStepMerger, BStepMerger or AdapterMerger, "
+            f"got {type(merger).__name__}"
+        )
     device = _collective_device(group, device)
     leaves = _flatten(merger.state_dict())
     local = {path: value for path, value in leaves.items() if isinstance(value, Tensor)}
@@ -139,8 +143,12 @@ def all_reduce_merger_(merger: StreamingMerger | AdapterMerger, group=None, *, d
         local.update({path: torch.tensor(leaves[path], dtype=torch.int64, device=device) for path in counts})
     others = tuple(sorted((path, v) for path, v in leaves.items() if path not in local and path not in counts))
     summed, agreed = _all_reduce_sums(
-        local, what=f"all_reduce_merger_({type(merger).__name__})", config=merger.merge_key, content=others,
-        group=group, device=device,
+        local,
+        what=f"all_reduce_merger_({type(merger).__name__})",
+        config=merger.merge_key,
+        content=others,
+        group=group,
+        device=device,
     )
     if not summed:  # no process had a client: nothing to add
         return

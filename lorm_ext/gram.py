@@ -169,12 +169,15 @@ class _TokenMask:
         if not isinstance(mask, Tensor):
             raise ValueError(f"token mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dim() == 0 or mask.is_complex():
-            raise ValueError(f"token mask must be a real tensor of shape (batch, seq), got {mask.dtype} of shape "
-                             f"{tuple(mask.shape)}")
+            raise ValueError(
+                f"token mask must be a real tensor of shape (batch, seq), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
         keep = mask != 0
         if mask.dtype != torch.bool and not bool((keep == (mask == 1)).all()):
-            raise ValueError("token mask must hold only 0 and 1 (1 = a real token, 0 = padding): got other values "
-                             "(an additive or 4-D attention mask?)")
+            raise ValueError(
+                "token mask must hold only 0 and 1 (1 = a real token, 0 = padding): got other values "
+                "(an additive or 4-D attention mask?)"
+            )
         self.shape = tuple(mask.shape)
         self.all_kept = bool(keep.all())
         self._keep = keep.reshape(-1)

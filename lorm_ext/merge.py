@@ -62,7 +62,9 @@ class _SolveSums:
             group.numerators = torch.zeros((len(group.names), *numerator_shape), dtype=self.dtype, device=device)
             group.denominators = torch.zeros((len(group.names), *denominator_shape), dtype=self.dtype, device=device)
         # made once: indexing the stacked storage per layer and client costs as much as a small layer's merge
-        self._views = {n: (self.groups[k].numerators[i], self.groups[k].denominators[i]) for n, (k, i) in self.slots.items()}
+        self._views = {
+            n: (self.groups[k].numerators[i], self.groups[k].denominators[i]) for n, (k, i) in self.slots.items()
+        }
 
     @property
     def allocated(self) -> bool:
@@ -529,7 +531,9 @@ class BStepMerger(StreamingMerger):
         """The sums to add into, allocated by the first client once it has passed every check."""
         if not self._sums.allocated:
             rank = {n: self.shared_a[n].shape[0] for n in names}
-            self._sums.allocate({n: ((factors_b[n].shape[0], rank[n]), (rank[n], rank[n])) for n in names}, self._device)
+            self._sums.allocate(
+                {n: ((factors_b[n].shape[0], rank[n]), (rank[n], rank[n])) for n in names}, self._device
+            )
         return self._sums.views(names)
 
     def _expected_sums(self) -> Mapping[str, tuple]:
@@ -565,6 +569,7 @@ class BStepMerger(StreamingMerger):
 
     def add_projections(self, weighted: Mapping[str, Tensor], projections: Mapping[str, Tensor]) -> None:
         """Add a pre-reduced client: B_k P_k (out × r) and P_k (r × r) per layer."""
+
         def check() -> list[str]:
             check_layer_names(self.shared_a, projections, "projections")
             for name, a in self.shared_a.items():
@@ -683,7 +688,9 @@ def low_rank_exact(
     L = None if diagonal or rcond != DEFAULT_RCOND else _cholesky_factor(gram)
     if L is not None:  # W = L⁻ᵀ: M L = N G⁻¹ L = N L⁻ᵀ
         U, S, Vh = _top_singular(
-            numerator, rank, rank_bound,
+            numerator,
+            rank,
+            rank_bound,
             lambda m: torch.linalg.solve_triangular(L.mT, m, upper=True, left=False),
             lambda omega: torch.linalg.solve_triangular(L.mT, omega, upper=True),
         )
@@ -845,7 +852,13 @@ class AdapterMerger:
                 start = None if init_a is None else torch.stack([init_a[n] for n in group.names])
                 constant = torch.stack([self._constants[n] for n in group.names]) if self.track_objective else 0.0
                 B, A, _ = low_rank_alternating(
-                    group.numerators, group.denominators, self.rank, init_a=start, constant=constant, rcond=rcond, **options
+                    group.numerators,
+                    group.denominators,
+                    self.rank,
+                    init_a=start,
+                    constant=constant,
+                    rcond=rcond,
+                    **options,
                 )
             out.update({name: (B[i], A[i]) for i, name in enumerate(group.names)})
         return out

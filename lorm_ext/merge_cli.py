@@ -62,18 +62,31 @@ def run_grams(args: argparse.Namespace) -> None:
     model = PeftModel.from_pretrained(load_callable(args.model)(), args.adapter).to(device).eval()
     base = model.get_base_model()
     found = dict(base.named_modules())
-    heads = [m for m, (_, width) in adapter.saved_matrices().items()  # linear modules_to_save: merged with RegMean
-             if getattr(found.get(m), "in_features", None) == width]
+    heads = [
+        m
+        for m, (_, width) in adapter.saved_matrices().items()  # linear modules_to_save: merged with RegMean
+        if getattr(found.get(m), "in_features", None) == width
+    ]
     modules = [*adapter.layout, *heads]
     batches = (_to_device(b, device) for b in load_callable(args.batches)())
-    grams = collect_grams(base, modules, batches, diagonal=args.diagonal,
-                          dtype=getattr(torch, args.dtype), share_inputs=not args.no_sharing,
-                          mask_key=None if args.no_mask else args.mask_key)
-    save_grams(args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None)
+    grams = collect_grams(
+        base,
+        modules,
+        batches,
+        diagonal=args.diagonal,
+        dtype=getattr(torch, args.dtype),
+        share_inputs=not args.no_sharing,
+        mask_key=None if args.no_mask else args.mask_key,
+    )
+    save_grams(
+        args.output, grams, layout=args.layout, dtype=getattr(torch, args.store_dtype) if args.store_dtype else None
+    )
     kind = "diagonal" if args.diagonal else f"full ({args.layout})"
     stored = len({id(g) for g in grams.values()})
-    print(f"wrote {kind} {args.store_dtype or args.dtype} Grams of {len(grams)} modules ({stored} distinct inputs) "
-          f"to {args.output}")
+    print(
+        f"wrote {kind} {args.store_dtype or args.dtype} Grams of {len(grams)} modules ({stored} distinct inputs) "
+        f"to {args.output}"
+    )
 
 
 def format_objectives(result: MergeResult, written: str | None) -> str:
@@ -120,7 +133,9 @@ def run_peft(args: argparse.Namespace) -> None:
     )
     print(format_objectives(result, args.method if args.output else None))
     for module, how in result.saved_methods.items():
-        print(f"modules_to_save {module}: " + ("RegMean with its Grams" if how == "regmean" else "mean over the adapters"))
+        print(
+            f"modules_to_save {module}: " + ("RegMean with its Grams" if how == "regmean" else "mean over the adapters")
+        )
     if args.output:
         print(f"wrote the {args.method} merge (rank {args.rank}) to {args.output}")
 
@@ -132,40 +147,69 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     peft = commands.add_parser("peft", help="merge PEFT LoRA adapters into one (LoRM closed form) and score methods")
-    peft.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + adapter_model.safetensors)")
+    peft.add_argument(
+        "adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + adapter_model.safetensors)"
+    )
     peft.add_argument("--grams", nargs="+", required=True, help="one Gram file per adapter, in the same order")
     peft.add_argument("--rank", type=int, required=True, help="rank of the merged adapter")
-    peft.add_argument("--method", choices=MERGE_METHODS, default="exact",
-                      help="what to write: exact rank-r optimum (default), alternating LoRM steps, "
-                      "average of the factors, or PEFT's svd merge")
+    peft.add_argument(
+        "--method",
+        choices=MERGE_METHODS,
+        default="exact",
+        help="what to write: exact rank-r optimum (default), alternating LoRM steps, "
+        "average of the factors, or PEFT's svd merge",
+    )
     peft.add_argument("-o", "--output", help="folder for the merged adapter; without it only the table is printed")
-    peft.add_argument("--report", action="store_true",
-                      help="also compute and score every other method (the per-module objective table)")
+    peft.add_argument(
+        "--report",
+        action="store_true",
+        help="also compute and score every other method (the per-module objective table)",
+    )
     peft.add_argument("--max-iters", type=int, default=500, help="alternating: most B/A step pairs")
     peft.add_argument("--tol", type=float, default=1e-12, help="alternating: stop at this relative decrease")
     peft.add_argument("--workers", type=int, default=2, help="module groups merged at once (threads)")
-    peft.add_argument("--score", action="append", type=_named_folder, default=[], metavar="NAME=DIR",
-                      help="also score this adapter (e.g. another tool's merge) with the same objective; repeatable")
+    peft.add_argument(
+        "--score",
+        action="append",
+        type=_named_folder,
+        default=[],
+        metavar="NAME=DIR",
+        help="also score this adapter (e.g. another tool's merge) with the same objective; repeatable",
+    )
     peft.add_argument("--device", default="cpu", help="where the sums and solves run: cpu or cuda")
     peft.set_defaults(run=run_peft)
 
     grams = commands.add_parser("grams", help="collect one adapter's Grams over its data (needs peft)")
     grams.add_argument("--adapter", required=True, help="PEFT adapter folder: which modules, and the model to run")
     grams.add_argument("--model", required=True, help="MODULE:FUNCTION or FILE.py:FUNCTION returning the base model")
-    grams.add_argument("--batches", required=True,
-                       help="MODULE:FUNCTION or FILE.py:FUNCTION returning an iterable of model inputs "
-                       "(a tensor, a dict of keyword inputs, or a tuple of positional inputs)")
+    grams.add_argument(
+        "--batches",
+        required=True,
+        help="MODULE:FUNCTION or FILE.py:FUNCTION returning an iterable of model inputs "
+        "(a tensor, a dict of keyword inputs, or a tuple of positional inputs)",
+    )
     grams.add_argument("-o", "--output", required=True, help="safetensors file to write, keyed by module name")
     grams.add_argument("--diagonal", action="store_true", help="keep only diag(XᵀX) (Gram shrinkage α = 0)")
     grams.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
-    grams.add_argument("--layout", choices=("triangle", "full"), default="triangle",
-                       help="full Grams stored as their upper triangle (default, half the size) or in full")
-    grams.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16", "float64"),
-                       help="storage dtype of the Grams (default: the accumulation dtype); read back exactly")
-    grams.add_argument("--no-sharing", action="store_true",
-                       help="one Gram per module even where modules read the same input (q/k/v)")
-    grams.add_argument("--mask-key", default="attention_mask",
-                       help="in dict batches, the 0/1 token mask (1 = token, 0 = padding): padding adds nothing")
+    grams.add_argument(
+        "--layout",
+        choices=("triangle", "full"),
+        default="triangle",
+        help="full Grams stored as their upper triangle (default, half the size) or in full",
+    )
+    grams.add_argument(
+        "--store-dtype",
+        choices=("float32", "bfloat16", "float16", "float64"),
+        help="storage dtype of the Grams (default: the accumulation dtype); read back exactly",
+    )
+    grams.add_argument(
+        "--no-sharing", action="store_true", help="one Gram per module even where modules read the same input (q/k/v)"
+    )
+    grams.add_argument(
+        "--mask-key",
+        default="attention_mask",
+        help="in dict batches, the 0/1 token mask (1 = token, 0 = padding): padding adds nothing",
+    )
     grams.add_argument("--no-mask", action="store_true", help="count every position, padding included")
     grams.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda")
     grams.set_defaults(run=run_grams)

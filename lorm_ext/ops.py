@@ -127,7 +127,9 @@ def _check_one_device(op: str, *tensor_lists) -> None:
     (which would otherwise do nothing, silently) is an error."""
     devices = {t.device for tensors in tensor_lists for t in tensors}
     if len(devices) > 1:
-        raise RuntimeError(f"lorm_ext::{op}: tensors on several devices ({sorted(map(str, devices))}); all must be on one")
+        raise RuntimeError(
+            f"lorm_ext::{op}: tensors on several devices ({sorted(map(str, devices))}); all must be on one"
+        )
 
 
 def _check_shape(op: str, ok: bool, message) -> None:
@@ -138,8 +140,11 @@ def _check_shape(op: str, ok: bool, message) -> None:
 
 def _check_grams(op: str, name: str, grams) -> None:
     for i, g in enumerate(grams):
-        _check_shape(op, g.dim() == 1 or (g.dim() == 2 and g.shape[0] == g.shape[1]),
-                     lambda: f"{name}[{i}] must be a square (n, n) Gram or a diagonal (n,), got shape {tuple(g.shape)}")
+        _check_shape(
+            op,
+            g.dim() == 1 or (g.dim() == 2 and g.shape[0] == g.shape[1]),
+            lambda: f"{name}[{i}] must be a square (n, n) Gram or a diagonal (n,), got shape {tuple(g.shape)}",
+        )
 
 
 @torch.library.register_fake("lorm_ext::gram_accumulate_")
@@ -149,8 +154,11 @@ def _gram_accumulate_fake(grams, inputs):
     _check_shape(op, len(inputs) == len(grams), lambda: f"inputs has {len(inputs)} entries, expected {len(grams)}")
     _check_grams(op, "grams", grams)
     for i, (g, x) in enumerate(zip(grams, inputs)):
-        _check_shape(op, x.dim() >= 1 and x.shape[-1] == g.shape[0],
-                     lambda: f"inputs[{i}] has {x.shape[-1] if x.dim() else 0} features but grams[{i}] is for {g.shape[0]}")
+        _check_shape(
+            op,
+            x.dim() >= 1 and x.shape[-1] == g.shape[0],
+            lambda: f"inputs[{i}] has {x.shape[-1] if x.dim() else 0} features but grams[{i}] is for {g.shape[0]}",
+        )
 
 
 @torch.library.register_fake("lorm_ext::gram_weighted_accumulate_")
@@ -158,30 +166,61 @@ def _gram_weighted_accumulate_fake(gram_sums, weighted_sums, grams, factors, lef
     op = "gram_weighted_accumulate_"
     _check_one_device(op, gram_sums, weighted_sums, grams, factors, lefts)
     for name, tensors in (("weighted_sums", weighted_sums), ("grams", grams), ("factors", factors)):
-        _check_shape(op, len(tensors) == len(gram_sums), lambda: f"{name} has {len(tensors)} entries, expected {len(gram_sums)}")
+        _check_shape(
+            op, len(tensors) == len(gram_sums), lambda: f"{name} has {len(tensors)} entries, expected {len(gram_sums)}"
+        )
     _check_shape(op, len(lefts) in (0, len(gram_sums)), lambda: f"lefts must be empty or have {len(gram_sums)} entries")
     _check_grams(op, "gram_sums", gram_sums)
     for i, (s, w, g, f) in enumerate(zip(gram_sums, weighted_sums, grams, factors)):
         n = s.shape[0]
-        _check_shape(op, g.shape == s.shape, lambda: f"grams[{i}] has shape {list(g.shape)} but gram_sums[{i}] has {list(s.shape)}")
-        _check_shape(op, f.dim() == 2 and f.shape[1] == n, lambda: f"factors[{i}] must be (p, {n}), got {list(f.shape)}")
+        _check_shape(
+            op,
+            g.shape == s.shape,
+            lambda: f"grams[{i}] has shape {list(g.shape)} but gram_sums[{i}] has {list(s.shape)}",
+        )
+        _check_shape(
+            op, f.dim() == 2 and f.shape[1] == n, lambda: f"factors[{i}] must be (p, {n}), got {list(f.shape)}"
+        )
         rows = lefts[i].shape[0] if lefts else f.shape[0]
-        _check_shape(op, w.dim() == 2 and tuple(w.shape) == (rows, n), lambda: f"weighted_sums[{i}] must be ({rows}, {n}), got {list(w.shape)}")
+        _check_shape(
+            op,
+            w.dim() == 2 and tuple(w.shape) == (rows, n),
+            lambda: f"weighted_sums[{i}] must be ({rows}, {n}), got {list(w.shape)}",
+        )
 
 
 @torch.library.register_fake("lorm_ext::projected_accumulate_")
 def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_factors, factors):
     op = "projected_accumulate_"
     _check_one_device(op, projection_sums, weighted_sums, grams, shared_factors, factors)
-    for name, tensors in (("weighted_sums", weighted_sums), ("grams", grams), ("shared_factors", shared_factors), ("factors", factors)):
-        _check_shape(op, len(tensors) == len(projection_sums), lambda: f"{name} has {len(tensors)} entries, expected {len(projection_sums)}")
+    for name, tensors in (
+        ("weighted_sums", weighted_sums),
+        ("grams", grams),
+        ("shared_factors", shared_factors),
+        ("factors", factors),
+    ):
+        _check_shape(
+            op,
+            len(tensors) == len(projection_sums),
+            lambda: f"{name} has {len(tensors)} entries, expected {len(projection_sums)}",
+        )
     _check_grams(op, "grams", grams)
     for i, (p, w, g, a, b) in enumerate(zip(projection_sums, weighted_sums, grams, shared_factors, factors)):
         n, r = g.shape[0], a.shape[0] if a.dim() == 2 else -1
-        _check_shape(op, a.dim() == 2 and a.shape[1] == n, lambda: f"shared_factors[{i}] must be (r, {n}), got {list(a.shape)}")
-        _check_shape(op, b.dim() == 2 and b.shape[1] == r, lambda: f"factors[{i}] must be (m, {r}), got {list(b.shape)}")
-        _check_shape(op, tuple(p.shape) == (r, r), lambda: f"projection_sums[{i}] must be ({r}, {r}), got {list(p.shape)}")
-        _check_shape(op, tuple(w.shape) == (b.shape[0], r), lambda: f"weighted_sums[{i}] must be ({b.shape[0]}, {r}), got {list(w.shape)}")
+        _check_shape(
+            op, a.dim() == 2 and a.shape[1] == n, lambda: f"shared_factors[{i}] must be (r, {n}), got {list(a.shape)}"
+        )
+        _check_shape(
+            op, b.dim() == 2 and b.shape[1] == r, lambda: f"factors[{i}] must be (m, {r}), got {list(b.shape)}"
+        )
+        _check_shape(
+            op, tuple(p.shape) == (r, r), lambda: f"projection_sums[{i}] must be ({r}, {r}), got {list(p.shape)}"
+        )
+        _check_shape(
+            op,
+            tuple(w.shape) == (b.shape[0], r),
+            lambda: f"weighted_sums[{i}] must be ({b.shape[0]}, {r}), got {list(w.shape)}",
+        )
 
 
 @torch.library.register_fake("lorm_ext::gram_stats")
@@ -195,6 +234,11 @@ def _gram_stats_fake(grams):
 @torch.library.register_fake("lorm_ext::psd_right_solve")
 def _psd_right_solve_fake(rhs, gram, rcond):
     _check_one_device("psd_right_solve", [rhs, gram])
-    _check_shape("psd_right_solve", rhs.dim() >= 2 and gram.dim() >= 1 and rhs.shape[-1] == gram.shape[-1],
-                 lambda: f"rhs {list(rhs.shape)} must be (..., m, n) for a gram of {gram.shape[-1] if gram.dim() else 0} features")
+    _check_shape(
+        "psd_right_solve",
+        rhs.dim() >= 2 and gram.dim() >= 1 and rhs.shape[-1] == gram.shape[-1],
+        lambda: (
+            f"rhs {list(rhs.shape)} must be (..., m, n) for a gram of {gram.shape[-1] if gram.dim() else 0} features"
+        ),
+    )
     return rhs.new_empty(rhs.shape, dtype=gram.dtype)

@@ -61,7 +61,7 @@ class Progress:
             self.logger.info("%s", self.line())
 
     def line(self) -> str:
-        """"<desc>: k/n <unit>s, r <unit>/s, ETA h:mm:ss[, postfix]" (ETA from this process's rate)."""
+        """ "<desc>: k/n <unit>s, r <unit>/s, ETA h:mm:ss[, postfix]" (ETA from this process's rate)."""
         elapsed = self.clock() - self.start
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         left = self.total - self.done

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from . import _C, ops
 
-
 OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the native ops' floating inputs
 
 

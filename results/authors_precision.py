@@ -92,7 +92,7 @@ indices = np.sort(np.concatenate(data.splits[0].train))
 features = model.head.in_features
 ours = RegMeanMerger()
 num, den = 0, 0
-for k, part in enumerate(np.array_split(indices, 10)):
+for part in np.array_split(indices, 10):
     with torch.no_grad(), GramCollector(model.vit, pattern=r"^head$", dtype=torch.float64) as collector:
         for x, _ in batches(data.dataset.train, part, 256, train=False):
             model.vit(x)

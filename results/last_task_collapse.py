@@ -23,7 +23,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from safetensors import safe_open
 

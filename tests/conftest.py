@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from lorm_testing import DEVICES
 
 

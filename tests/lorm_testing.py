@@ -52,7 +52,13 @@ def layer_inputs(rows: int, n: int, *, dtype=torch.float64, device="cpu", seed: 
 
 
 def random_gram(
-    n: int, tokens: int, *, dtype=torch.float64, device="cpu", diagonal=False, seed: int | None = None,
+    n: int,
+    tokens: int,
+    *,
+    dtype=torch.float64,
+    device="cpu",
+    diagonal=False,
+    seed: int | None = None,
     spread: bool = False,
 ) -> torch.Tensor:
     """A Gram XᵀX of `tokens` random rows (rank min(n, tokens)), or its diagonal; exactly symmetric. The rows are

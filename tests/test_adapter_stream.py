@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lorm_testing import assert_rel_close, random_gram
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,7 +24,6 @@ from lorm_ext.adapter_merge import merge_lora_adapters
 from lorm_ext.adapters import AdapterFileError, GramFile, read_grams, read_lora_adapter, save_grams
 from lorm_ext.gram import GramCollector
 from lorm_ext.merge import AdapterMerger, FactoredNumerator, _top_singular, low_rank_exact
-from lorm_testing import assert_rel_close, random_gram
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, FFN = 12, 20
@@ -55,8 +55,14 @@ def write_adapter(path: Path, rank: int, *, seed: int, alpha: float = 16.0, dtyp
         tensors[key_a], tensors[key_b] = a, b
         deltas[module] = (alpha / rank) * b.double() @ a.double()
     save_file(tensors, path / adapters.WEIGHTS_NAME)
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q_proj"],
-                "task_type": None, "base_model_name_or_path": "tiny-llama"} | (config or {})
+    settings = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": ["q_proj"],
+        "task_type": None,
+        "base_model_name_or_path": "tiny-llama",
+    } | (config or {})
     (path / adapters.CONFIG_NAME).write_text(json.dumps(settings))
     return deltas
 
@@ -90,8 +96,11 @@ def in_memory_merge(dirs, files, rank):
     for d, f in zip(dirs, files):
         adapter = read_lora_adapter(d)
         grams = read_grams(f, {m: a.shape[1] for m, (_, a) in adapter.factors.items()})
-        merger.add_client({m: b for m, (b, _) in adapter.factors.items()},
-                          {m: a for m, (_, a) in adapter.factors.items()}, {m: g.double() for m, g in grams.items()})
+        merger.add_client(
+            {m: b for m, (b, _) in adapter.factors.items()},
+            {m: a for m, (_, a) in adapter.factors.items()},
+            {m: g.double() for m, g in grams.items()},
+        )
     return merger
 
 
@@ -128,12 +137,19 @@ def test_streamed_merge_equals_in_memory_merge_and_reference(clients, tmp_path, 
 
 
 @pytest.mark.parametrize("small_panels", [False, True])
-@pytest.mark.parametrize(("layout", "dtype", "diagonal"), [
-    ("full", torch.float32, False), ("triangle", torch.bfloat16, False), ("triangle", torch.float16, False),
-    ("triangle", torch.float64, True), ("triangle", torch.bfloat16, True),
-])
-def test_gram_storage_reads_back_exactly_and_merges_like_the_reference(tmp_path, monkeypatch, layout, dtype, diagonal,
-                                                                       small_panels):
+@pytest.mark.parametrize(
+    ("layout", "dtype", "diagonal"),
+    [
+        ("full", torch.float32, False),
+        ("triangle", torch.bfloat16, False),
+        ("triangle", torch.float16, False),
+        ("triangle", torch.float64, True),
+        ("triangle", torch.bfloat16, True),
+    ],
+)
+def test_gram_storage_reads_back_exactly_and_merges_like_the_reference(
+    tmp_path, monkeypatch, layout, dtype, diagonal, small_panels
+):
     if small_panels:  # many panels per Gram (triangles of 5 rows, folds of 4 rows), as for 4096 wide Grams
         monkeypatch.setattr(adapters, "TRIANGLE_PANEL_ROWS", 5)
         monkeypatch.setattr(adapters, "_PANEL_ENTRIES", 50)
@@ -168,10 +184,15 @@ def test_gram_file_sizes_and_sharing(tmp_path):
     save_grams(tmp_path / "unshared.safetensors", unshared, layout="full")
     with_index = GramFile(tmp_path / "tri32.safetensors")
     assert len(set(with_index.index.values())) == 8  # per block: q/k/v, o, gate/up, down
-    assert with_index.index["layers.1.self_attn.q_proj"] == with_index.index["layers.1.self_attn.v_proj"] == \
-        "layers.1.self_attn.k_proj"  # named after the first sharer in sorted order
-    data = {p: sum(v.numel() * v.element_size() for v in load_file(tmp_path / p).values())
-            for p in ("full32.safetensors", "tri32.safetensors", "tri16.safetensors", "unshared.safetensors")}
+    assert (
+        with_index.index["layers.1.self_attn.q_proj"]
+        == with_index.index["layers.1.self_attn.v_proj"]
+        == "layers.1.self_attn.k_proj"
+    )  # named after the first sharer in sorted order
+    data = {
+        p: sum(v.numel() * v.element_size() for v in load_file(tmp_path / p).values())
+        for p in ("full32.safetensors", "tri32.safetensors", "tri16.safetensors", "unshared.safetensors")
+    }
     assert data["unshared.safetensors"] == 12 * HIDDEN * HIDDEN * 4 + 2 * FFN * FFN * 4
     assert data["full32.safetensors"] == 6 * HIDDEN * HIDDEN * 4 + 2 * FFN * FFN * 4
     assert data["tri32.safetensors"] == (6 * adapters.triangle_entries(HIDDEN) + 2 * adapters.triangle_entries(FFN)) * 4
@@ -192,7 +213,9 @@ def test_first_gram_format_still_reads(tmp_path):
     old = merge_lora_adapters(dirs, [tmp_path / "old.safetensors", tmp_path / "g1.safetensors"], 2)
     new = merge_lora_adapters(dirs, [tmp_path / "new.safetensors", tmp_path / "g1.safetensors"], 2)
     for module in LAYOUT:
-        assert_rel_close(old.factors[module][0] @ old.factors[module][1], new.factors[module][0] @ new.factors[module][1], 1e-12)
+        assert_rel_close(
+            old.factors[module][0] @ old.factors[module][1], new.factors[module][0] @ new.factors[module][1], 1e-12
+        )
 
 
 def test_each_gram_is_read_once_per_adapter_and_only_the_asked_method_runs(clients, monkeypatch):
@@ -220,11 +243,16 @@ class TinyLlamaBlock(nn.Module):
     def __init__(self):
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
-        self.self_attn = nn.ModuleDict({n: nn.Linear(HIDDEN, HIDDEN, bias=False)
-                                        for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(HIDDEN, FFN, bias=False),
-                                  "up_proj": nn.Linear(HIDDEN, FFN, bias=False),
-                                  "down_proj": nn.Linear(FFN, HIDDEN, bias=False)})
+        self.self_attn = nn.ModuleDict(
+            {n: nn.Linear(HIDDEN, HIDDEN, bias=False) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        )
+        self.mlp = nn.ModuleDict(
+            {
+                "gate_proj": nn.Linear(HIDDEN, FFN, bias=False),
+                "up_proj": nn.Linear(HIDDEN, FFN, bias=False),
+                "down_proj": nn.Linear(FFN, HIDDEN, bias=False),
+            }
+        )
 
     def forward(self, x):
         h = self.input_layernorm(x)
@@ -292,7 +320,9 @@ def test_collector_refuses_sharing_that_changes_between_passes():
     collector = GramCollector(model, r"^(a|b)$", share_inputs=True)
     with torch.no_grad(), collector:
         model(torch.randn(3, 4))
-        with pytest.raises(RuntimeError, match=r"layer 'b' read the input of 'a' in an earlier forward pass but its own"):
+        with pytest.raises(
+            RuntimeError, match=r"layer 'b' read the input of 'a' in an earlier forward pass but its own"
+        ):
             model(torch.randn(3, 4))
 
 
@@ -301,8 +331,10 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
     out, width, rank = 30, 24, 3
     Bs = [torch.randn(out, 2, dtype=torch.float64) for _ in range(3)]
     As = [torch.randn(2, width, dtype=torch.float64) for _ in range(3)]
-    for grams in ([random_gram(width, 60) for _ in range(3)],  # positive definite: Cholesky
-                  [random_gram(width, 5) for _ in range(3)]):  # rank 15 < 24: the eigendecomposition fallback
+    for grams in (
+        [random_gram(width, 60) for _ in range(3)],  # positive definite: Cholesky
+        [random_gram(width, 5) for _ in range(3)],
+    ):  # rank 15 < 24: the eigendecomposition fallback
         G, N = reference.gram_and_product_sums_ref(Bs, As, grams, torch.float64)
         B_ref, A_ref = reference.rank_r_optimum_ref(Bs, As, grams, rank)
         for bound in (None, 6):  # full SVD, and the sketch: rank(N) <= Σ r_k = 6
@@ -310,7 +342,9 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
             assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
             assert_rel_close(A @ G @ A.T, torch.eye(rank, dtype=torch.float64), 1e-9)
         # N kept as its factors (R = Σ r_k = 6), and with fewer factor columns than the rank (solved densely)
-        B, A = low_rank_exact(FactoredNumerator(torch.cat(Bs, 1), torch.cat([a @ g for a, g in zip(As, grams)])), G, rank)
+        B, A = low_rank_exact(
+            FactoredNumerator(torch.cat(Bs, 1), torch.cat([a @ g for a, g in zip(As, grams)])), G, rank
+        )
         assert_rel_close(B @ A, B_ref @ A_ref, 1e-9)
         B, A = low_rank_exact(FactoredNumerator(Bs[0], As[0] @ grams[0]), grams[0], rank)  # R = 2 < rank = 3
         B_one, A_one = low_rank_exact(Bs[0] @ As[0] @ grams[0], grams[0], rank)
@@ -370,8 +404,14 @@ def test_peak_memory_does_not_grow_with_the_number_of_adapters(tmp_path):
         files.append(str(tmp_path / f"g{k}.safetensors"))
     peaks = {}
     for n in (2, 16):
-        run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(n), ",".join(dirs), ",".join(files)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=600, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(n), ",".join(dirs), ",".join(files)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+            check=True,
+        )
         peaks[n] = int(run.stdout.split()[-1])
     print("peak anonymous memory by number of adapters:", peaks)
     inputs_16 = 16 * 3 * (width * width * 4 + 2 * width * 4 * 4)
@@ -387,14 +427,18 @@ def test_a_bad_tensor_mid_stream_names_file_and_module_and_leaves_no_output(clie
     save_file(tensors, tmp_path / "nan.safetensors", metadata=metadata)
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(AdapterFileError, match=rf"nan.safetensors: module '{re.escape(late)}': gram contains NaN or Inf in rows 0..19"):
+    with pytest.raises(
+        AdapterFileError, match=rf"nan.safetensors: module '{re.escape(late)}': gram contains NaN or Inf in rows 0..19"
+    ):
         merge_lora_adapters(dirs, [*files[:2], tmp_path / "nan.safetensors", files[3]], 2, output_dir=out, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no temporary folder
 
     tensors = load_file(dirs[1] / adapters.WEIGHTS_NAME)
     tensors[adapters.factor_keys(late)[1]][0, 0] = float("inf")
     save_file(tensors, dirs[1] / adapters.WEIGHTS_NAME)
-    with pytest.raises(AdapterFileError, match=rf"adapter1/adapter_model.safetensors: module '{re.escape(late)}': .*Inf"):
+    with pytest.raises(
+        AdapterFileError, match=rf"adapter1/adapter_model.safetensors: module '{re.escape(late)}': .*Inf"
+    ):
         merge_lora_adapters(dirs, files, 2, output_dir=out)
     assert not out.exists()
 
@@ -412,7 +456,9 @@ def test_truncated_or_missing_tensors_are_found_before_any_work(clients, tmp_pat
         merge_lora_adapters(dirs, files, 2, output_dir=out)
     partial = {m: g for m, g in grams[0].items() if m != "layers.1.self_attn.o_proj"}
     save_grams(tmp_path / "partial.safetensors", partial)
-    with pytest.raises(AdapterFileError, match=r"partial.safetensors: has no Gram for module\(s\) \['layers.1.self_attn.o_proj'\]"):
+    with pytest.raises(
+        AdapterFileError, match=r"partial.safetensors: has no Gram for module\(s\) \['layers.1.self_attn.o_proj'\]"
+    ):
         merge_lora_adapters(dirs[:1], [tmp_path / "partial.safetensors"], 2, output_dir=out)
     assert not out.exists()
 
@@ -444,10 +490,16 @@ def test_reading_fails_mid_stream_with_the_file_and_module(clients, tmp_path, mo
             return getattr(self.handle, name)
 
     real_open = adapters._open_safetensors
-    monkeypatch.setattr(adapters, "_open_safetensors",
-                        lambda path: FailingHandle(real_open(path)) if "adapter3" in str(path) else real_open(path))
-    with pytest.raises(AdapterFileError, match=r"adapter3/adapter_model.safetensors: module 'layers.1.mlp.gate_proj': "
-                       r"tensor '.*' cannot be read: I/O error"):
+    monkeypatch.setattr(
+        adapters,
+        "_open_safetensors",
+        lambda path: FailingHandle(real_open(path)) if "adapter3" in str(path) else real_open(path),
+    )
+    with pytest.raises(
+        AdapterFileError,
+        match=r"adapter3/adapter_model.safetensors: module 'layers.1.mlp.gate_proj': "
+        r"tensor '.*' cannot be read: I/O error",
+    ):
         merge_lora_adapters(dirs, files, 2, output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -462,11 +514,24 @@ def test_output_paths_that_cannot_be_written(clients, tmp_path, capsys):
         (tmp_path / "file" / "merged", r"cannot be created: .*file is a file, not a folder"),
         (tmp_path / "busy", r"exists and holds other files than a PEFT adapter \(\['notes.txt'\]\)"),
     ]:
-        status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, files), "--rank", "2", "-o", str(target)])
+        status = merge_cli.main(
+            ["peft", *map(str, dirs), "--grams", *map(str, files), "--rank", "2", "-o", str(target)]
+        )
         err = capsys.readouterr().err
         assert status == 1 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
-    status = merge_cli.main(["grams", "--adapter", str(dirs[0]), "--model", "nowhere:model", "--batches", "x:y",
-                             "-o", str(tmp_path / "missing" / "g.safetensors")])
+    status = merge_cli.main(
+        [
+            "grams",
+            "--adapter",
+            str(dirs[0]),
+            "--model",
+            "nowhere:model",
+            "--batches",
+            "x:y",
+            "-o",
+            str(tmp_path / "missing" / "g.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1 and "its folder" in err and "does not exist" in err  # before the model is even imported
 
@@ -480,13 +545,16 @@ def test_unwritable_output_folder(clients, tmp_path):
         merge_lora_adapters(dirs, files, 2, output_dir=locked / "merged")
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--max-iters", "0"], r"max_iters \(--max-iters\) must be a positive integer, got 0"),
-    (["--tol", "-1"], r"tol \(--tol\) must be a finite number ≥ 0, got -1.0"),
-    (["--workers", "0"], r"workers \(--workers\) must be a positive integer"),
-    (["--device", "gpu"], r"device 'gpu' is not one torch knows"),
-    (["--rank", "0"], "rank must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-iters", "0"], r"max_iters \(--max-iters\) must be a positive integer, got 0"),
+        (["--tol", "-1"], r"tol \(--tol\) must be a finite number ≥ 0, got -1.0"),
+        (["--workers", "0"], r"workers \(--workers\) must be a positive integer"),
+        (["--device", "gpu"], r"device 'gpu' is not one torch knows"),
+        (["--rank", "0"], "rank must be a positive integer, got 0"),
+    ],
+)
 def test_bad_options_are_one_line_errors(clients, capsys, argv, message):
     dirs, files, _, _ = clients
     args = ["peft", *map(str, dirs), "--grams", *map(str, files), "--rank", "2", *argv]
@@ -502,19 +570,22 @@ def test_cuda_without_a_gpu_is_a_clear_error(clients):
         merge_lora_adapters(dirs, files, 2, device="cuda")
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number in \(0, 1e\+06\], got nan"),
-    ({"lora_alpha": float("inf")}, r"lora_alpha must be a finite number .*got inf"),
-    ({"lora_alpha": 1e308}, r"lora_alpha must be a finite number .*got 1e\+308"),
-    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
-    ({"rank_pattern": {"q_proj": -2}}, r"rank_pattern\['q_proj'\] must be a positive integer, got -2"),
-    ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 2.5"),
-    ({"rank_pattern": {"q_proj": True}}, r"rank_pattern\['q_proj'\] must be a positive integer, got True"),
-    ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
-    ({"rank_pattern": {"(a+)+$": 4}}, r"rank_pattern key '\(a\+\)\+\$' nests repetitions"),
-    ({"alpha_pattern": {"(ab|a)*q_proj": 4}}, r"alpha_pattern key .* nests repetitions"),
-    ({"rank_pattern": {"(?:.*)*": 4}}, r"rank_pattern key .* nests repetitions"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number in \(0, 1e\+06\], got nan"),
+        ({"lora_alpha": float("inf")}, r"lora_alpha must be a finite number .*got inf"),
+        ({"lora_alpha": 1e308}, r"lora_alpha must be a finite number .*got 1e\+308"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
+        ({"rank_pattern": {"q_proj": -2}}, r"rank_pattern\['q_proj'\] must be a positive integer, got -2"),
+        ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] must be a positive integer, got 2.5"),
+        ({"rank_pattern": {"q_proj": True}}, r"rank_pattern\['q_proj'\] must be a positive integer, got True"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+        ({"rank_pattern": {"(a+)+$": 4}}, r"rank_pattern key '\(a\+\)\+\$' nests repetitions"),
+        ({"alpha_pattern": {"(ab|a)*q_proj": 4}}, r"alpha_pattern key .* nests repetitions"),
+        ({"rank_pattern": {"(?:.*)*": 4}}, r"rank_pattern key .* nests repetitions"),
+    ],
+)
 def test_bad_config_values_name_file_and_field(tmp_path, changes, message):
     write_adapter(tmp_path / "a", 3, seed=0, config=changes)
     with pytest.raises(AdapterFileError, match=message) as err:
@@ -532,10 +603,30 @@ def test_a_pattern_too_costly_to_match_is_refused(tmp_path):
 def test_pattern_matching_is_peft_s():
     """Bounded matching agrees with PEFT's own get_pattern_key on names and patterns of every shape it allows."""
     peft_other = pytest.importorskip("peft.utils.other")
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.q_proj", "layers.1.mlp.down_proj",
-             "q_proj", "xq_proj", "model.layers.0.self_attn.q_proj.base", "a.b"]
-    patterns = ["q_proj", "self_attn.q_proj", r"layers\.1\d*\.", r"layers\.\d+\.self_attn\.q_proj", r"^q_proj",
-                "mlp.*", "(q|k)_proj", r"(?<=self_attn\.)q_proj", r"layers\.0\..*", "b", r"a\.b", "proj", ".*proj"]
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.10.self_attn.q_proj",
+        "layers.1.mlp.down_proj",
+        "q_proj",
+        "xq_proj",
+        "model.layers.0.self_attn.q_proj.base",
+        "a.b",
+    ]
+    patterns = [
+        "q_proj",
+        "self_attn.q_proj",
+        r"layers\.1\d*\.",
+        r"layers\.\d+\.self_attn\.q_proj",
+        r"^q_proj",
+        "mlp.*",
+        "(q|k)_proj",
+        r"(?<=self_attn\.)q_proj",
+        r"layers\.0\..*",
+        "b",
+        r"a\.b",
+        "proj",
+        ".*proj",
+    ]
     for name in names:
         for pattern in patterns:
             ours = adapters._pattern_value({pattern: 1}, name, 0, "cfg", "rank_pattern")
@@ -547,9 +638,30 @@ def test_pattern_matching_is_peft_s():
 
 def test_bench_adapters_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_adapters.py"), "--hidden", "32", "--ffn", "48", "--blocks", "1",
-           "--clients", "3", "--rank", "2", "--full-gram-files", "2", "--peft-clients", "3", "--solver-rank-sums", "4",
-           "--dir", str(tmp_path / "data"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_adapters.py"),
+        "--hidden",
+        "32",
+        "--ffn",
+        "48",
+        "--blocks",
+        "1",
+        "--clients",
+        "3",
+        "--rank",
+        "2",
+        "--full-gram-files",
+        "2",
+        "--peft-clients",
+        "3",
+        "--solver-rank-sums",
+        "4",
+        "--dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert {row["grams"] for row in result["rows"]} == {"diagonal", "full"}

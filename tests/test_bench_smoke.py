@@ -10,8 +10,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_merge_runs_and_paths_agree(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_merge.py"), "--layers", "2", "--clients", "2", "--ranks", "3",
-           "--repeats", "1", "--gram-widths", "40", "--threads", "1", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_merge.py"),
+        "--layers",
+        "2",
+        "--clients",
+        "2",
+        "--ranks",
+        "3",
+        "--repeats",
+        "1",
+        "--gram-widths",
+        "40",
+        "--threads",
+        "1",
+        "2",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert {row["step"] for row in result["merge"]} == {"A", "B"}
@@ -29,8 +46,22 @@ def test_bench_merge_runs_and_paths_agree(tmp_path):
 
 def test_bench_merge_without_the_authors_path(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_merge.py"), "--layers", "1", "--clients", "2", "--ranks", "2",
-           "--grams", "diagonal", "--gram-widths", "--no-authors", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_merge.py"),
+        "--layers",
+        "1",
+        "--clients",
+        "2",
+        "--ranks",
+        "2",
+        "--grams",
+        "diagonal",
+        "--gram-widths",
+        "--no-authors",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     result = json.loads(out.read_text())  # strict JSON: skipped numbers are null, not NaN
     assert result["gram_accumulation"] == []

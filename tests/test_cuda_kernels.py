@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lorm_testing import REL_TOL, layer_inputs, rel_err, random_gram
+from lorm_testing import REL_TOL, layer_inputs, random_gram, rel_err
 
 from lorm_ext import ops
 from lorm_ext.reference import gram_ref
@@ -145,10 +144,10 @@ def test_row_splits_and_repeated_gram(dtype):
 def test_strided_and_batched_inputs(dtype):
     base = activations(3 * 170, 2 * 131, dtype).reshape(3, 170, 2 * 131)
     cases = [
-        base[..., ::2],                       # column stride 2: element-wise loads
+        base[..., ::2],  # column stride 2: element-wise loads
         base.reshape(510, 262).T.contiguous().T[:, 5:136],  # column-major view, unaligned start
-        base[:, :, 1:132],                    # offset by one element: not 16-byte aligned
-        base.transpose(0, 1)[:, :, :131],     # 3-D, not viewable as 2-D: reshaped copy in X's dtype
+        base[:, :, 1:132],  # offset by one element: not 16-byte aligned
+        base.transpose(0, 1)[:, :, :131],  # 3-D, not viewable as 2-D: reshaped copy in X's dtype
     ]
     for x in cases:
         n = x.shape[-1]
@@ -311,7 +310,9 @@ def test_merge_entries_sharing_accumulators():
     assert rel_err(ws, e1[1] + e2[1]) < 1e-12
     buffer = torch.zeros(n * n + rank * n, device=DEVICE, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="share memory"):
-        ops.gram_weighted_accumulate_([buffer[: n * n].view(n, n)], [buffer[n : n + rank * n].view(rank, n)], [g1], [f1])
+        ops.gram_weighted_accumulate_(
+            [buffer[: n * n].view(n, n)], [buffer[n : n + rank * n].view(rank, n)], [g1], [f1]
+        )
 
 
 def test_merge_matches_cpu_implementation():
@@ -487,7 +488,8 @@ def test_ops_can_be_captured_in_a_cuda_graph(kernels):
     diagonal_k = client_gram(n, torch.float32, True, seed=2)
     a, b = torch.randn(r, n, device=DEVICE), torch.randn(30, r, device=DEVICE)
     sums = {
-        "gram": torch.zeros(n, n, device=DEVICE), "diagonal": torch.zeros(n, device=DEVICE),
+        "gram": torch.zeros(n, n, device=DEVICE),
+        "diagonal": torch.zeros(n, device=DEVICE),
         "gram_sum": torch.zeros(n, n, device=DEVICE, dtype=torch.float64),
         "weighted": torch.zeros(r, n, device=DEVICE, dtype=torch.float64),
         "projection": torch.zeros(r, r, device=DEVICE, dtype=torch.float64),

@@ -93,7 +93,13 @@ def run_all(shares: dict[str, list[int]]) -> dict:
 
 # Process 1 gets no batch for the diagonal collector and no client for the AdapterMerger.
 SHARES = [
-    {"grams": [0, 1, 2], "grams_diag": [0, 1, 2, 3, 4], "regmean": [0, 1, 2], "adapter": [0, 1, 2, 3, 4], "b_step": [4]},
+    {
+        "grams": [0, 1, 2],
+        "grams_diag": [0, 1, 2, 3, 4],
+        "regmean": [0, 1, 2],
+        "adapter": [0, 1, 2, 3, 4],
+        "b_step": [4],
+    },
     {"grams": [3, 4], "grams_diag": [], "regmean": [3, 4], "adapter": [], "b_step": [0, 1, 2, 3]},
 ]
 ALL = {key: sorted(SHARES[0][key] + SHARES[1][key]) for key in SHARES[0]}
@@ -101,7 +107,10 @@ ALL = {key: sorted(SHARES[0][key] + SHARES[1][key]) for key in SHARES[0]}
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
@@ -140,8 +149,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=1):

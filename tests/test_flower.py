@@ -412,7 +412,12 @@ def test_check_message_names_the_layer_and_the_problem_of_each_bad_value():
     from lorm_ext.flower.messages import check_message
 
     expected = {"B/l": (3, 2), "P/l": (2, 2), "head/weight": (4, 5)}
-    good = {"num_samples": torch.tensor(7), "B/l": torch.randn(3, 2), "P/l": torch.eye(2), "head/weight": torch.randn(4, 5)}
+    good = {
+        "num_samples": torch.tensor(7),
+        "B/l": torch.randn(3, 2),
+        "P/l": torch.eye(2),
+        "head/weight": torch.randn(4, 5),
+    }
     check_message(good, expected)
     bad = {
         "layer 'l': B contains NaN or Inf (1 entries)": {"B/l": _with_nan(good["B/l"])},

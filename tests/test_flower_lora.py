@@ -20,8 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_ext import reference
-from lorm_ext.flower import LoRAMergeStrategy, NoUsableReplyError, lora_reply, read_adapter
-from lorm_ext.flower import quickstart
+from lorm_ext.flower import LoRAMergeStrategy, NoUsableReplyError, lora_reply, quickstart, read_adapter
 from lorm_ext.flower.messages import read_reply
 from lorm_ext.flower.strategy import balanced
 

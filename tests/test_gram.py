@@ -13,7 +13,14 @@ from lorm_ext import reference as ref
 
 def tiny_vit(device):
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        num_classes=7,
     )
     return model.to(device).eval()
 
@@ -80,7 +87,9 @@ def test_collector_under_autograd_and_bf16_autocast():
         model(torch.randn(3, 3, 32, 32)).sum().backward()
     gram = collector.grams["head"]
     assert gram.dtype == torch.float32
-    assert_rel_close(gram, ref.gram_ref(seen[0].reshape(-1, seen[0].shape[-1]), dtype=torch.float64), REL_TOL[torch.float32])
+    assert_rel_close(
+        gram, ref.gram_ref(seen[0].reshape(-1, seen[0].shape[-1]), dtype=torch.float64), REL_TOL[torch.float32]
+    )
 
 
 def test_collector_errors():
@@ -205,8 +214,14 @@ def test_bad_token_masks_are_refused():
         with pytest.raises(ValueError, match=message), collector.token_mask(bad):
             pass
     with torch.no_grad(), collector:
-        with pytest.raises(RuntimeError, match=r"layer 'q' reads an input of shape \(2, 4, 6\), which matches neither "
-                           r"the token mask's shape \(2, 3\)"), collector.token_mask(mask[:, :3]):
+        with (
+            pytest.raises(
+                RuntimeError,
+                match=r"layer 'q' reads an input of shape \(2, 4, 6\), which matches neither "
+                r"the token mask's shape \(2, 3\)",
+            ),
+            collector.token_mask(mask[:, :3]),
+        ):
             model(x, mask)
         model(x, mask)  # the mask is gone after its block: every position counts
     assert collector.num_tokens == {"q": 8, "fc": 8}

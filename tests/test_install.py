@@ -12,10 +12,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -100,7 +100,11 @@ def run_restricted(code: str, extras=(), **kwargs) -> subprocess.CompletedProces
     env = os.environ | CPU_ENVIRONMENT | {"PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-c", _RESTRICTED, json.dumps(allowed_modules(extras)), textwrap.dedent(code)],
-        capture_output=True, text=True, env=env, timeout=600, **kwargs,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        **kwargs,
     )
 
 
@@ -186,8 +190,10 @@ def test_a_missing_extra_is_one_line_saying_how_to_install_it(tmp_path, script, 
     assert result.returncode in (1, 2)
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith(f"{script}"), line
-    assert line.endswith(f"is not installed: install the optional dependencies of lorm_ext that it needs with "
-                         f"`pip install 'lorm_ext[{extra}]'`"), line
+    assert line.endswith(
+        f"is not installed: install the optional dependencies of lorm_ext that it needs with "
+        f"`pip install 'lorm_ext[{extra}]'`"
+    ), line
     assert not (tmp_path / "runs").exists()
 
 
@@ -202,8 +208,11 @@ def test_every_extra_of_all_is_declared():
 @pytest.fixture
 def package_copy(tmp_path) -> Path:
     """A copy of the lorm_ext package (with its built library) whose build record a test may rewrite."""
-    shutil.copytree(Path(lorm_ext.__file__).parent, tmp_path / "lorm_ext",
-                    ignore=shutil.ignore_patterns("__pycache__", "weights", "_build_info.py"))
+    shutil.copytree(
+        Path(lorm_ext.__file__).parent,
+        tmp_path / "lorm_ext",
+        ignore=shutil.ignore_patterns("__pycache__", "weights", "_build_info.py"),
+    )
     return tmp_path
 
 
@@ -212,8 +221,14 @@ _ONLY_THE_COPY = "import sys\nsys.meta_path = [f for f in sys.meta_path if '__ed
 
 
 def _import_copy(root: Path, code: str = "import lorm_ext") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _ONLY_THE_COPY + code], capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"PYTHONPATH": str(root)}, cwd=root)
+    return subprocess.run(
+        [sys.executable, "-c", _ONLY_THE_COPY + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"PYTHONPATH": str(root)},
+        cwd=root,
+    )
 
 
 def test_a_library_built_against_another_torch_is_refused_at_import_with_the_rebuild_command(package_copy):
@@ -265,8 +280,9 @@ def test_isolated_build_against_another_torch_is_refused_before_compiling(tmp_pa
     fake.mkdir()
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cpu\n")
     env = os.environ | {"PYTHONPATH": str(tmp_path), "PYTHONNOUSERSITE": "1"}
-    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     line = result.stderr.strip()
     installed = importlib.metadata.version("torch")
@@ -278,8 +294,9 @@ def test_isolated_build_against_another_torch_is_refused_before_compiling(tmp_pa
 
 
 def test_a_build_against_the_installed_torch_goes_ahead():
-    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "lorm_ext"
 
@@ -305,12 +322,15 @@ def test_build_ext_records_the_torch_beside_the_library_in_the_build_and_the_sou
     # A tiny extension (no torch headers: seconds to compile) built by the command setup.py uses.
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
-    (tmp_path / "pkg" / "ext.cpp").write_text(textwrap.dedent("""
+    (tmp_path / "pkg" / "ext.cpp").write_text(
+        textwrap.dedent("""
         #include <Python.h>
         static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
         PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }
-    """))
-    (tmp_path / "setup.py").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tmp_path / "setup.py").write_text(
+        textwrap.dedent(f"""
         import importlib.util
         from setuptools import Extension, setup
         spec = importlib.util.spec_from_file_location("install", {str(ROOT / "lorm_ext" / "_install.py")!r})
@@ -318,9 +338,15 @@ def test_build_ext_records_the_torch_beside_the_library_in_the_build_and_the_sou
         spec.loader.exec_module(install)
         setup(name="pkg", packages=["pkg"], ext_modules=[Extension("pkg._C", ["pkg/ext.cpp"])],
               cmdclass={{"build_ext": install.build_ext_command()}})
-    """))
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-lib", "out"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    """)
+    )
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace", "--build-lib", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr
     expected = _install.build_info_text(torch.__version__)
     for folder in (tmp_path / "pkg", tmp_path / "out" / "pkg"):

@@ -89,7 +89,10 @@ def test_general_a_step_with_per_client_b_matches_reference(device):
     merged = merger.merge()
     for name in LAYERS:
         expected = ref.a_step_ref(
-            column(clients, "A", name), column(clients, "G", name), Bs=column(clients, "B", name), shared_b=shared_b[name]
+            column(clients, "A", name),
+            column(clients, "G", name),
+            Bs=column(clients, "B", name),
+            shared_b=shared_b[name],
         )
         assert_rel_close(merged[name], expected, 1e-8)
 
@@ -234,7 +237,10 @@ class TestAdapterMerging:
 
     def make(self, device, ranks=(1, 4, 9), diagonal=False, tokens=None):
         layers = {"a": (12, 20), "b": (30, 8)}
-        clients = [make_clients(1, r, device=device, dtype=torch.float64, layers=layers, diagonal=diagonal, tokens=tokens)[0] for r in ranks]
+        clients = [
+            make_clients(1, r, device=device, dtype=torch.float64, layers=layers, diagonal=diagonal, tokens=tokens)[0]
+            for r in ranks
+        ]
         return layers, clients
 
     @pytest.mark.parametrize("diagonal", [False, True])
@@ -251,7 +257,12 @@ class TestAdapterMerging:
             assert alternating[name] == pytest.approx(exact[name], rel=1e-7)
             B, A = ref.rank_r_optimum_ref(*(column(clients, key, name) for key in "BAG"), 3)
             deltas = [b @ a for b, a in zip(column(clients, "B", name), column(clients, "A", name))]
-            assert exact[name] == pytest.approx(ref.objective_ref(B.cpu() @ A.cpu(), [d.cpu() for d in deltas], [g.cpu() for g in column(clients, "G", name)]).item(), rel=1e-9)
+            assert exact[name] == pytest.approx(
+                ref.objective_ref(
+                    B.cpu() @ A.cpu(), [d.cpu() for d in deltas], [g.cpu() for g in column(clients, "G", name)]
+                ).item(),
+                rel=1e-9,
+            )
             assert random_start[name] == pytest.approx(exact[name], rel=1e-6)
 
     def test_alternation_matches_the_reference_and_never_increases(self, device):
@@ -271,11 +282,17 @@ class TestAdapterMerging:
         for c in clients:
             merger.add_client(c["B"], c["A"], c["G"])
         exact = merger.objective(merger.merge("exact"))
-        averaged = {n: (torch.stack(column(clients, "B", n)).mean(0), torch.stack(column(clients, "A", n)).mean(0)) for n in layers}
+        averaged = {
+            n: (torch.stack(column(clients, "B", n)).mean(0), torch.stack(column(clients, "A", n)).mean(0))
+            for n in layers
+        }
         for name, value in merger.objective(averaged).items():
             assert exact[name] <= value
         for _ in range(5):
-            candidate = {n: (torch.randn(out, 2, device=device), torch.randn(2, w, device=device)) for n, (out, w) in layers.items()}
+            candidate = {
+                n: (torch.randn(out, 2, device=device), torch.randn(2, w, device=device))
+                for n, (out, w) in layers.items()
+            }
             for name, value in merger.objective(candidate).items():
                 assert exact[name] <= value
 
@@ -300,7 +317,9 @@ class TestBadInputs:
         merger, c = self.setup_merger(device)
         missing = {k: v for k, v in c["A"].items() if k != "blocks.0.mlp.fc2"}
         self.expect(merger, ValueError, r"missing \['blocks.0.mlp.fc2'\]", missing, c["G"])
-        self.expect(merger, ValueError, r"unexpected \['extra'\]", {**c["A"], "extra": c["A"]["blocks.0.mlp.fc2"]}, c["G"])
+        self.expect(
+            merger, ValueError, r"unexpected \['extra'\]", {**c["A"], "extra": c["A"]["blocks.0.mlp.fc2"]}, c["G"]
+        )
 
     @pytest.mark.parametrize(
         "corrupt,match",
@@ -322,8 +341,16 @@ class TestBadInputs:
     def test_bad_factors(self, device):
         merger, c = self.setup_merger(device)
         name = "blocks.0.attn.qkv"
-        self.expect(merger, LayerError, rf"layer '{name}': factor has shape \(5, 16\), expected \(4, 16\)", {**c["A"], name: torch.randn(5, 16, device=device)}, c["G"])
-        self.expect(merger, LayerError, "factor contains NaN or Inf", {**c["A"], name: c["A"][name] * float("inf")}, c["G"])
+        self.expect(
+            merger,
+            LayerError,
+            rf"layer '{name}': factor has shape \(5, 16\), expected \(4, 16\)",
+            {**c["A"], name: torch.randn(5, 16, device=device)},
+            c["G"],
+        )
+        self.expect(
+            merger, LayerError, "factor contains NaN or Inf", {**c["A"], name: c["A"][name] * float("inf")}, c["G"]
+        )
         self.expect(merger, LayerError, "factor must be a torch.Tensor", {**c["A"], name: [[1.0]]}, c["G"])
 
     def test_structure_checks_follow_a_loaded_state(self, device):
@@ -348,7 +375,13 @@ class TestBadInputs:
         merger = BStepMerger(clients[0]["A"])
         merger.add_client(clients[0]["B"], clients[0]["G"])
         name = "blocks.0.attn.qkv"
-        self.expect(merger, LayerError, rf"layer '{name}': factor has shape \(24, 3\), expected \(24, 4\)", {**clients[1]["B"], name: torch.randn(24, 3, device=device)}, clients[1]["G"])
+        self.expect(
+            merger,
+            LayerError,
+            rf"layer '{name}': factor has shape \(24, 3\), expected \(24, 4\)",
+            {**clients[1]["B"], name: torch.randn(24, 3, device=device)},
+            clients[1]["G"],
+        )
         weighted, projections = project_client(clients[0]["A"], clients[1]["B"], clients[1]["G"])
         projections[name] = projections[name] + torch.triu(torch.ones_like(projections[name]), 1)
         before = state_of(merger)
@@ -360,7 +393,9 @@ class TestBadInputs:
         clients = make_clients(2, 4, device=device)
         merger = RegMeanMerger()
         merger.add_client(clients[0]["A"], clients[0]["G"], lefts=clients[0]["B"])
-        self.expect(merger, ValueError, "lefts must be sent by every client or by none", clients[1]["A"], clients[1]["G"])
+        self.expect(
+            merger, ValueError, "lefts must be sent by every client or by none", clients[1]["A"], clients[1]["G"]
+        )
 
     def test_adapter_rank_above_layer_width(self, device):
         clients = make_clients(1, 2, device=device)
@@ -629,28 +664,74 @@ class TestAdapterMergerState:
 def test_errors_name_the_layer_and_the_argument_the_user_wrote(device):
     """What the user passed (a dict of layers, under its argument's name) is checked before any op sees a list:
     no message names an op or a list index."""
-    A, B, G = {"l": torch.randn(2, 5, device=device)}, {"l": torch.randn(4, 2, device=device)}, {"l": torch.eye(5, device=device)}
+    A, B, G = (
+        {"l": torch.randn(2, 5, device=device)},
+        {"l": torch.randn(4, 2, device=device)},
+        {"l": torch.eye(5, device=device)},
+    )
     f8 = {"l": B["l"].to(torch.float8_e4m3fn)}
     scalar = {"l": torch.tensor(1.0, device=device)}
     shared_b = {"l": torch.randn(4, 2, device=device)}
     cases = [
-        (lambda: project_client(A, B, scalar), r"layer 'l': gram must be square \(n, n\) or a diagonal \(n,\), got shape \(\)"),
-        (lambda: project_client(A, {"l": torch.randn(4, 3, device=device)}, G), r"layer 'l': factors_b has shape \(4, 3\), expected \(\*, 2\)"),
-        (lambda: project_client({"l": torch.randn(2, 6, device=device)}, B, G), r"layer 'l': shared_a has shape \(2, 6\), expected \(\*, 5\)"),
+        (
+            lambda: project_client(A, B, scalar),
+            r"layer 'l': gram must be square \(n, n\) or a diagonal \(n,\), got shape \(\)",
+        ),
+        (
+            lambda: project_client(A, {"l": torch.randn(4, 3, device=device)}, G),
+            r"layer 'l': factors_b has shape \(4, 3\), expected \(\*, 2\)",
+        ),
+        (
+            lambda: project_client({"l": torch.randn(2, 6, device=device)}, B, G),
+            r"layer 'l': shared_a has shape \(2, 6\), expected \(\*, 5\)",
+        ),
         (lambda: project_client(A, B, {}), r"grams: layer names differ from the expected ones: missing \['l'\]"),
-        (lambda: project_client(A, f8, G), "layer 'l': factors_b must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"),
-        (lambda: project_client(A, B, G, dtype=torch.float16), "project_client: dtype must be torch.float32 or torch.float64"),
-        (lambda: AdapterMerger(1).add_client(scalar, A, G), r"layer 'l': factors_b has shape \(\), expected \(\*, \*\)"),
+        (
+            lambda: project_client(A, f8, G),
+            "layer 'l': factors_b must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn",
+        ),
+        (
+            lambda: project_client(A, B, G, dtype=torch.float16),
+            "project_client: dtype must be torch.float32 or torch.float64",
+        ),
+        (
+            lambda: AdapterMerger(1).add_client(scalar, A, G),
+            r"layer 'l': factors_b has shape \(\), expected \(\*, \*\)",
+        ),
         (lambda: AdapterMerger(1).add_client(B, scalar, G), r"layer 'l': factors_a has shape \(\), expected \(2, 5\)"),
         (lambda: AdapterMerger(1).add_client(B, A, scalar), r"layer 'l': gram must be square"),
-        (lambda: AdapterMerger(1).add_client(B, {"l": torch.randn(3, 5, device=device)}, G), r"layer 'l': factors_a has shape \(3, 5\), expected \(2, 5\)"),
-        (lambda: AdapterMerger(1).add_client(f8, A, G), "layer 'l': factors_b must be float16, bfloat16, float32 or float64"),
-        (lambda: AdapterMerger(1).add_client([B["l"]], A, G), "factors_b: expected a dict of tensors keyed by layer name, got list"),
-        (lambda: RegMeanMerger().add_client({"l": A["l"].to(torch.float8_e5m2)}, G), "layer 'l': factor must be float16, bfloat16"),
-        (lambda: RegMeanMerger().add_client(A, {"l": G["l"].to(torch.float8_e4m3fn)}), "layer 'l': gram must be float16, bfloat16"),
-        (lambda: AStepMerger(shared_b).add_client(A, G, factors_b={"l": B["l"] * float("nan")}), "layer 'l': factors_b contains NaN or Inf"),
-        (lambda: AStepMerger(shared_b).add_client(A, G, factors_b=f8), "layer 'l': factors_b must be float16, bfloat16"),
-        (lambda: AStepMerger(shared_b).add_client({"l": torch.randn(3, 5, device=device)}, G, factors_b=B), r"layer 'l': factor has shape \(3, 5\), expected \(2, 5\)"),
+        (
+            lambda: AdapterMerger(1).add_client(B, {"l": torch.randn(3, 5, device=device)}, G),
+            r"layer 'l': factors_a has shape \(3, 5\), expected \(2, 5\)",
+        ),
+        (
+            lambda: AdapterMerger(1).add_client(f8, A, G),
+            "layer 'l': factors_b must be float16, bfloat16, float32 or float64",
+        ),
+        (
+            lambda: AdapterMerger(1).add_client([B["l"]], A, G),
+            "factors_b: expected a dict of tensors keyed by layer name, got list",
+        ),
+        (
+            lambda: RegMeanMerger().add_client({"l": A["l"].to(torch.float8_e5m2)}, G),
+            "layer 'l': factor must be float16, bfloat16",
+        ),
+        (
+            lambda: RegMeanMerger().add_client(A, {"l": G["l"].to(torch.float8_e4m3fn)}),
+            "layer 'l': gram must be float16, bfloat16",
+        ),
+        (
+            lambda: AStepMerger(shared_b).add_client(A, G, factors_b={"l": B["l"] * float("nan")}),
+            "layer 'l': factors_b contains NaN or Inf",
+        ),
+        (
+            lambda: AStepMerger(shared_b).add_client(A, G, factors_b=f8),
+            "layer 'l': factors_b must be float16, bfloat16",
+        ),
+        (
+            lambda: AStepMerger(shared_b).add_client({"l": torch.randn(3, 5, device=device)}, G, factors_b=B),
+            r"layer 'l': factor has shape \(3, 5\), expected \(2, 5\)",
+        ),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match) as error:

@@ -189,13 +189,19 @@ def test_entries_sharing_an_accumulator_add_up_in_order(device):
     """The same sums in several entries (two clients in one call) must get both updates, with no race."""
     grams = [random_gram(300, 310, dtype=torch.float32, device=device) for _ in range(3)]
     factors = [torch.randn(5, 300, device=device) for _ in range(3)]
-    gram_sum, weighted_sum = torch.zeros(300, 300, device=device, dtype=torch.float64), torch.zeros(5, 300, device=device, dtype=torch.float64)
+    gram_sum, weighted_sum = (
+        torch.zeros(300, 300, device=device, dtype=torch.float64),
+        torch.zeros(5, 300, device=device, dtype=torch.float64),
+    )
     ops.gram_weighted_accumulate_([gram_sum] * 3, [weighted_sum] * 3, grams, factors)
     assert_rel_close(gram_sum, sum(g.double() for g in grams), 1e-12)
     assert_rel_close(weighted_sum, sum(f.double() @ g.double() for f, g in zip(factors, grams)), 1e-12)
     a = torch.randn(4, 300, device=device)
     bs = [torch.randn(600, 4, device=device) for _ in range(3)]  # several row blocks per entry
-    proj_sum, weighted = torch.zeros(4, 4, device=device, dtype=torch.float64), torch.zeros(600, 4, device=device, dtype=torch.float64)
+    proj_sum, weighted = (
+        torch.zeros(4, 4, device=device, dtype=torch.float64),
+        torch.zeros(600, 4, device=device, dtype=torch.float64),
+    )
     ops.projected_accumulate_([proj_sum] * 3, [weighted] * 3, grams, [a] * 3, bs)
     projections = [a.double() @ g.double() @ a.double().T for g in grams]
     assert_rel_close(proj_sum, sum(projections), 1e-12)
@@ -256,10 +262,22 @@ def opcheck_samples(device):
         "gram_accumulate_": [([torch.zeros(20, 20, device=device), torch.zeros(20, device=device)], [x, x])],
         "gram_weighted_accumulate_": [
             ([torch.zeros(20, 20, device=device)], [torch.zeros(4, 20, device=device)], [g], [f], []),
-            ([torch.zeros(20, 20, device=device)], [torch.zeros(6, 20, device=device)], [g], [f], [torch.randn(6, 4, device=device)]),
+            (
+                [torch.zeros(20, 20, device=device)],
+                [torch.zeros(6, 20, device=device)],
+                [g],
+                [f],
+                [torch.randn(6, 4, device=device)],
+            ),
         ],
         "projected_accumulate_": [
-            ([torch.zeros(4, 4, device=device)], [torch.zeros(9, 4, device=device)], [g], [f], [torch.randn(9, 4, device=device)])
+            (
+                [torch.zeros(4, 4, device=device)],
+                [torch.zeros(9, 4, device=device)],
+                [g],
+                [f],
+                [torch.randn(9, 4, device=device)],
+            )
         ],
         "psd_right_solve": [(torch.randn(2, 3, 20, device=device), torch.stack([g, g]).double(), 1e-15)],
         "gram_stats": [([g, torch.diagonal(g).contiguous(), g[:7, :7].contiguous()],)],
@@ -302,26 +320,48 @@ class TestBadInputs:
         s, w = torch.zeros(4, 4, device=device), torch.zeros(2, 4, device=device)
         g, f = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(2, 4, device=device)
         call = lambda *a: lambda: ops.gram_weighted_accumulate_(*a)  # noqa: E731
-        self.expect_error(call([s], [w], [g[:3, :3]], [f]), [s, w], "grams[0] has shape [3, 3] but gram_sums[0] has [4, 4]")
+        self.expect_error(
+            call([s], [w], [g[:3, :3]], [f]), [s, w], "grams[0] has shape [3, 3] but gram_sums[0] has [4, 4]"
+        )
         self.expect_error(call([s], [w], [g], [torch.randn(2, 5, device=device)]), [s, w], "factors[0] must be (p, 4)")
-        self.expect_error(call([s], [w.double()], [g], [f]), [s, w], "weighted_sums[0] is Double but gram_sums[0] is Float")
-        self.expect_error(call([s], [w], [g], [f], [torch.randn(3, 3, device=device)]), [s, w], "lefts[0] must be (m, 2)")
-        self.expect_error(call([s], [torch.zeros(3, 4, device=device)], [g], [f]), [s], "weighted_sums[0] must be (2, 4)")
+        self.expect_error(
+            call([s], [w.double()], [g], [f]), [s, w], "weighted_sums[0] is Double but gram_sums[0] is Float"
+        )
+        self.expect_error(
+            call([s], [w], [g], [f], [torch.randn(3, 3, device=device)]), [s, w], "lefts[0] must be (m, 2)"
+        )
+        self.expect_error(
+            call([s], [torch.zeros(3, 4, device=device)], [g], [f]), [s], "weighted_sums[0] must be (2, 4)"
+        )
 
     def test_accumulators_of_one_entry_must_not_overlap(self, device):
         s = torch.zeros(4, 4, device=device)
         g, f = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(4, 4, device=device)
-        self.expect_error(lambda: ops.gram_weighted_accumulate_([s], [s], [g], [f]), [s], "the accumulators of entry 0 share memory")
+        self.expect_error(
+            lambda: ops.gram_weighted_accumulate_([s], [s], [g], [f]), [s], "the accumulators of entry 0 share memory"
+        )
         p = torch.zeros(4, 4, device=device)
-        self.expect_error(lambda: ops.projected_accumulate_([p], [p], [g], [f], [f]), [p], "the accumulators of entry 0 share memory")
+        self.expect_error(
+            lambda: ops.projected_accumulate_([p], [p], [g], [f], [f]), [p], "the accumulators of entry 0 share memory"
+        )
 
     def test_projected_accumulate(self, device):
         p, w = torch.zeros(2, 2, device=device), torch.zeros(5, 2, device=device)
-        g, a, b = random_gram(4, 6, dtype=torch.float32, device=device), torch.randn(2, 4, device=device), torch.randn(5, 2, device=device)
+        g, a, b = (
+            random_gram(4, 6, dtype=torch.float32, device=device),
+            torch.randn(2, 4, device=device),
+            torch.randn(5, 2, device=device),
+        )
         call = lambda *args: lambda: ops.projected_accumulate_(*args)  # noqa: E731
-        self.expect_error(call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_factors[0] must be (r, 4)")
-        self.expect_error(call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors[0] must be (m, 2)")
-        self.expect_error(call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)")
+        self.expect_error(
+            call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_factors[0] must be (r, 4)"
+        )
+        self.expect_error(
+            call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors[0] must be (m, 2)"
+        )
+        self.expect_error(
+            call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)"
+        )
 
     def test_gram_stats(self, device):
         call = lambda *g: lambda: ops.gram_stats(g)  # noqa: E731
@@ -364,10 +404,16 @@ class TestInputsMustNotOverlapOutputs:
         g = random_gram(6, 9, dtype=torch.float32, device=device)
         self.expect_overlap(lambda: ops.gram_accumulate_([g], [g]), [g], "inputs[0] shares memory with grams[0]")
         other = torch.zeros(6, 6, device=device)
-        self.expect_overlap(lambda: ops.gram_accumulate_([other, g], [torch.randn(3, 6, device=device), g[:2]]), [g, other],
-                            "inputs[1] shares memory with grams[1]")
-        self.expect_overlap(lambda: ops.gram_accumulate_([g, other], [torch.randn(3, 6, device=device), g]), [g, other],
-                            "inputs[1] shares memory with grams[0]")
+        self.expect_overlap(
+            lambda: ops.gram_accumulate_([other, g], [torch.randn(3, 6, device=device), g[:2]]),
+            [g, other],
+            "inputs[1] shares memory with grams[1]",
+        )
+        self.expect_overlap(
+            lambda: ops.gram_accumulate_([g, other], [torch.randn(3, 6, device=device), g]),
+            [g, other],
+            "inputs[1] shares memory with grams[0]",
+        )
 
     def test_gram_weighted_accumulate(self, device):
         n = 6
@@ -375,12 +421,21 @@ class TestInputsMustNotOverlapOutputs:
         gram_sum, weighted = torch.zeros(n, n, device=device), torch.zeros(n, n, device=device)
         call = lambda *a: lambda: ops.gram_weighted_accumulate_(*a)  # noqa: E731
         acc = [gram_sum, weighted]
-        self.expect_overlap(call([gram_sum], [weighted], [gram], [weighted]), acc, "factors[0] shares memory with weighted_sums[0]")
-        self.expect_overlap(call([gram_sum], [weighted], [gram], [gram_sum]), acc, "factors[0] shares memory with gram_sums[0]")
-        self.expect_overlap(call([gram_sum], [weighted], [gram_sum.T], [gram]), acc, "grams[0] shares memory with gram_sums[0]")
+        self.expect_overlap(
+            call([gram_sum], [weighted], [gram], [weighted]), acc, "factors[0] shares memory with weighted_sums[0]"
+        )
+        self.expect_overlap(
+            call([gram_sum], [weighted], [gram], [gram_sum]), acc, "factors[0] shares memory with gram_sums[0]"
+        )
+        self.expect_overlap(
+            call([gram_sum], [weighted], [gram_sum.T], [gram]), acc, "grams[0] shares memory with gram_sums[0]"
+        )
         left = torch.zeros(n, n, device=device)
-        self.expect_overlap(call([gram_sum], [left], [gram], [gram.clone()], [left]), [gram_sum, left],
-                            "lefts[0] shares memory with weighted_sums[0]")
+        self.expect_overlap(
+            call([gram_sum], [left], [gram], [gram.clone()], [left]),
+            [gram_sum, left],
+            "lefts[0] shares memory with weighted_sums[0]",
+        )
 
     @pytest.mark.parametrize("r", [3, 16])
     def test_projected_accumulate(self, device, r):
@@ -389,11 +444,18 @@ class TestInputsMustNotOverlapOutputs:
         a, b = torch.randn(r, n, device=device), torch.randn(m, r, device=device)
         proj, weighted = torch.zeros(r, r, device=device), torch.zeros(m, r, device=device)
         call = lambda *args: lambda: ops.projected_accumulate_(*args)  # noqa: E731
-        self.expect_overlap(call([proj], [weighted], [gram], [a], [weighted]), [proj, weighted], "factors[0] shares memory with weighted_sums[0]")
+        self.expect_overlap(
+            call([proj], [weighted], [gram], [a], [weighted]),
+            [proj, weighted],
+            "factors[0] shares memory with weighted_sums[0]",
+        )
         buffer = torch.zeros(r * n + r * r, device=device)  # A and ΣP carved out of one buffer, overlapping
         shared_a, proj_view = buffer[: r * n].view(r, n), buffer[r * n - r * r : r * n].view(r, r)
-        self.expect_overlap(call([proj_view], [weighted], [gram], [shared_a], [b]), [proj_view, weighted],
-                            "shared_factors[0] shares memory with projection_sums[0]")
+        self.expect_overlap(
+            call([proj_view], [weighted], [gram], [shared_a], [b]),
+            [proj_view, weighted],
+            "shared_factors[0] shares memory with projection_sums[0]",
+        )
 
     def test_disjoint_views_of_one_buffer_are_accepted(self, device):
         buffer = torch.zeros(2, 5, 5, device=device)
@@ -422,7 +484,11 @@ class TestSolveArguments:
         expected = ref.right_solve_ref(rhs.cpu(), gram.cpu(), rcond)
         assert_rel_close(ops.psd_right_solve(rhs, gram, rcond).cpu(), expected, 1e-6)
         diagonal = spectrum.to(device)
-        assert_rel_close(ops.psd_right_solve(rhs, diagonal[None, :], rcond).cpu(), ref.right_solve_ref(rhs.cpu(), diagonal.cpu(), rcond), 1e-12)
+        assert_rel_close(
+            ops.psd_right_solve(rhs, diagonal[None, :], rcond).cpu(),
+            ref.right_solve_ref(rhs.cpu(), diagonal.cpu(), rcond),
+            1e-12,
+        )
 
     def test_diagonal_as_a_row_equals_the_vector_form(self, device):
         grams = torch.rand(3, 3, dtype=torch.float64, device=device) + 0.1  # 3 diagonal Grams of width 3
@@ -455,7 +521,13 @@ def test_meta_tensors_mixed_with_real_ones_are_refused(device):
     with pytest.raises(RuntimeError, match="lorm_ext::gram_weighted_accumulate_: tensors on several devices"):
         ops.gram_weighted_accumulate_([meta], [torch.zeros(2, 4, device=device)], [g], [f])
     with pytest.raises(RuntimeError, match="lorm_ext::projected_accumulate_: tensors on several devices"):
-        ops.projected_accumulate_([torch.zeros(2, 2, device="meta")], [torch.zeros(5, 2, device=device)], [g], [f], [torch.randn(5, 2, device=device)])
+        ops.projected_accumulate_(
+            [torch.zeros(2, 2, device="meta")],
+            [torch.zeros(5, 2, device=device)],
+            [g],
+            [f],
+            [torch.randn(5, 2, device=device)],
+        )
     with pytest.raises(RuntimeError, match="lorm_ext::psd_right_solve: tensors on several devices"):
         ops.psd_right_solve(torch.randn(2, 4, device="meta"), g.double())
     with pytest.raises(RuntimeError, match="lorm_ext::gram_stats: tensors on several devices"):
@@ -471,7 +543,9 @@ def test_bad_shapes_are_reported_while_tracing(device):
         ops.gram_accumulate_([g], [x])
         return g
 
-    with pytest.raises(Exception, match=r"lorm_ext::gram_accumulate_: inputs\[0\] has 5 features but grams\[0\] is for 6"):
+    with pytest.raises(
+        Exception, match=r"lorm_ext::gram_accumulate_: inputs\[0\] has 5 features but grams\[0\] is for 6"
+    ):
         torch.compile(accumulate, backend="aot_eager", fullgraph=True)(gram, torch.randn(3, 5, device=device))
 
     def weighted(s, w, g, f):
@@ -480,5 +554,6 @@ def test_bad_shapes_are_reported_while_tracing(device):
 
     with pytest.raises(Exception, match=r"factors\[0\] must be \(p, 6\)"):
         torch.compile(weighted, backend="aot_eager", fullgraph=True)(
-            gram, torch.zeros(2, 6, device=device), gram.clone(), torch.randn(2, 5, device=device))
+            gram, torch.zeros(2, 6, device=device), gram.clone(), torch.randn(2, 5, device=device)
+        )
     assert torch.equal(gram, torch.zeros(6, 6, device=device))

@@ -192,10 +192,12 @@ def test_average_writes_mean_factors_at_the_input_rank(clients, tmp_path):
     written = load_file(tmp_path / adapters.WEIGHTS_NAME)
     for m in TARGETS:
         reads = [read_lora_adapter(d).factors[m] for d in dirs]
-        torch.testing.assert_close(written[f"base_model.model.{m}.lora_B.weight"].double(),
-                                   sum(b for b, _ in reads) / 3, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(written[f"base_model.model.{m}.lora_A.weight"].double(),
-                                   sum(a for _, a in reads) / 3, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            written[f"base_model.model.{m}.lora_B.weight"].double(), sum(b for b, _ in reads) / 3, rtol=1e-6, atol=1e-7
+        )
+        torch.testing.assert_close(
+            written[f"base_model.model.{m}.lora_A.weight"].double(), sum(a for _, a in reads) / 3, rtol=1e-6, atol=1e-7
+        )
 
 
 def test_diagonal_grams_and_mixed_ranks(clients, tmp_path):
@@ -205,7 +207,7 @@ def test_diagonal_grams_and_mixed_ranks(clients, tmp_path):
     other.save_pretrained(tmp_path / "other")
     inputs = [dirs[0], tmp_path / "other"]
     diag_grams, diag_files = [], []
-    for i, (model_batches, path) in enumerate([(0, tmp_path / "g0.safetensors"), (9, tmp_path / "g1.safetensors")]):
+    for i, (_batches, path) in enumerate([(0, tmp_path / "g0.safetensors"), (9, tmp_path / "g1.safetensors")]):
         g = {m: torch.rand(WIDTH if m.endswith("fc1") else 2 * WIDTH, dtype=torch.float64) + 0.1 * i for m in TARGETS}
         adapters.save_grams(path, g)
         diag_grams.append(g)
@@ -224,17 +226,41 @@ def test_diagonal_grams_and_mixed_ranks(clients, tmp_path):
 def test_cli_collects_grams_and_merges(clients, tmp_path, capsys):
     dirs, gram_files, _, grams = clients
     this_file = os.path.abspath(__file__)
-    status = merge_cli.main([
-        "grams", "--adapter", str(dirs[0]), "--model", f"{this_file}:build_model",
-        "--batches", f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors"),
-    ])
+    status = merge_cli.main(
+        [
+            "grams",
+            "--adapter",
+            str(dirs[0]),
+            "--model",
+            f"{this_file}:build_model",
+            "--batches",
+            f"{this_file}:calibration_batches",
+            "--dtype",
+            "float64",
+            "-o",
+            str(tmp_path / "g.safetensors"),
+        ]
+    )
     assert status == 0
     collected = adapters.read_grams(tmp_path / "g.safetensors", {m: grams[0][m].shape[0] for m in TARGETS})
     for m in TARGETS:
         torch.testing.assert_close(collected[m], grams[0][m], rtol=1e-12, atol=1e-12)
 
-    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", str(MERGED_RANK),
-                             "--method", "alternating", "--report", "-o", str(tmp_path / "merged")])
+    status = merge_cli.main(
+        [
+            "peft",
+            *map(str, dirs),
+            "--grams",
+            *map(str, gram_files),
+            "--rank",
+            str(MERGED_RANK),
+            "--method",
+            "alternating",
+            "--report",
+            "-o",
+            str(tmp_path / "merged"),
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     header = next(line for line in out.splitlines() if line.startswith("module"))
@@ -308,22 +334,36 @@ def test_configs_are_read_with_peft_s_own_lora_config(clients, tmp_path, monkeyp
     read = read_lora_adapter(off)  # a field of the newer PEFT at its default: not in use, read as plain LoRA
     assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
     on = _copy_adapter(dirs[1], tmp_path / "on", {"lora_shiny_new_option": True})
-    with pytest.raises(AdapterFileError, match=r"on/adapter_config.json: lora_shiny_new_option=True is set \(PEFT's "
-                       r"default is False\): lorm_ext merges only ΔW = s·B A"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"on/adapter_config.json: lora_shiny_new_option=True is set \(PEFT's "
+        r"default is False\): lorm_ext merges only ΔW = s·B A",
+    ):
         read_lora_adapter(on)
     neither = _copy_adapter(dirs[1], tmp_path / "neither", {"lora_even_newer": None})
-    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_even_newer'\]: neither lorm_ext nor "
-                       r"the installed PEFT .* upgrade peft"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"unknown config field\(s\) \['lora_even_newer'\]: neither lorm_ext nor "
+        r"the installed PEFT .* upgrade peft",
+    ):
         read_lora_adapter(neither)
     # PEFT's own checks run: it refuses layers_to_transform with a regex target_modules, which lorm_ext ignores
-    targeting = _copy_adapter(dirs[1], tmp_path / "targeting", {"target_modules": "fc1|fc2", "layers_to_transform": [0]})
-    with pytest.raises(AdapterFileError, match=r"LoraConfig refuses it: `layers_to_transform` cannot be used when "
-                       r"`target_modules` is a str"):
+    targeting = _copy_adapter(
+        dirs[1], tmp_path / "targeting", {"target_modules": "fc1|fc2", "layers_to_transform": [0]}
+    )
+    with pytest.raises(
+        AdapterFileError,
+        match=r"LoraConfig refuses it: `layers_to_transform` cannot be used when "
+        r"`target_modules` is a str",
+    ):
         read_lora_adapter(targeting)
 
     monkeypatch.setattr(adapters, "_peft_lora_config", lambda: None)  # a server without peft: the file-level reader
-    with pytest.raises(AdapterFileError, match=r"unknown config field\(s\) \['lora_shiny_new_option'\]: lorm_ext "
-                       "cannot tell"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"unknown config field\(s\) \['lora_shiny_new_option'\]: lorm_ext "
+        "cannot tell",
+    ):
         read_lora_adapter(off)
     read = read_lora_adapter(targeting)
     assert all(torch.equal(read.factors[m][i], original.factors[m][i]) for m in TARGETS for i in (0, 1))
@@ -345,7 +385,11 @@ def test_mismatches_between_adapters_and_grams(clients, tmp_path):
         merge_lora_adapters([dirs[0], other_base], gram_files[:2], MERGED_RANK)
     # a Gram of the wrong width, a missing Gram, a diagonal Gram where the first file had a full one
     for name, changes, message in [
-        ("narrow", {"blocks.0.fc2": torch.eye(2 * WIDTH - 1)}, "module 'blocks.0.fc2': gram is for 15 features, expected 16"),
+        (
+            "narrow",
+            {"blocks.0.fc2": torch.eye(2 * WIDTH - 1)},
+            "module 'blocks.0.fc2': gram is for 15 features, expected 16",
+        ),
         ("absent", {"blocks.0.fc2": None}, r"has no Gram for module\(s\) \['blocks.0.fc2'\]"),
         ("diagonal", {"blocks.0.fc2": torch.ones(2 * WIDTH)}, "module 'blocks.0.fc2': Gram is diagonal but the first"),
     ]:
@@ -367,8 +411,9 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
     with pytest.raises(AdapterFileError, match="holds the input"):  # a folder above an input
         merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=dirs[0].parent)
     os.symlink(dirs[1], tmp_path / "alias")
-    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", "3",
-                             "-o", str(tmp_path / "alias")])
+    status = merge_cli.main(
+        ["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", "3", "-o", str(tmp_path / "alias")]
+    )
     assert status == 1 and "refusing to overwrite it" in capsys.readouterr().err
     assert (dirs[0] / adapters.WEIGHTS_NAME).read_bytes() == before
 
@@ -391,6 +436,7 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------------------------------------------------
 # modules_to_save: a head trained in full, merged with RegMean when its Grams are given
 
+
 @pytest.fixture(scope="module")
 def head_clients(tmp_path_factory):
     """Three adapters that also train the head (each its own), with Gram files that hold the head's Gram and
@@ -404,7 +450,9 @@ def head_clients(tmp_path_factory):
             head.weight.normal_()
             head.bias.normal_()
         model.save_pretrained(root / f"adapter{seed}")
-        grams = collect_grams(model.get_base_model(), TARGETS + ["head"], calibration_batches(seed), dtype=torch.float64)
+        grams = collect_grams(
+            model.get_base_model(), TARGETS + ["head"], calibration_batches(seed), dtype=torch.float64
+        )
         adapters.save_grams(root / f"with{seed}.safetensors", grams)
         adapters.save_grams(root / f"without{seed}.safetensors", {m: grams[m] for m in TARGETS})
         dirs.append(root / f"adapter{seed}")
@@ -419,8 +467,10 @@ def test_a_modules_to_save_head_is_merged_with_regmean_and_loads_in_peft(head_cl
     dirs, with_head, _, heads, head_grams = head_clients
     result = merge_lora_adapters(dirs, with_head, MERGED_RANK, output_dir=tmp_path / "merged")
     assert result.saved_methods == {"head": "regmean"}
-    expected = {"weight": reference.regmean_ref([h["weight"] for h in heads], head_grams),
-                "bias": sum(h["bias"] for h in heads) / 3}
+    expected = {
+        "weight": reference.regmean_ref([h["weight"] for h in heads], head_grams),
+        "bias": sum(h["bias"] for h in heads) / 3,
+    }
     for name, value in expected.items():
         torch.testing.assert_close(result.saved["head"][name], value, rtol=1e-9, atol=1e-9)
     assert not torch.allclose(expected["weight"], sum(h["weight"] for h in heads) / 3)  # RegMean is not the mean
@@ -441,16 +491,22 @@ def test_a_head_without_grams_is_averaged_and_partial_grams_are_refused(head_cli
     assert result.saved_methods == {"head": "mean"}
     for name in ("weight", "bias"):
         torch.testing.assert_close(result.saved["head"][name], sum(h[name] for h in heads) / 3, rtol=1e-12, atol=1e-12)
-    with pytest.raises(AdapterFileError, match=r"without1.safetensors: module 'head': has no Gram for this "
-                       r"modules_to_save head but .*with0.safetensors has one"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"without1.safetensors: module 'head': has no Gram for this "
+        r"modules_to_save head but .*with0.safetensors has one",
+    ):
         merge_lora_adapters(dirs[:2], [with_head[0], without_head[1]], MERGED_RANK)
 
 
 def test_modules_to_save_must_match_between_adapters(head_clients, clients):
     head_dirs, with_head, _, _, _ = head_clients
     plain_dirs, plain_grams, _, _ = clients
-    with pytest.raises(AdapterFileError, match=r"modules_to_save tensors \{\} differ from \{'head': \{'bias': \(3,\), "
-                       r"'weight': \(3, 8\)\}\}"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"modules_to_save tensors \{\} differ from \{'head': \{'bias': \(3,\), "
+        r"'weight': \(3, 8\)\}\}",
+    ):
         merge_lora_adapters([head_dirs[0], plain_dirs[1]], [with_head[0], plain_grams[1]], MERGED_RANK)
     scored = merge_lora_adapters(head_dirs, with_head, MERGED_RANK, score={"plain": plain_dirs[0]})  # LoRA only
     assert set(scored.objectives["plain"]) == set(TARGETS)
@@ -486,9 +542,19 @@ def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_pat
                 model.get_base_model().get_submodule(name).modules_to_save["default"].weight.normal_()
         model.save_pretrained(tmp_path / f"a{seed}")
         embeddings.append(model.get_base_model().embed.modules_to_save["default"].weight.detach().double().clone())
-        status = merge_cli.main(["grams", "--adapter", str(tmp_path / f"a{seed}"), "--model",
-                                 f"{this_file}:build_embedding_net", "--batches", f"{this_file}:token_batches",
-                                 "-o", str(tmp_path / f"g{seed}.safetensors")])
+        status = merge_cli.main(
+            [
+                "grams",
+                "--adapter",
+                str(tmp_path / f"a{seed}"),
+                "--model",
+                f"{this_file}:build_embedding_net",
+                "--batches",
+                f"{this_file}:token_batches",
+                "-o",
+                str(tmp_path / f"g{seed}.safetensors"),
+            ]
+        )
         assert status == 0 and "Grams of 2 modules" in capsys.readouterr().out  # fc and head, not the embedding
         dirs.append(tmp_path / f"a{seed}")
         gram_files.append(tmp_path / f"g{seed}.safetensors")
@@ -500,8 +566,21 @@ def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_pat
 def test_cli_collects_the_head_s_gram(head_clients, tmp_path):
     dirs, _, _, _, head_grams = head_clients
     this_file = os.path.abspath(__file__)
-    status = merge_cli.main(["grams", "--adapter", str(dirs[0]), "--model", f"{this_file}:build_model", "--batches",
-                             f"{this_file}:calibration_batches", "--dtype", "float64", "-o", str(tmp_path / "g.safetensors")])
+    status = merge_cli.main(
+        [
+            "grams",
+            "--adapter",
+            str(dirs[0]),
+            "--model",
+            f"{this_file}:build_model",
+            "--batches",
+            f"{this_file}:calibration_batches",
+            "--dtype",
+            "float64",
+            "-o",
+            str(tmp_path / "g.safetensors"),
+        ]
+    )
     assert status == 0
     collected = adapters.read_grams(tmp_path / "g.safetensors", {"head": WIDTH})
     torch.testing.assert_close(collected["head"], head_grams[0], rtol=1e-12, atol=1e-12)
@@ -517,8 +596,14 @@ BERT_TARGETS = ["query", "key", "value", "dense"]  # "dense" includes pooler.den
 def build_bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     return BertModel(config).eval()
 
@@ -539,7 +624,9 @@ def bert_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def test_hugging_face_padding_adds_nothing_to_the_grams(tmp_path):
-    pytest.importorskip("transformers", reason="the Hugging Face padding test builds a BertModel (pip install transformers)")
+    pytest.importorskip(
+        "transformers", reason="the Hugging Face padding test builds a BertModel (pip install transformers)"
+    )
     model = get_peft_model(build_bert(), LoraConfig(r=2, target_modules=BERT_TARGETS, init_lora_weights=False)).eval()
     model.save_pretrained(tmp_path / "bert-adapter")
     modules = adapters.AdapterFile(tmp_path / "bert-adapter").layout
@@ -551,13 +638,27 @@ def test_hugging_face_padding_adds_nothing_to_the_grams(tmp_path):
     for m in modules:
         torch.testing.assert_close(padded[m], unpadded[m], rtol=1e-5, atol=1e-5 * unpadded[m].abs().max().item())
     assert torch.equal(unmasked["pooler.dense"], padded["pooler.dense"])  # one row per sequence: no padding
-    assert not torch.allclose(unmasked["encoder.layer.0.intermediate.dense"], padded["encoder.layer.0.intermediate.dense"])
+    assert not torch.allclose(
+        unmasked["encoder.layer.0.intermediate.dense"], padded["encoder.layer.0.intermediate.dense"]
+    )
 
     this_file = os.path.abspath(__file__)
     for extra, expected in ([], padded), (["--no-mask"], unmasked):
         out = tmp_path / f"grams{len(extra)}.safetensors"
-        status = merge_cli.main(["grams", "--adapter", str(tmp_path / "bert-adapter"), "--model", f"{this_file}:build_bert",
-                                 "--batches", f"{this_file}:bert_batches", "-o", str(out), *extra])
+        status = merge_cli.main(
+            [
+                "grams",
+                "--adapter",
+                str(tmp_path / "bert-adapter"),
+                "--model",
+                f"{this_file}:build_bert",
+                "--batches",
+                f"{this_file}:bert_batches",
+                "-o",
+                str(out),
+                *extra,
+            ]
+        )
         assert status == 0
         collected = adapters.read_grams(out, {m: width for m, (_, _, width) in modules.items()})
         for m in modules:

@@ -92,8 +92,8 @@ def test_the_command_lines_print_each_warning_once():
     try:
         with warnings.catch_warnings(record=True) as caught:
             configure_cli_logging()
-            for batch in range(3):
-                warnings.warn("padding rows in the batch", UserWarning)
+            for _ in range(3):
+                warnings.warn("padding rows in the batch", UserWarning, stacklevel=1)
         assert [str(w.message) for w in caught] == ["padding rows in the batch"]
         assert log.level == logging.INFO and len(log.handlers) == max(1, len(handlers))
     finally:

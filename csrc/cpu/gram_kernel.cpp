@@ -65,10 +65,12 @@ void plan_block(int64_t lo, int64_t hi, int64_t leaf, std::vector<GemmTask>& tas
 
 // The upper triangle of an n-wide Gram as GEMM tasks, largest first (so the last tasks pulled are small ones).
 std::vector<GemmTask> plan_tasks(int64_t n) {
-  const int64_t leaf = n >= 2 * kLeafWidth ? kLeafWidth : std::max(kMinLeafWidth, ceil_div(n / 2, kSplitAlign) * kSplitAlign);
+  const int64_t leaf =
+      n >= 2 * kLeafWidth ? kLeafWidth : std::max(kMinLeafWidth, ceil_div(n / 2, kSplitAlign) * kSplitAlign);
   std::vector<GemmTask> tasks;
   plan_block(0, n, leaf, tasks);
-  std::stable_sort(tasks.begin(), tasks.end(), [](const GemmTask& a, const GemmTask& b) { return a.cost() > b.cost(); });
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const GemmTask& a, const GemmTask& b) { return a.cost() > b.cost(); });
   return tasks;
 }
 
@@ -118,8 +120,9 @@ void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<Ge
       // S (rows × cols, row-major) = X[:, rows]ᵀ X[:, cols] is, column-major, one gemm('N', 'T') over X's rows
       // (the call at::mm_out makes, without its dispatch); X with strided columns goes through at::mm_out
       const scalar_t* data = x.const_data_ptr<scalar_t>();
-      if (!unit_columns || !blas_gemm<scalar_t>('N', 'T', task.cols, task.rows, x.size(0), data + task.col0, x.stride(0),
-                                                data + task.row0, x.stride(0), scalar_t(0), s, task.cols)) {
+      if (!unit_columns ||
+          !blas_gemm<scalar_t>('N', 'T', task.cols, task.rows, x.size(0), data + task.col0, x.stride(0),
+                               data + task.row0, x.stride(0), scalar_t(0), s, task.cols)) {
         at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
         at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
       }
@@ -136,7 +139,8 @@ void accumulate_full(const at::Tensor& gram, const at::Tensor& x) {
     return;
   }
   const int64_t rows = x.size(0);
-  const int64_t row_chunk = std::max<int64_t>(1, kUpcastBytes / (static_cast<int64_t>(at::elementSize(dtype)) * gram.size(0)));
+  const int64_t row_chunk =
+      std::max<int64_t>(1, kUpcastBytes / (static_cast<int64_t>(at::elementSize(dtype)) * gram.size(0)));
   for (int64_t r0 = 0; r0 < rows; r0 += row_chunk) {
     run_tasks(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), tasks);
   }
@@ -175,9 +179,8 @@ void accumulate_diagonal_typed(const at::Tensor& gram, const at::Tensor& x) {
 void accumulate_diagonal(const at::Tensor& gram, const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gram_accumulate_diagonal", [&] {
     using input_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_diagonal_out", [&] {
-      accumulate_diagonal_typed<input_t, scalar_t>(gram, x);
-    });
+    AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_diagonal_out",
+                               [&] { accumulate_diagonal_typed<input_t, scalar_t>(gram, x); });
   });
 }
 

@@ -136,7 +136,8 @@ inline void transpose_block(Block<double>::vec* rows) {
 // probe (x − x is 0 for finite x, NaN otherwise), without branches. A diagonal tile compares the pairs of its
 // diagonal blocks twice (harmless for a maximum; the probe is only a flag, the exact pass counts).
 template <typename scalar_t>
-LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0, int64_t tj) {
+LORM_EXT_CPU_CLONES Stats tile_pair_stats(const scalar_t* g, int64_t n, int64_t i0, int64_t ti, int64_t j0,
+                                          int64_t tj) {
   using value_t = fast_value_t<scalar_t>;
   using vec = typename Block<value_t>::vec;
   constexpr int W = Block<value_t>::kWidth;
@@ -236,9 +237,8 @@ at::Tensor gram_stats_cpu(at::TensorList grams_in) {
       continue;
     }
     int64_t width = 0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats_width", [&] {
-      width = Block<fast_value_t<scalar_t>>::kWidth;
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats_width",
+                                    [&] { width = Block<fast_value_t<scalar_t>>::kWidth; });
     const int64_t n = gram.size(0), covered = n / width * width;
     vector_region.push_back(covered);
     for (const auto& [ti, tj] : upper_triangle_tiles(covered, kStatsTaskTile)) {
@@ -258,12 +258,10 @@ at::Tensor gram_stats_cpu(at::TensorList grams_in) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
         const scalar_t* g = gram.const_data_ptr<scalar_t>();
         switch (task.kind) {
-          case StatsTask::kDiagonalGram:
-            per_task[t] = diagonal_stats(g, n);
-            return;
+          case StatsTask::kDiagonalGram: per_task[t] = diagonal_stats(g, n); return;
           case StatsTask::kTilePair:
-            per_task[t] = tile_pair_stats(
-                g, n, task.i0, std::min(kStatsTaskTile, covered - task.i0), task.j0, std::min(kStatsTaskTile, covered - task.j0));
+            per_task[t] = tile_pair_stats(g, n, task.i0, std::min(kStatsTaskTile, covered - task.i0), task.j0,
+                                          std::min(kStatsTaskTile, covered - task.j0));
             return;
           case StatsTask::kBorder:  // columns [covered, n) against every row: a rectangle and a corner
             per_task[t] = tile_pair_stats_exact(g, n, 0, covered, covered, n - covered);

@@ -62,9 +62,8 @@ void multiply_add(acc_t* acc, const acc_t* f, int64_t ldf, const acc_t* rows, in
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor out = at::from_blob(acc, {p, w}, options);
-  out.addmm_(
-      at::from_blob(const_cast<acc_t*>(f), {p, h}, {ldf, 1}, options),
-      at::from_blob(const_cast<acc_t*>(rows), {h, w}, options));
+  out.addmm_(at::from_blob(const_cast<acc_t*>(f), {p, h}, {ldf, 1}, options),
+             at::from_blob(const_cast<acc_t*>(rows), {h, w}, options));
 }
 
 // The small per-layer matrices in the accumulator's dtype, contiguous (no copy when already so).
@@ -134,9 +133,8 @@ std::vector<acc_t>& task_scratch() {
 // partial[k][l] = Σ_c product[k][c] f_rows[l][c] over w columns (product: p × w row-major; f_rows: row stride
 // ldf): four dot products per pass over a row of the product.
 template <typename acc_t>
-LORM_EXT_CPU_CLONES void project_partial(
-    const acc_t* __restrict__ product, const acc_t* __restrict__ f_rows, int64_t ldf, int64_t p, int64_t w,
-    acc_t* __restrict__ partial) {
+LORM_EXT_CPU_CLONES void project_partial(const acc_t* __restrict__ product, const acc_t* __restrict__ f_rows,
+                                         int64_t ldf, int64_t p, int64_t w, acc_t* __restrict__ partial) {
   for (int64_t k = 0; k < p; ++k) {
     const acc_t* a = product + k * w;
     int64_t l = 0;
@@ -170,8 +168,8 @@ LORM_EXT_CPU_CLONES void project_partial(
 
 // rows (h × w, row-major) = G[i0:i0+h, c0:c0+w] in the acc dtype, and ΣG[i0:i0+h, c0:c0+w] += it where kept.
 template <typename input_t, typename acc_t>
-LORM_EXT_CPU_CLONES void upcast_rows(
-    const LayerPass& layer, int64_t i0, int64_t h, int64_t c0, int64_t w, acc_t* __restrict__ rows) {
+LORM_EXT_CPU_CLONES void upcast_rows(const LayerPass& layer, int64_t i0, int64_t h, int64_t c0, int64_t w,
+                                     acc_t* __restrict__ rows) {
   const int64_t n = layer.gram.size(0), s0 = layer.gram.stride(0), s1 = layer.gram.stride(1);
   const input_t* g = layer.gram.const_data_ptr<input_t>();
   acc_t* gram_sum = layer.gram_sum.defined() ? layer.gram_sum.mutable_data_ptr<acc_t>() : nullptr;
@@ -221,8 +219,8 @@ void chunk_task(const LayerPass& layer, const PassTask& task) {
 // Hands a panel's (F G)[:, c0:c0+w] (acc: p × w, row-major) to where its layer wants it; f_panel is room for
 // p × w more values.
 template <typename factor_t, typename acc_t>
-LORM_EXT_CPU_CLONES void emit_panel(
-    const LayerPass& layer, const PassTask& panel, const acc_t* __restrict__ acc, acc_t* __restrict__ f_panel) {
+LORM_EXT_CPU_CLONES void emit_panel(const LayerPass& layer, const PassTask& panel, const acc_t* __restrict__ acc,
+                                    acc_t* __restrict__ f_panel) {
   const int64_t n = layer.gram.size(0), p = layer.factor.size(0), c0 = panel.begin, w = panel.span;
   if (layer.out.defined()) {
     acc_t* out = layer.out.mutable_data_ptr<acc_t>();
@@ -251,7 +249,7 @@ void full_panel(const LayerPass& layer, const PassTask& panel) {
   const int64_t acc_size = aligned_count<acc_t>(p * w), rows_size = aligned_count<acc_t>(kBlockRows * w);
   acc_t* acc = aligned_scratch(task_scratch<acc_t>(), acc_size + rows_size + p * w);
   std::fill(acc, acc + p * w, acc_t(0));
-  acc_t* rows = acc + acc_size;  // G[i0:i0+h, c0:c0+w] in the acc dtype
+  acc_t* rows = acc + acc_size;       // G[i0:i0+h, c0:c0+w] in the acc dtype
   acc_t* f_panel = rows + rows_size;  // for emit_panel
   for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
     const int64_t h = std::min(kBlockRows, n - i0);
@@ -319,9 +317,8 @@ void accumulate_passes(std::vector<LayerPass>& layers) {
   for (size_t l = 0; l < layers.size(); ++l) {
     auto& layer = layers[l];
     const int64_t n = layer.gram.size(0), span = layer.task_span(), count = layer.task_count();
-    TORCH_INTERNAL_ASSERT(
-        !layer.partials.defined() || layer.partials.size(0) == std::max<int64_t>(count, 1),
-        "merge pass: one B-step partial per task");
+    TORCH_INTERNAL_ASSERT(!layer.partials.defined() || layer.partials.size(0) == std::max<int64_t>(count, 1),
+                          "merge pass: one B-step partial per task");
     if (layer.row_chunks() && layer.out.defined()) {
       layer.chunk_products = at::empty({count, layer.factor.size(0), n}, layer.out.options());
     }
@@ -354,12 +351,8 @@ void accumulate_passes(std::vector<LayerPass>& layers) {
   }
 }
 
-void gram_weighted_accumulate_cpu(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts) {
+void gram_weighted_accumulate_cpu(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                  at::TensorList factors, at::TensorList lefts) {
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
   const bool has_lefts = !lefts.empty();
   std::vector<at::Tensor> accumulators(gram_sums.begin(), gram_sums.end());
@@ -367,8 +360,8 @@ void gram_weighted_accumulate_cpu(
   if (gram_sums.size() > 1 && any_overlap(accumulators)) {
     // Entries share an accumulator: their panels must not run in parallel, so one entry at a time.
     for (size_t i = 0; i < gram_sums.size(); ++i) {
-      gram_weighted_accumulate_cpu(
-          gram_sums[i], weighted_sums[i], grams[i], factors[i], has_lefts ? at::TensorList(lefts[i]) : at::TensorList());
+      gram_weighted_accumulate_cpu(gram_sums[i], weighted_sums[i], grams[i], factors[i],
+                                   has_lefts ? at::TensorList(lefts[i]) : at::TensorList());
     }
     return;
   }
@@ -377,8 +370,8 @@ void gram_weighted_accumulate_cpu(
     const at::Tensor& sum = gram_sums[i];
     const at::Tensor factor = pass_factor(factors[i], grams[i], sum);
     // With lefts, F G goes to a scratch first and L (F G) into the weighted sum below.
-    const at::Tensor out = has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options())
-                                     : weighted_sums[i].detach();
+    const at::Tensor out =
+        has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options()) : weighted_sums[i].detach();
     layers.push_back({grams[i].detach(), factor, sum.detach(), out, at::Tensor()});
   }
   accumulate_passes(layers);
@@ -408,8 +401,8 @@ void reduce_partials(const at::Tensor& partials, const at::Tensor& projection_su
 // ΣBP[o0:o1] += B_k[o0:o1] P_k for a rank R known at compile time: each row is R broadcasts and R vector
 // multiply-adds against a local copy of P_k, which beats a per-layer at::addmm at small ranks.
 template <int64_t R, typename factor_t, typename acc_t>
-LORM_EXT_CPU_CLONES void add_projected_rows(
-    acc_t* __restrict__ weighted, const factor_t* __restrict__ b, const acc_t* __restrict__ p, int64_t o0, int64_t o1) {
+LORM_EXT_CPU_CLONES void add_projected_rows(acc_t* __restrict__ weighted, const factor_t* __restrict__ b,
+                                            const acc_t* __restrict__ p, int64_t o0, int64_t o1) {
   acc_t p_local[R * R];
   std::copy(p, p + R * R, p_local);
   for (int64_t o = o0; o < o1; ++o) {
@@ -435,8 +428,7 @@ bool has_row_kernel(int64_t r) {
 }
 
 template <typename factor_t, typename acc_t>
-void add_projected_rows_of_rank(
-    int64_t r, acc_t* weighted, const factor_t* b, const acc_t* p, int64_t o0, int64_t o1) {
+void add_projected_rows_of_rank(int64_t r, acc_t* weighted, const factor_t* b, const acc_t* p, int64_t o0, int64_t o1) {
   switch (r) {
     case 1: return add_projected_rows<1>(weighted, b, p, o0, o1);
     case 2: return add_projected_rows<2>(weighted, b, p, o0, o1);
@@ -449,12 +441,8 @@ void add_projected_rows_of_rank(
 // The B-step after the Gram pass: P_k = Σ partials, ΣP += P_k, ΣBP += B_k P_k. At ranks with a row kernel
 // the out × r products of all layers run as row blocks in one parallel loop (one thread when weighted sums
 // share memory); other ranks use at::addmm per layer.
-void finish_projections(
-    const std::vector<LayerPass>& layers,
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    const std::vector<at::Tensor>& rights,
-    bool shared_sums) {
+void finish_projections(const std::vector<LayerPass>& layers, at::TensorList projection_sums,
+                        at::TensorList weighted_sums, const std::vector<at::Tensor>& rights, bool shared_sums) {
   constexpr int64_t kRowBlock = 256;
   struct RowBlock {
     size_t layer;
@@ -463,9 +451,8 @@ void finish_projections(
   };
   std::vector<RowBlock> blocks;
   for (size_t i = 0; i < layers.size(); ++i) {
-    AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype(), "reduce_partials", [&] {
-      reduce_partials<scalar_t>(layers[i].partials, projection_sums[i]);
-    });
+    AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype(), "reduce_partials",
+                               [&] { reduce_partials<scalar_t>(layers[i].partials, projection_sums[i]); });
     const int64_t r = layers[i].partials.size(1);
     if (!has_row_kernel(r)) {
       weighted_sums[i].detach().addmm_(as_accumulator(rights[i], projection_sums[i]), layers[i].partials[0]);
@@ -486,25 +473,21 @@ void finish_projections(
         using factor_t = scalar_t;
         const factor_t* b = rights[i].const_data_ptr<factor_t>();
         if (layers[i].acc_dtype() == at::kDouble) {
-          add_projected_rows_of_rank<factor_t, double>(
-              r, weighted_sums[i].mutable_data_ptr<double>(), b, layers[i].partials.const_data_ptr<double>(),
-              block.begin, block.end);
+          add_projected_rows_of_rank<factor_t, double>(r, weighted_sums[i].mutable_data_ptr<double>(), b,
+                                                       layers[i].partials.const_data_ptr<double>(), block.begin,
+                                                       block.end);
         } else {
-          add_projected_rows_of_rank<factor_t, float>(
-              r, weighted_sums[i].mutable_data_ptr<float>(), b, layers[i].partials.const_data_ptr<float>(),
-              block.begin, block.end);
+          add_projected_rows_of_rank<factor_t, float>(r, weighted_sums[i].mutable_data_ptr<float>(), b,
+                                                      layers[i].partials.const_data_ptr<float>(), block.begin,
+                                                      block.end);
         }
       });
     }
   });
 }
 
-void projected_accumulate_cpu(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors) {
+void projected_accumulate_cpu(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                              at::TensorList shared_factors, at::TensorList factors) {
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
   // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
   std::vector<LayerPass> layers;

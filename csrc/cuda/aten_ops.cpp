@@ -93,12 +93,8 @@ at::Tensor times_gram(const at::Tensor& m, const at::Tensor& gram) {
   return is_diagonal_gram(gram) ? m.mul(gram) : at::mm(m, gram);
 }
 
-void gram_weighted_accumulate(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts) {
+void gram_weighted_accumulate(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                              at::TensorList factors, at::TensorList lefts) {
   for (size_t i = 0; i < gram_sums.size(); ++i) {
     const auto acc = gram_sums[i].scalar_type();
     const at::Tensor gram = grams[i].detach().to(acc);
@@ -113,12 +109,8 @@ void gram_weighted_accumulate(
   }
 }
 
-void projected_accumulate(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors) {
+void projected_accumulate(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                          at::TensorList shared_factors, at::TensorList factors) {
   for (size_t i = 0; i < projection_sums.size(); ++i) {
     const auto acc = projection_sums[i].scalar_type();
     const at::Tensor gram = grams[i].detach().to(acc);
@@ -139,12 +131,12 @@ at::Tensor gram_stats(at::TensorList grams) {
     const bool diagonal = is_diagonal_gram(values);
     const at::Tensor entries = diagonal ? values : values.diagonal();
     const at::Tensor entries_finite = diagonal ? finite : finite.diagonal();
-    const at::Tensor asymmetry = diagonal
-        ? at::zeros({}, values.options())
-        : at::where(finite.logical_and(finite.mT()), values.sub(values.mT()).abs(), 0.0).amax();
-    rows.push_back(at::stack(
-        {asymmetry, at::where(entries_finite, entries, inf).amin(), at::where(entries_finite, entries, -inf).amax(),
-         finite.logical_not().sum().to(at::kDouble)}));
+    const at::Tensor asymmetry =
+        diagonal ? at::zeros({}, values.options())
+                 : at::where(finite.logical_and(finite.mT()), values.sub(values.mT()).abs(), 0.0).amax();
+    rows.push_back(
+        at::stack({asymmetry, at::where(entries_finite, entries, inf).amin(),
+                   at::where(entries_finite, entries, -inf).amax(), finite.logical_not().sum().to(at::kDouble)}));
   }
   return at::stack(rows);
 }

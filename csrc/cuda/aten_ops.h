@@ -25,18 +25,10 @@ const char* kernels_name(Kernels choice);
 // The ATen implementations. The caller has checked the arguments (checks.h).
 namespace aten {
 void gram_accumulate(at::TensorList grams, at::TensorList inputs);
-void gram_weighted_accumulate(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts);
-void projected_accumulate(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors);
+void gram_weighted_accumulate(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                              at::TensorList factors, at::TensorList lefts);
+void projected_accumulate(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                          at::TensorList shared_factors, at::TensorList factors);
 at::Tensor gram_stats(at::TensorList grams);
 }  // namespace aten
 

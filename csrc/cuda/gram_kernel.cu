@@ -66,9 +66,8 @@ __device__ __forceinline__ acc_t* partial_slot(const TileWork& w, int64_t slot_e
 // mirrored pass hit distinct banks) to G at (i0, j0) and, when `mirror`, its transpose at (j0, i0). Both
 // passes walk G along its rows, so the writes coalesce.
 template <typename acc_t>
-__device__ void add_staged_tile(
-    const acc_t* staged, int pitch, int rows, int cols, acc_t* gram, int64_t n, int64_t i0, int64_t j0,
-    bool mirror) {
+__device__ void add_staged_tile(const acc_t* staged, int pitch, int rows, int cols, acc_t* gram, int64_t n, int64_t i0,
+                                int64_t j0, bool mirror) {
   for (int e = threadIdx.x; e < rows * cols; e += kThreads) {
     const int a = e / cols, b = e % cols;
     if (i0 + a < n && j0 + b < n) {
@@ -88,12 +87,11 @@ __device__ void add_staged_tile(
 // A block's staged result (rows × cols, rows first_row.. of its tile) goes into G, or into its workspace
 // slot, a tile_side × tile_side row-major tile, when its pair's rows are split.
 template <typename acc_t>
-__device__ void flush_staged_tile(
-    const TileWork& w, const acc_t* staged, int pitch, int rows, int cols, int tile_side, int first_row) {
+__device__ void flush_staged_tile(const TileWork& w, const acc_t* staged, int pitch, int rows, int cols, int tile_side,
+                                  int first_row) {
   if (w.pair.partials == nullptr) {
-    add_staged_tile(
-        staged, pitch, rows, cols, static_cast<acc_t*>(w.pair.gram), w.pair.n,
-        int64_t{w.ti} * tile_side + first_row, int64_t{w.tj} * tile_side, w.ti != w.tj);
+    add_staged_tile(staged, pitch, rows, cols, static_cast<acc_t*>(w.pair.gram), w.pair.n,
+                    int64_t{w.ti} * tile_side + first_row, int64_t{w.tj} * tile_side, w.ti != w.tj);
     return;
   }
   acc_t* slot = partial_slot<acc_t>(w, int64_t{tile_side} * tile_side) + int64_t{first_row} * tile_side;
@@ -152,8 +150,8 @@ struct MmaOp<Half16> {
 // This thread's share of one step for one operand: rows r, r+1 (r = row0 + 2 * (lane % 16)) of the 8
 // features f0 + 8 * fb, fb = 2 * warp + lane / 16 (so 8 warps cover 128 features), packed into 8 pair
 // words. Rows >= row_end and features >= n read as zero.
-__device__ __forceinline__ void load_pairs(
-    const GramPair& pair, int64_t f0, int64_t row0, int64_t row_end, uint32_t (&w)[8]) {
+__device__ __forceinline__ void load_pairs(const GramPair& pair, int64_t f0, int64_t row0, int64_t row_end,
+                                           uint32_t (&w)[8]) {
   const int lane = threadIdx.x % 32;
   const int64_t f = f0 + 8 * (2 * (threadIdx.x / 32) + lane / 16);
   const int64_t r = row0 + 2 * (lane % 16);
@@ -313,9 +311,9 @@ namespace simt {
 constexpr int kTile = kSimtShape.tile;
 constexpr int kRows = kSimtShape.row_step;
 static_assert(kTile == 64 && kRows == 16, "the thread layout below is written for 64 x 64 tiles, 16 rows");
-constexpr int kOperand = kRows * kTile;        // one operand of one stage: [row][feature]
+constexpr int kOperand = kRows * kTile;  // one operand of one stage: [row][feature]
 constexpr int kStagePitch = kTile + 1;
-constexpr int kSmem = kTile * kStagePitch;     // >= 4 operands (2 stages × i, j) = 4096
+constexpr int kSmem = kTile * kStagePitch;  // >= 4 operands (2 stages × i, j) = 4096
 static_assert(kSmem >= 4 * kOperand, "epilogue staging must cover the main-loop buffers");
 }  // namespace simt
 
@@ -335,8 +333,8 @@ __device__ __forceinline__ void load4<double>(const double* p, double (&v)[4]) {
 // This thread's 4 elements of one step for one operand: element e = threadIdx.x + 256 q is
 // (row e / 64, feature e % 64), so a warp reads 32 consecutive features of one row.
 template <typename input_t, typename acc_t>
-__device__ __forceinline__ void load_upcast(
-    const GramPair& pair, int64_t f0, int64_t row0, int64_t row_end, acc_t (&v)[4]) {
+__device__ __forceinline__ void load_upcast(const GramPair& pair, int64_t f0, int64_t row0, int64_t row_end,
+                                            acc_t (&v)[4]) {
   const auto* x = static_cast<const input_t*>(pair.x);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -500,9 +498,8 @@ __global__ void __launch_bounds__(kThreads) gram_reduce_splits_kernel(GramParams
     staged[a * kPitch + b] = sum_slots(int64_t{first_row + a} * shape.tile + b);
   }
   __syncthreads();
-  add_staged_tile(
-      staged, kPitch, kReduceRows, shape.tile, gram, pair.n, int64_t{ti} * shape.tile + first_row,
-      int64_t{tj} * shape.tile, ti != tj);
+  add_staged_tile(staged, kPitch, kReduceRows, shape.tile, gram, pair.n, int64_t{ti} * shape.tile + first_row,
+                  int64_t{tj} * shape.tile, ti != tj);
 }
 
 }  // namespace
@@ -520,30 +517,30 @@ cudaError_t kernel_support(int* simt_arch, int* tensor_core_arch) {
 
 template <typename input_t, typename acc_t>
 cudaError_t GramLaunch<input_t, acc_t>::resident_blocks(GramKernel kernel, int* blocks_per_sm) {
-  constexpr bool tensor_core = std::is_same_v<acc_t, float> &&
-      (std::is_same_v<input_t, Half16> || std::is_same_v<input_t, BFloat16>);
+  constexpr bool tensor_core =
+      std::is_same_v<acc_t, float> && (std::is_same_v<input_t, Half16> || std::is_same_v<input_t, BFloat16>);
   switch (kernel) {
     case GramKernel::TensorCore:
       if constexpr (tensor_core) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            blocks_per_sm, gram_tensor_core_kernel<input_t>, kThreads, 0);
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, gram_tensor_core_kernel<input_t>, kThreads,
+                                                             0);
       }
       return cudaErrorInvalidValue;
     case GramKernel::Simt:
-      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, gram_simt_kernel<input_t, acc_t>, kThreads, 0);
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, gram_simt_kernel<input_t, acc_t>, kThreads,
+                                                           0);
     case GramKernel::Diagonal:
-      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, gram_diagonal_kernel<input_t, acc_t>, kThreads, 0);
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, gram_diagonal_kernel<input_t, acc_t>,
+                                                           kThreads, 0);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t GramLaunch<input_t, acc_t>::launch(
-    GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream) {
-  constexpr bool tensor_core = std::is_same_v<acc_t, float> &&
-      (std::is_same_v<input_t, Half16> || std::is_same_v<input_t, BFloat16>);
+cudaError_t GramLaunch<input_t, acc_t>::launch(GramKernel kernel, const GramParams& params, int64_t blocks,
+                                               cudaStream_t stream) {
+  constexpr bool tensor_core =
+      std::is_same_v<acc_t, float> && (std::is_same_v<input_t, Half16> || std::is_same_v<input_t, BFloat16>);
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (kernel) {
     case GramKernel::TensorCore:
@@ -563,8 +560,8 @@ cudaError_t GramLaunch<input_t, acc_t>::launch(
 }
 
 template <typename input_t, typename acc_t>
-cudaError_t GramLaunch<input_t, acc_t>::reduce_splits(
-    GramKernel kernel, const GramParams& params, int64_t blocks, cudaStream_t stream) {
+cudaError_t GramLaunch<input_t, acc_t>::reduce_splits(GramKernel kernel, const GramParams& params, int64_t blocks,
+                                                      cudaStream_t stream) {
   gram_reduce_splits_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(params, gram_shape(kernel));
   return cudaGetLastError();
 }

@@ -16,10 +16,12 @@
 
 // Build-time guards for what the kernels rely on; the run-time side is kernel_support() below.
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
-#error "lorm_ext's CUDA kernels need CUDA >= 12.1: their launch descriptors (~10 KiB) exceed the 4 KiB of kernel parameters older toolkits allow (build with LORM_EXT_CUDA=0, or a newer toolkit)"
+#error \
+    "lorm_ext's CUDA kernels need CUDA >= 12.1: their launch descriptors (~10 KiB) exceed the 4 KiB of kernel parameters older toolkits allow (build with LORM_EXT_CUDA=0, or a newer toolkit)"
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-#error "lorm_ext's CUDA kernels need sm_70 or newer (kernel parameters over 4 KiB): drop the older architectures from TORCH_CUDA_ARCH_LIST"
+#error \
+    "lorm_ext's CUDA kernels need sm_70 or newer (kernel parameters over 4 KiB): drop the older architectures from TORCH_CUDA_ARCH_LIST"
 #endif
 
 namespace lorm_ext::cuda {
@@ -63,9 +65,7 @@ constexpr GramShape kSimtShape{64, 16, true};
 constexpr GramShape kDiagonalShape{32, kThreads / 32, false};
 
 constexpr GramShape gram_shape(GramKernel kernel) {
-  return kernel == GramKernel::TensorCore ? kTensorCoreShape
-      : kernel == GramKernel::Simt        ? kSimtShape
-                                          : kDiagonalShape;
+  return kernel == GramKernel::TensorCore ? kTensorCoreShape : kernel == GramKernel::Simt ? kSimtShape : kDiagonalShape;
 }
 
 // Accumulator elements of one block's result: a tile, or a block of columns.
@@ -80,17 +80,17 @@ constexpr int64_t reduce_blocks_per_tile(GramShape shape) {
 }
 
 struct GramPair {
-  void* gram;          // acc_t, contiguous (n, n), or (n,) for the diagonal kernel
-  const void* x;       // input_t, (rows, n) with strides (stride_row, stride_col) in elements
+  void* gram;     // acc_t, contiguous (n, n), or (n,) for the diagonal kernel
+  const void* x;  // input_t, (rows, n) with strides (stride_row, stride_col) in elements
   int64_t rows;
   int64_t n;
   int64_t stride_row;
   int64_t stride_col;
   int64_t rows_per_split;  // a multiple of the kernel's row_step
   int64_t first_block;
-  int32_t tiles;           // tiles per side
-  int32_t split_tiles;     // blocks per row split: tiles (tiles + 1) / 2, or tiles for the diagonal kernel
-  int32_t vector_loads;    // 16-byte loads are legal: unit column stride, 16-byte aligned rows
+  int32_t tiles;         // tiles per side
+  int32_t split_tiles;   // blocks per row split: tiles (tiles + 1) / 2, or tiles for the diagonal kernel
+  int32_t vector_loads;  // 16-byte loads are legal: unit column stride, 16-byte aligned rows
   // nullptr: each block adds its tile into G. Otherwise the rows are split over several blocks, each
   // stores its tile in slot [split][tile] of this acc_t workspace, and the split reduction adds the slots
   // into G in split order.
@@ -129,9 +129,9 @@ struct PanelLayer {
   const void* gram;  // input_t: (n, n) with strides (stride0, stride1), or diagonal (n,) with stride0
   int64_t stride0;
   int64_t stride1;
-  void* gram_sum;    // acc_t, contiguous, shaped like gram; nullptr when no Gram sum is kept
+  void* gram_sum;      // acc_t, contiguous, shaped like gram; nullptr when no Gram sum is kept
   const void* factor;  // acc_t (p, n), contiguous
-  void* out;         // acc_t, see PanelOut
+  void* out;           // acc_t, see PanelOut
   int64_t n;
   int64_t p;
   int64_t first_block;
@@ -193,8 +193,8 @@ struct FinishLaunch {
 
 // ------------------------------------------------------------------------------------------ gram_stats
 
-constexpr int kStatsTile = 32;                    // a block of a full Gram owns one 32 × 32 upper-triangle tile
-constexpr int kStatsChunk = 4 * kThreads;         // a block of a diagonal Gram owns this many entries
+constexpr int kStatsTile = 32;             // a block of a full Gram owns one 32 × 32 upper-triangle tile
+constexpr int kStatsChunk = 4 * kThreads;  // a block of a diagonal Gram owns this many entries
 
 // One block's statistics, combined per Gram by the finishing kernel.
 struct StatsPartial {
@@ -206,13 +206,13 @@ struct StatsPartial {
 static_assert(sizeof(StatsPartial) == 4 * sizeof(double), "a row of the op's (grams, 4) float64 result");
 
 struct StatsItem {
-  const void* gram;       // input_t, contiguous: (n, n), or (n,) when diagonal
-  StatsPartial* partials; // one per block of this Gram
-  StatsPartial* out;      // this Gram's row of the result
+  const void* gram;        // input_t, contiguous: (n, n), or (n,) when diagonal
+  StatsPartial* partials;  // one per block of this Gram
+  StatsPartial* out;       // this Gram's row of the result
   int64_t n;
-  int64_t blocks;         // tiles * (tiles + 1) / 2, or ceil(n / kStatsChunk) when diagonal
+  int64_t blocks;  // tiles * (tiles + 1) / 2, or ceil(n / kStatsChunk) when diagonal
   int64_t first_block;
-  int32_t tiles;          // tiles per side
+  int32_t tiles;  // tiles per side
   int32_t diagonal;
 };
 

@@ -21,12 +21,12 @@ namespace lorm_ext::cuda {
 namespace {
 
 namespace panel {
-constexpr int kCols = kPanelColumns;        // Gram columns per block, one per thread of a row group
-constexpr int kGroups = kThreads / kCols;   // row groups, each walking a quarter of every row slice
-constexpr int kChunk = kPanelChunk;         // factor rows per pass (accumulators per thread)
-constexpr int kSlice = 64;                  // Gram rows per staged slice of the factor
+constexpr int kCols = kPanelColumns;       // Gram columns per block, one per thread of a row group
+constexpr int kGroups = kThreads / kCols;  // row groups, each walking a quarter of every row slice
+constexpr int kChunk = kPanelChunk;        // factor rows per pass (accumulators per thread)
+constexpr int kSlice = 64;                 // Gram rows per staged slice of the factor
 constexpr int kGroupRows = kSlice / kGroups;
-constexpr int kBatch = 8;                   // Gram rows a thread loads before using them (loads in flight)
+constexpr int kBatch = 8;  // Gram rows a thread loads before using them (loads in flight)
 static_assert(kGroupRows % kBatch == 0, "a group's rows come in whole batches");
 }  // namespace panel
 
@@ -108,8 +108,7 @@ __global__ void __launch_bounds__(kThreads, 2) merge_panel_kernel(PanelParams pa
         __syncthreads();  // factor_s of the previous slice is read to the end
         for (int e = threadIdx.x; e < panel::kSlice * panel::kChunk; e += kThreads) {
           const int q = e / panel::kSlice, kk = e % panel::kSlice;
-          factor_s[kk * kPitch + q] =
-              q < chunk_rows && k0 + kk < n ? factor[(q0 + q) * n + k0 + kk] : acc_t(0);
+          factor_s[kk * kPitch + q] = q < chunk_rows && k0 + kk < n ? factor[(q0 + q) * n + k0 + kk] : acc_t(0);
         }
         __syncthreads();
         if (in) {

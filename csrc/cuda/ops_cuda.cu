@@ -26,44 +26,42 @@
 namespace lorm_ext::cuda {
 namespace {
 
-#define LORM_EXT_DISPATCH_INPUT(TYPE, NAME, ...)                              \
-  [&] {                                                                       \
-    switch (TYPE) {                                                           \
-      case at::kHalf: {                                                       \
-        using input_t = Half16;                                               \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      case at::kBFloat16: {                                                   \
-        using input_t = BFloat16;                                             \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      case at::kFloat: {                                                      \
-        using input_t = float;                                                \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      case at::kDouble: {                                                     \
-        using input_t = double;                                               \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      default:                                                                \
-        TORCH_CHECK(false, NAME, ": unsupported input dtype ", TYPE);         \
-    }                                                                         \
+#define LORM_EXT_DISPATCH_INPUT(TYPE, NAME, ...)                             \
+  [&] {                                                                      \
+    switch (TYPE) {                                                          \
+      case at::kHalf: {                                                      \
+        using input_t = Half16;                                              \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kBFloat16: {                                                  \
+        using input_t = BFloat16;                                            \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kFloat: {                                                     \
+        using input_t = float;                                               \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::kDouble: {                                                    \
+        using input_t = double;                                              \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      default: TORCH_CHECK(false, NAME, ": unsupported input dtype ", TYPE); \
+    }                                                                        \
   }()
 
-#define LORM_EXT_DISPATCH_ACC(TYPE, NAME, ...)                                \
-  [&] {                                                                       \
-    switch (TYPE) {                                                           \
-      case at::kFloat: {                                                      \
-        using acc_t = float;                                                  \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      case at::kDouble: {                                                     \
-        using acc_t = double;                                                 \
-        return __VA_ARGS__();                                                 \
-      }                                                                       \
-      default:                                                                \
-        TORCH_CHECK(false, NAME, ": unsupported accumulator dtype ", TYPE);   \
-    }                                                                         \
+#define LORM_EXT_DISPATCH_ACC(TYPE, NAME, ...)                                     \
+  [&] {                                                                            \
+    switch (TYPE) {                                                                \
+      case at::kFloat: {                                                           \
+        using acc_t = float;                                                       \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      case at::kDouble: {                                                          \
+        using acc_t = double;                                                      \
+        return __VA_ARGS__();                                                      \
+      }                                                                            \
+      default: TORCH_CHECK(false, NAME, ": unsupported accumulator dtype ", TYPE); \
+    }                                                                              \
   }()
 
 // How a group of list entries (accumulators[e] are entry e's) is cut into launches: all at once, or one
@@ -147,14 +145,15 @@ DeviceSupport device_support(c10::DeviceIndex device) {
   const DeviceSupport support{status == cudaSuccess, status == cudaSuccess && tensor_core_arch >= 80};
   if (!support.custom) {
     (void)cudaGetLastError();  // not sticky: clear it so that the next launch check does not report it
-    TORCH_WARN(
-        "lorm_ext: this build has no code of its custom CUDA kernels for cuda:", static_cast<int>(device), " (sm_",
-        major, minor, ": ", cudaGetErrorString(status), "); the ops use the ATen implementation on it (rebuild "
-        "with TORCH_CUDA_ARCH_LIST=\"", major, ".", minor, "\" for the custom kernels)");
+    TORCH_WARN("lorm_ext: this build has no code of its custom CUDA kernels for cuda:", static_cast<int>(device),
+               " (sm_", major, minor, ": ", cudaGetErrorString(status),
+               "); the ops use the ATen implementation on it (rebuild "
+               "with TORCH_CUDA_ARCH_LIST=\"",
+               major, ".", minor, "\" for the custom kernels)");
   } else if (!support.tensor_cores) {
-    TORCH_WARN(
-        "lorm_ext: cuda:", static_cast<int>(device), " (sm_", major, minor, ") runs code compiled for sm_",
-        tensor_core_arch, ", which has no mma.sync m16n8k16 (sm_80): 16-bit Gram inputs take the SIMT kernel on it");
+    TORCH_WARN("lorm_ext: cuda:", static_cast<int>(device), " (sm_", major, minor, ") runs code compiled for sm_",
+               tensor_core_arch,
+               ", which has no mma.sync m16n8k16 (sm_80): 16-bit Gram inputs take the SIMT kernel on it");
   }
   known.emplace(device, support);
   return support;
@@ -249,13 +248,10 @@ void launch_gram_group(GramKernel kernel, const std::vector<GramJob>& jobs, cons
     }
     launch_items<GramParams>(
         pairs, [](const GramPair& p) { return row_splits(p) * p.split_tiles; },
-        [&](const GramParams& params, int64_t blocks) { return Launch::launch(kernel, params, blocks, stream); },
-        op);
+        [&](const GramParams& params, int64_t blocks) { return Launch::launch(kernel, params, blocks, stream); }, op);
     launch_items<GramParams>(
         split_pairs, [&](const GramPair& p) { return p.split_tiles * reduce_blocks_per_tile(shape); },
-        [&](const GramParams& params, int64_t blocks) {
-          return Launch::reduce_splits(kernel, params, blocks, stream);
-        },
+        [&](const GramParams& params, int64_t blocks) { return Launch::reduce_splits(kernel, params, blocks, stream); },
         op);
   }
 }
@@ -278,17 +274,15 @@ void gram_accumulate_cuda(at::TensorList grams, at::TensorList inputs) {
     // A view whenever X's strides allow one; otherwise a copy in X's own dtype (never an upcast copy).
     const at::Tensor x = inputs[i].detach().reshape({-1, n});
     const GramKernel kernel = gram_kernel_for(gram, x, tensor_cores);
-    const auto key = std::make_tuple(
-        static_cast<int>(kernel), static_cast<int>(x.scalar_type()), static_cast<int>(gram.scalar_type()),
-        static_cast<int>(gram.device().index()));
+    const auto key = std::make_tuple(static_cast<int>(kernel), static_cast<int>(x.scalar_type()),
+                                     static_cast<int>(gram.scalar_type()), static_cast<int>(gram.device().index()));
     groups[key].push_back({gram, x});
   }
   for (const auto& [key, jobs] : groups) {
     const auto kernel = static_cast<GramKernel>(std::get<0>(key));
     LORM_EXT_DISPATCH_INPUT(jobs.front().x.scalar_type(), op, [&] {
-      LORM_EXT_DISPATCH_ACC(jobs.front().gram.scalar_type(), op, [&] {
-        launch_gram_group<GramLaunch<input_t, acc_t>>(kernel, jobs, op);
-      });
+      LORM_EXT_DISPATCH_ACC(jobs.front().gram.scalar_type(), op,
+                            [&] { launch_gram_group<GramLaunch<input_t, acc_t>>(kernel, jobs, op); });
     });
   }
 }
@@ -348,20 +342,15 @@ void launch_reductions(const std::vector<ReduceLayer>& layers, cudaStream_t stre
 std::map<std::tuple<int, int, int>, std::vector<size_t>> group_layers(at::TensorList grams, at::TensorList sums) {
   std::map<std::tuple<int, int, int>, std::vector<size_t>> groups;
   for (size_t i = 0; i < grams.size(); ++i) {
-    const auto key = std::make_tuple(
-        static_cast<int>(sums[i].device().index()), static_cast<int>(grams[i].scalar_type()),
-        static_cast<int>(sums[i].scalar_type()));
+    const auto key = std::make_tuple(static_cast<int>(sums[i].device().index()),
+                                     static_cast<int>(grams[i].scalar_type()), static_cast<int>(sums[i].scalar_type()));
     groups[key].push_back(i);
   }
   return groups;
 }
 
-void gram_weighted_accumulate_cuda(
-    at::TensorList gram_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList factors,
-    at::TensorList lefts) {
+void gram_weighted_accumulate_cuda(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                   at::TensorList factors, at::TensorList lefts) {
   constexpr const char* op = "lorm_ext::gram_weighted_accumulate_";
   check_gram_weighted_accumulate_args(gram_sums, weighted_sums, grams, factors, lefts);
   if (!use_custom(gram_sums[0].device())) {
@@ -410,12 +399,8 @@ void gram_weighted_accumulate_cuda(
   }
 }
 
-void projected_accumulate_cuda(
-    at::TensorList projection_sums,
-    at::TensorList weighted_sums,
-    at::TensorList grams,
-    at::TensorList shared_factors,
-    at::TensorList factors) {
+void projected_accumulate_cuda(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                               at::TensorList shared_factors, at::TensorList factors) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
   if (!use_custom(projection_sums[0].device())) {

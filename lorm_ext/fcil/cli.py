@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="default: runs/<dataset>-<network>-beta<β>")
     parser.add_argument("--overwrite", type=str_to_bool, default=False, help="discard earlier runs in --output_dir")
     parser.add_argument(
-        "--resume", type=str_to_bool, default=False,
+        "--resume",
+        type=str_to_bool,
+        default=False,
         help="reuse finished runs in --output_dir even when made by other code or on another machine (interrupted "
         "runs always resume)",
     )

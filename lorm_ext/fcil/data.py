@@ -275,7 +275,7 @@ def _published_split(path: str) -> tuple[list[str], np.ndarray, list[str], np.nd
         except (OSError, yaml.YAMLError, TypeError, KeyError) as error:
             raise ConfigError(f"{where!r}: not the authors' split file ({type(error).__name__}: {error})") from None
         if not isinstance(data, list) or not isinstance(targets, list) or len(data) != len(targets):
-            raise ConfigError(f"{where!r}: \"data\" and \"targets\" must be lists of the same length")
+            raise ConfigError(f'{where!r}: "data" and "targets" must be lists of the same length')
         files = [os.path.join(path, *str(entry).replace("\\", "/").split("/")[-2:]) for entry in data]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
@@ -430,7 +430,7 @@ def read_split_file(path: str, dataset: Dataset, num_clients: int) -> list[TaskS
         raise ConfigError(f"--split_file {path!r}: {where}: {problem}")
 
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
-        fail("format", f"expected an object with \"format\": \"{SPLIT_FORMAT}\"")
+        fail("format", f'expected an object with "format": "{SPLIT_FORMAT}"')
     for key, expected in (("num_classes", dataset.num_classes), ("train_size", len(dataset.train)),
                           ("test_size", len(dataset.test))):  # fmt: skip
         if data.get(key) != expected:

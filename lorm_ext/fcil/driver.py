@@ -241,8 +241,10 @@ def _checkpoint_problem(state, plan: list[tuple[int, int | None]], total: list[i
     if not isinstance(correct, list) or len(correct) != len(ends):
         return f"correct must hold one list per finished task ({len(ends)})"
     for task, counts in zip(ends, correct):
-        if not isinstance(counts, list) or len(counts) != len(total) or not all(
-            type(c) is int and 0 <= c <= n for c, n in zip(counts, total)
+        if (
+            not isinstance(counts, list)
+            or len(counts) != len(total)
+            or not all(type(c) is int and 0 <= c <= n for c, n in zip(counts, total))
         ):
             return f"correct[{task}] must be {len(total)} counts of right test samples, each at most the task's"
     server = state["server"]

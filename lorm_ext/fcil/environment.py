@@ -94,7 +94,9 @@ def code_record() -> dict:
         git = ["git", "-C", package]
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            status = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10)
+            status = subprocess.run(
+                [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=10
+            )
             record |= {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
         pass
@@ -131,8 +133,10 @@ PROVENANCE = ("code", "torch", "cpu_model", "cpu_isa", "variables")
 
 def provenance(environment: dict) -> dict:
     """The fields of PROVENANCE of a ``machine_record`` (the code as its sources' sha256; None: not recorded)."""
-    return {key: (environment.get(key) or {}).get("source_sha256") if key == "code" else environment.get(key)
-            for key in PROVENANCE}
+    return {
+        key: (environment.get(key) or {}).get("source_sha256") if key == "code" else environment.get(key)
+        for key in PROVENANCE
+    }
 
 
 def provenance_changes(recorded: dict, current: dict) -> list[str]:
@@ -143,8 +147,11 @@ def provenance_changes(recorded: dict, current: dict) -> list[str]:
         if then == now:
             continue
         if key == "code":
-            changes.append("by code whose version it does not record" if then is None else
-                           f"by other code (sources sha256 {then[:12]}…, here {now[:12]}…)")
+            changes.append(
+                "by code whose version it does not record"
+                if then is None
+                else f"by other code (sources sha256 {then[:12]}…, here {now[:12]}…)"
+            )
         else:
             changes.append(f"with {key} {then!r} (here {now!r})")
     return changes

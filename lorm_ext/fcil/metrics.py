@@ -45,7 +45,7 @@ def summarize(correct: Sequence[Sequence[int]], total: Sequence[int]) -> dict[st
 
 
 def mean_std(values: Sequence[float | None], fmt: str, std_fmt: str | None = None) -> str:
-    """"mean ± sample standard deviation" over several values (``std_fmt``: the std's format, default ``fmt``),
+    """ "mean ± sample standard deviation" over several values (``std_fmt``: the std's format, default ``fmt``),
     the value alone for one (one seed has no spread), "–" when any value is missing."""
     if not values or any(v is None for v in values):
         return "–"

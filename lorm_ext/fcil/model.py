@@ -30,6 +30,7 @@ from ..validation import LayerError, check_rank_fits
 from .config import EMBEDDED_NETWORK, ConfigError, RunConfig
 from .data import InputSpec, resize_normalise
 from .protocol import HEAD
+
 # The embedded default backbone: a timm VisionTransformer small enough for a 2-core CPU.
 EMBEDDED_ARCH = "vit_tiny_patch16_224"
 EMBEDDED_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
@@ -239,4 +240,3 @@ def build_model(config: RunConfig, num_classes: int, weights: str | None) -> Ada
     torch.manual_seed(config.seed)
     vit = _timm_model(config.network, num_classes, weights)
     return AdaptedViT(vit.to(config.device), config.r, config.lora_scaling)
-

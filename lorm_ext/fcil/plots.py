@@ -33,8 +33,9 @@ def as_array(matrix: list[list[float | None]]) -> np.ndarray:
 
 def plot_accuracy_matrices(matrices: dict[str, np.ndarray], path: str, suptitle: str = "") -> None:
     """One heatmap per entry (a run, or a strategy's mean over seeds), side by side, one colour bar (0-100 %)."""
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices) + 0.8, 3.6), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(matrices), figsize=(3.2 * len(matrices) + 0.8, 3.6), squeeze=False, layout="constrained"
+    )
     for ax, (title, matrix) in zip(axes[0], matrices.items()):
         image = _heatmap(ax, matrix, title)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)", shrink=0.8)

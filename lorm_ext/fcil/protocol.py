@@ -38,7 +38,7 @@ Unit = tuple[int, int | None]  # (task, round); round None: the task end
 
 
 def factor_key(factor: str, layer: str) -> str:
-    """"A/<layer>" or "B/<layer>"."""
+    """ "A/<layer>" or "B/<layer>"."""
     return f"{factor}/{layer}"
 
 

@@ -147,7 +147,7 @@ def read_reply(content: RecordDict) -> dict[str, Tensor]:
 
 
 def reply_seconds(content: RecordDict) -> dict[str, float]:
-    """"train-seconds" and "gram-seconds" of a reply's metrics (0 when absent), for information only; a
+    """ "train-seconds" and "gram-seconds" of a reply's metrics (0 when absent), for information only; a
     ValueError unless each is a finite non-negative number."""
     metrics = content.metric_records.get("metrics", MetricRecord())
     seconds = {key: metrics.get(key, 0.0) for key in ("train-seconds", "gram-seconds")}

@@ -252,7 +252,7 @@ class LoRAMergeStrategy(ReplyRounds):
     def _check(self, content: RecordDict) -> tuple[dict[str, Tensor], dict[str, float]]:
         message = read_reply(content)
         check_message(message, self.expected_shapes())
-        for name, (out_features, in_features) in self.module_shapes.items():
+        for name in self.module_shapes:
             b, a = message[factor_key("B", name)], message[factor_key("A", name)]
             if b.shape[1] != a.shape[0]:
                 raise LayerError(name, f"B has rank {b.shape[1]} but A has rank {a.shape[0]}")

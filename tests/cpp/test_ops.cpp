@@ -1,6 +1,6 @@
 // C++ test of the lorm_ext libtorch library: calls every op through the public header <lorm_ext/ops.h>, the
-// way a C++ user would, and compares them with plain ATen computations. Prints every check; exits non-zero if any failed.
-// Runs on CPU, and also on CUDA when the library has its CUDA implementations and a GPU is present.
+// way a C++ user would, and compares them with plain ATen computations. Prints every check; exits non-zero if any
+// failed. Runs on CPU, and also on CUDA when the library has its CUDA implementations and a GPU is present.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <lorm_ext/ops.h>
@@ -16,8 +16,8 @@ int failures = 0;
 
 // max |actual − expected| <= atol + rtol·max|expected|: one scale for the whole tensor, since Gram entries
 // and solutions mix large and near-zero values.
-void expect_close(
-    const std::string& name, const at::Tensor& actual, const at::Tensor& expected, double rtol, double atol) {
+void expect_close(const std::string& name, const at::Tensor& actual, const at::Tensor& expected, double rtol,
+                  double atol) {
   const at::Tensor a = actual.cpu().to(at::kDouble);
   const at::Tensor e = expected.cpu().to(at::kDouble);
   if (a.sizes() != e.sizes()) {
@@ -28,8 +28,7 @@ void expect_close(
   const double error = (a - e).abs().max().item<double>();
   const double tolerance = atol + rtol * e.abs().max().item<double>();
   const bool ok = error <= tolerance;  // false for NaN too
-  std::cout << (ok ? "ok   " : "FAIL ") << name << ": max abs error " << error << " (tolerance " << tolerance
-            << ")\n";
+  std::cout << (ok ? "ok   " : "FAIL ") << name << ": max abs error " << error << " (tolerance " << tolerance << ")\n";
   failures += ok ? 0 : 1;
 }
 
@@ -65,10 +64,8 @@ void test_gram_accumulate(const at::Device device) {
   const at::Tensor xs = x_strided.to(at::kDouble);
   // bf16 products are exact in fp32; only the summation order differs from the reference.
   expect_close("gram_accumulate_ full, bf16 -> fp32" + where, grams[0], g0_full + xf.t().mm(xf), 1e-5, 1e-5);
-  expect_close(
-      "gram_accumulate_ diagonal, bf16 -> fp32" + where, grams[1], g0_diag + xd.square().sum(0), 1e-5, 1e-5);
-  expect_close(
-      "gram_accumulate_ full, strided fp32 -> fp64" + where, grams[2], g0_double + xs.t().mm(xs), 1e-12, 0);
+  expect_close("gram_accumulate_ diagonal, bf16 -> fp32" + where, grams[1], g0_diag + xd.square().sum(0), 1e-5, 1e-5);
+  expect_close("gram_accumulate_ full, strided fp32 -> fp64" + where, grams[2], g0_double + xs.t().mm(xs), 1e-12, 0);
 }
 
 // The merge sums against ATen in float64: RegMean / A-step with and without lefts, and the B-step's projection.
@@ -82,7 +79,8 @@ void test_merge_sums(const at::Device device) {
   const at::Tensor a = at::randn({r, n}, f32), b = at::randn({out, r}, f32);
   const at::Tensor g = gram.to(at::kDouble), a64 = a.to(at::kDouble), b64 = b.to(at::kDouble);
 
-  at::Tensor gram_sum = at::ones({n, n}, f64), weighted = at::ones({r, n}, f64), left_weighted = at::ones({out, n}, f64);
+  at::Tensor gram_sum = at::ones({n, n}, f64), weighted = at::ones({r, n}, f64),
+             left_weighted = at::ones({out, n}, f64);
   at::Tensor second_sum = at::ones({n, n}, f64);
   gram_weighted_accumulate_({gram_sum}, {weighted}, {gram}, {a});
   gram_weighted_accumulate_({second_sum}, {left_weighted}, {gram}, {a}, {b});
@@ -126,17 +124,15 @@ void test_psd_right_solve(const at::Device device) {
   const at::Tensor rhs = at::randn({2, m, n}, f64);
 
   const at::Tensor out = psd_right_solve(rhs, grams, rcond);
-  expect_close(
-      "psd_right_solve SPD" + where, out[0], rhs[0].mm(at::linalg_pinv(spd, rcond, /*hermitian=*/true)), 1e-10, 0);
-  expect_close(
-      "psd_right_solve singular (rank 5)" + where, out[1],
-      rhs[1].mm(at::linalg_pinv(singular, rcond, /*hermitian=*/true)), 1e-8, 0);
+  expect_close("psd_right_solve SPD" + where, out[0], rhs[0].mm(at::linalg_pinv(spd, rcond, /*hermitian=*/true)), 1e-10,
+               0);
+  expect_close("psd_right_solve singular (rank 5)" + where, out[1],
+               rhs[1].mm(at::linalg_pinv(singular, rcond, /*hermitian=*/true)), 1e-8, 0);
 
   const at::Tensor dead = at::arange(0, n, 3, f64.dtype(at::kLong));
   const at::Tensor diagonal = at::rand({n}, f64).add_(0.5).index_fill_(0, dead, 0.0);
-  expect_close(
-      "psd_right_solve diagonal with zeros" + where, psd_right_solve(rhs[0], diagonal, rcond),
-      rhs[0].mm(at::linalg_pinv(at::diag(diagonal), rcond, /*hermitian=*/true)), 1e-12, 0);
+  expect_close("psd_right_solve diagonal with zeros" + where, psd_right_solve(rhs[0], diagonal, rcond),
+               rhs[0].mm(at::linalg_pinv(at::diag(diagonal), rcond, /*hermitian=*/true)), 1e-12, 0);
 }
 
 // The C++ safety net rejects bad shapes with an error naming the op.

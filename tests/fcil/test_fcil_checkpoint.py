@@ -18,7 +18,7 @@ from lorm_testing import needs_mlxtend
 from lorm_ext.fcil import cli, driver
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.data import split_tasks
-from lorm_ext.fcil.driver import CHECKPOINT, LOG, RunData, run
+from lorm_ext.fcil.driver import CHECKPOINT, RunData, run
 
 UNITS_DONE = 3  # of 4 (2 tasks × (1 round + the task end)): task 0 is finished, the cross-task sums exist
 QKV = "blocks.0.attn.qkv"
@@ -324,5 +324,7 @@ def test_an_unreadable_backbone_weights_file_is_one_line_naming_it(tmp_path, tin
         build_model(config, 4, str(path))
     message = str(error.value)
     assert message.startswith(f"{path}: cannot load vit_tiny_patch16_224 weights from it (")
-    assert message.endswith("pass a readable timm checkpoint of this network with --pretrained_path, or --pretrained False")
+    assert message.endswith(
+        "pass a readable timm checkpoint of this network with --pretrained_path, or --pretrained False"
+    )
     assert "\n" not in message

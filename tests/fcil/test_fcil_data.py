@@ -180,7 +180,9 @@ def test_cifar100_archive_is_unpickled_without_running_code(tmp_path, tiny_confi
 def test_a_corrupt_cifar100_batch_is_a_one_line_error_naming_it(tmp_path, tiny_config, blob, problem):
     archive = str(tmp_path / "cifar-100-python.tar.gz")
     _archive(archive, {"train": blob, "test": pickle.dumps(_cifar100_batch(1))})
-    with pytest.raises(ConfigError, match=re.escape(f"{archive}:cifar-100-python/train: ") + ".*" + re.escape(problem)) as error:
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{archive}:cifar-100-python/train: ") + ".*" + re.escape(problem)
+    ) as error:
         load_dataset(tiny_config(dataset="cifar100", data_path=archive), InputSpec(3, 24, (0.5,) * 3, (0.5,) * 3))
     assert "\n" not in str(error.value)
 

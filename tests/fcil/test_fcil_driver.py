@@ -157,15 +157,25 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--device", "tpu"], "cpu or cuda"),
         (["--device", "gpu"], r"--device must be cpu or cuda\[:N\], got 'gpu'$"),
         (["--device", "cuda:x"], r"--device must be cpu or cuda\[:N\], got 'cuda:x'$"),
-        pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine$",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
-        (["--device", f"cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["--device", "cuda:0"],
-         f"this machine has {torch.cuda.device_count()} CUDA device" if torch.cuda.is_available() else
-         "CUDA is not available"),
-        (["--strategies", "fedit", "--prereduce", "True"],
-         "--prereduce applies to lorm only, which --strategies fedit does not include$"),
-        (["--strategies", "lorm,fedit", "--lora_fair_steps", "5"],
-         "--lora_fair_steps applies to lora-fair only, which --strategies lorm,fedit does not include$"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: CUDA is not available on this machine$",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+        (
+            ["--device", f"cuda:{torch.cuda.device_count()}"] if torch.cuda.is_available() else ["--device", "cuda:0"],
+            f"this machine has {torch.cuda.device_count()} CUDA device"
+            if torch.cuda.is_available()
+            else "CUDA is not available",
+        ),
+        (
+            ["--strategies", "fedit", "--prereduce", "True"],
+            "--prereduce applies to lorm only, which --strategies fedit does not include$",
+        ),
+        (
+            ["--strategies", "lorm,fedit", "--lora_fair_steps", "5"],
+            "--lora_fair_steps applies to lora-fair only, which --strategies lorm,fedit does not include$",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_any_work(tmp_path, capsys, flags, message):

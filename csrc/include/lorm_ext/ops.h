@@ -22,9 +22,8 @@ inline void gram_accumulate_(at::TensorList grams, at::TensorList inputs) {
 }
 
 // gram_sums[i] += grams[i]; weighted_sums[i] += [lefts[i] @] factors[i] @ grams[i] (lefts empty or one per layer).
-inline void gram_weighted_accumulate_(
-    at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams, at::TensorList factors,
-    at::TensorList lefts = {}) {
+inline void gram_weighted_accumulate_(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                      at::TensorList factors, at::TensorList lefts = {}) {
   static const auto call =
       detail::op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList)>(
           "lorm_ext::gram_weighted_accumulate_");
@@ -32,9 +31,8 @@ inline void gram_weighted_accumulate_(
 }
 
 // P = shared_factors[i] grams[i] shared_factors[i]ᵀ; projection_sums[i] += P; weighted_sums[i] += factors[i] P.
-inline void projected_accumulate_(
-    at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams, at::TensorList shared_factors,
-    at::TensorList factors) {
+inline void projected_accumulate_(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
+                                  at::TensorList shared_factors, at::TensorList factors) {
   static const auto call =
       detail::op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList)>(
           "lorm_ext::projected_accumulate_");
