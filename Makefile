@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
-.PHONY: setup build run demo test clean
+.PHONY: setup build run demo test lint clean
 
 $(VENV)/.requirements: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ run: setup
 # End-to-end merge demo on generated data: per layer, the objective of averaging and of LoRM.
 demo: setup
 	$(PY) -m lorm_ext.demo
+
+# Style: ruff (Python, ruff.toml) and clang-format (C++/CUDA, .clang-format); CI runs this before the tests.
+CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h csrc/include/lorm_ext/*.h tests/cpp/*.cpp)
+lint: $(VENV)/.requirements
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 test: setup
 	$(PY) -m pytest -q
