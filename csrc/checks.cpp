@@ -214,36 +214,36 @@ void check_gram_weighted_accumulate_args(at::TensorList gram_sums, at::TensorLis
 }
 
 void check_projected_accumulate_args(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                                     at::TensorList shared_factors, at::TensorList factors) {
+                                     at::TensorList shared_a, at::TensorList factors_b) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
   const size_t n_layers = projection_sums.size();
   check_lengths(n_layers, weighted_sums.size(), op, "weighted_sums");
   check_lengths(n_layers, grams.size(), op, "grams");
-  check_lengths(n_layers, shared_factors.size(), op, "shared_factors");
-  check_lengths(n_layers, factors.size(), op, "factors");
+  check_lengths(n_layers, shared_a.size(), op, "shared_a");
+  check_lengths(n_layers, factors_b.size(), op, "factors_b");
   for (size_t i = 0; i < n_layers; ++i) {
     const auto& ps = projection_sums[i];
     const auto& ws = weighted_sums[i];
     const auto& g = grams[i];
-    const auto& a = shared_factors[i];
-    const auto& b = factors[i];
+    const auto& a = shared_a[i];
+    const auto& b = factors_b[i];
     check_accumulator(ps, op, "projection_sums", i);
     check_accumulator(ws, op, "weighted_sums", i);
     TORCH_CHECK(ws.scalar_type() == ps.scalar_type(), op, ": weighted_sums[", i, "] is ", ws.scalar_type(),
                 " but projection_sums[", i, "] is ", ps.scalar_type());
     check_input(g, op, "grams", i);
     check_gram_shape(g, op, "grams", i);
-    check_input(a, op, "shared_factors", i);
-    check_input(b, op, "factors", i);
+    check_input(a, op, "shared_a", i);
+    check_input(b, op, "factors_b", i);
     for (const auto* t : {&ws, &g, &a, &b}) {
       check_same_device(ps, *t, op, i);
     }
     const int64_t n = g.size(0);
-    TORCH_CHECK(a.dim() == 2 && a.size(1) == n, op, ": shared_factors[", i, "] must be (r, ", n,
-                ") for a Gram of width ", n, ", got ", a.sizes());
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == n, op, ": shared_a[", i, "] must be (r, ", n, ") for a Gram of width ", n,
+                ", got ", a.sizes());
     const int64_t r = a.size(0);
-    TORCH_CHECK(b.dim() == 2 && b.size(1) == r, op, ": factors[", i, "] must be (m, ", r, ") to match shared_factors[",
-                i, "], got ", b.sizes());
+    TORCH_CHECK(b.dim() == 2 && b.size(1) == r, op, ": factors_b[", i, "] must be (m, ", r, ") to match shared_a[", i,
+                "], got ", b.sizes());
     TORCH_CHECK(ps.dim() == 2 && ps.size(0) == r && ps.size(1) == r, op, ": projection_sums[", i, "] must be (", r,
                 ", ", r, "), got ", ps.sizes());
     TORCH_CHECK(ws.dim() == 2 && ws.size(0) == b.size(0) && ws.size(1) == r, op, ": weighted_sums[", i, "] must be (",
@@ -253,7 +253,7 @@ void check_projected_accumulate_args(at::TensorList projection_sums, at::TensorL
     check_one_device(projection_sums, projection_sums[0], op, "projection_sums");
   }
   check_disjoint(projection_sums, weighted_sums, op);
-  check_inputs_do_not_overlap_outputs({{"grams", grams}, {"shared_factors", shared_factors}, {"factors", factors}},
+  check_inputs_do_not_overlap_outputs({{"grams", grams}, {"shared_a", shared_a}, {"factors_b", factors_b}},
                                       {{"projection_sums", projection_sums}, {"weighted_sums", weighted_sums}}, op);
 }
 

@@ -31,8 +31,8 @@ void check_gram_accumulate_args(at::TensorList grams, at::TensorList inputs);
 void check_gram_weighted_accumulate_args(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
                                          at::TensorList factors, at::TensorList lefts);
 
-// projected_accumulate_: P = A G Aᵀ; projection_sums[i] += P; weighted_sums[i] += factors[i] @ P.
+// projected_accumulate_: P = A G Aᵀ; projection_sums[i] += P; weighted_sums[i] += factors_b[i] @ P.
 void check_projected_accumulate_args(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                                     at::TensorList shared_factors, at::TensorList factors);
+                                     at::TensorList shared_a, at::TensorList factors_b);
 
 }  // namespace lorm_ext

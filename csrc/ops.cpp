@@ -14,11 +14,11 @@ TORCH_LIBRARY(lorm_ext, m) {
       "gram_weighted_accumulate_(Tensor(a!)[] gram_sums, Tensor(b!)[] weighted_sums, Tensor[] grams, "
       "Tensor[] factors, Tensor[] lefts) -> ()");
 
-  // P = shared_factors[i] @ grams[i] @ shared_factors[i]ᵀ (r × r);
-  // projection_sums[i] += P; weighted_sums[i] += factors[i] @ P (the LoRM B-step).
+  // P = shared_a[i] @ grams[i] @ shared_a[i]ᵀ (r × r);
+  // projection_sums[i] += P; weighted_sums[i] += factors_b[i] @ P (the LoRM B-step).
   m.def(
       "projected_accumulate_(Tensor(a!)[] projection_sums, Tensor(b!)[] weighted_sums, Tensor[] grams, "
-      "Tensor[] shared_factors, Tensor[] factors) -> ()");
+      "Tensor[] shared_a, Tensor[] factors_b) -> ()");
 
   // Validation statistics of each Gram in one read, (len(grams), 4) float64: [max |G_ij − G_ji|, min diag,
   // max diag, number of non-finite entries], non-finite entries left out of the first three (a 1-D Gram is

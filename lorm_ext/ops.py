@@ -85,16 +85,16 @@ def projected_accumulate_(
     projection_sums: Sequence[Tensor],
     weighted_sums: Sequence[Tensor],
     grams: Sequence[Tensor],
-    shared_factors: Sequence[Tensor],
-    factors: Sequence[Tensor],
+    shared_a: Sequence[Tensor],
+    factors_b: Sequence[Tensor],
 ) -> None:
-    """P = A G Aᵀ per layer (A = shared_factors[i]); projection_sums[i] += P, weighted_sums[i] += factors[i] @ P."""
+    """P = A G Aᵀ per layer (A = shared_a[i]); projection_sums[i] += P, weighted_sums[i] += factors_b[i] @ P."""
     _ops.projected_accumulate_(
         list(projection_sums),
         list(weighted_sums),
         _detached(grams),
-        _detached(shared_factors),
-        _detached(factors),
+        _detached(shared_a),
+        _detached(factors_b),
     )
 
 
@@ -190,14 +190,14 @@ def _gram_weighted_accumulate_fake(gram_sums, weighted_sums, grams, factors, lef
 
 
 @torch.library.register_fake("lorm_ext::projected_accumulate_")
-def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_factors, factors):
+def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_a, factors_b):
     op = "projected_accumulate_"
-    _check_one_device(op, projection_sums, weighted_sums, grams, shared_factors, factors)
+    _check_one_device(op, projection_sums, weighted_sums, grams, shared_a, factors_b)
     for name, tensors in (
         ("weighted_sums", weighted_sums),
         ("grams", grams),
-        ("shared_factors", shared_factors),
-        ("factors", factors),
+        ("shared_a", shared_a),
+        ("factors_b", factors_b),
     ):
         _check_shape(
             op,
@@ -205,13 +205,13 @@ def _projected_accumulate_fake(projection_sums, weighted_sums, grams, shared_fac
             lambda: f"{name} has {len(tensors)} entries, expected {len(projection_sums)}",
         )
     _check_grams(op, "grams", grams)
-    for i, (p, w, g, a, b) in enumerate(zip(projection_sums, weighted_sums, grams, shared_factors, factors)):
+    for i, (p, w, g, a, b) in enumerate(zip(projection_sums, weighted_sums, grams, shared_a, factors_b)):
         n, r = g.shape[0], a.shape[0] if a.dim() == 2 else -1
         _check_shape(
-            op, a.dim() == 2 and a.shape[1] == n, lambda: f"shared_factors[{i}] must be (r, {n}), got {list(a.shape)}"
+            op, a.dim() == 2 and a.shape[1] == n, lambda: f"shared_a[{i}] must be (r, {n}), got {list(a.shape)}"
         )
         _check_shape(
-            op, b.dim() == 2 and b.shape[1] == r, lambda: f"factors[{i}] must be (m, {r}), got {list(b.shape)}"
+            op, b.dim() == 2 and b.shape[1] == r, lambda: f"factors_b[{i}] must be (m, {r}), got {list(b.shape)}"
         )
         _check_shape(
             op, tuple(p.shape) == (r, r), lambda: f"projection_sums[{i}] must be ({r}, {r}), got {list(p.shape)}"

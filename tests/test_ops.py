@@ -354,10 +354,10 @@ class TestBadInputs:
         )
         call = lambda *args: lambda: ops.projected_accumulate_(*args)  # noqa: E731
         self.expect_error(
-            call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_factors[0] must be (r, 4)"
+            call([p], [w], [g], [torch.randn(2, 3, device=device)], [b]), [p, w], "shared_a[0] must be (r, 4)"
         )
         self.expect_error(
-            call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors[0] must be (m, 2)"
+            call([p], [w], [g], [a], [torch.randn(5, 3, device=device)]), [p, w], "factors_b[0] must be (m, 2)"
         )
         self.expect_error(
             call([torch.zeros(3, 3, device=device)], [w], [g], [a], [b]), [w], "projection_sums[0] must be (2, 2)"
@@ -447,14 +447,14 @@ class TestInputsMustNotOverlapOutputs:
         self.expect_overlap(
             call([proj], [weighted], [gram], [a], [weighted]),
             [proj, weighted],
-            "factors[0] shares memory with weighted_sums[0]",
+            "factors_b[0] shares memory with weighted_sums[0]",
         )
         buffer = torch.zeros(r * n + r * r, device=device)  # A and ΣP carved out of one buffer, overlapping
         shared_a, proj_view = buffer[: r * n].view(r, n), buffer[r * n - r * r : r * n].view(r, r)
         self.expect_overlap(
             call([proj_view], [weighted], [gram], [shared_a], [b]),
             [proj_view, weighted],
-            "shared_factors[0] shares memory with projection_sums[0]",
+            "shared_a[0] shares memory with projection_sums[0]",
         )
 
     def test_disjoint_views_of_one_buffer_are_accepted(self, device):

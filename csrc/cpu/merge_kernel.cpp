@@ -487,13 +487,13 @@ void finish_projections(const std::vector<LayerPass>& layers, at::TensorList pro
 }
 
 void projected_accumulate_cpu(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                              at::TensorList shared_factors, at::TensorList factors) {
-  check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
+                              at::TensorList shared_a, at::TensorList factors_b) {
+  check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_a, factors_b);
   // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
   std::vector<LayerPass> layers;
   std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
   for (size_t i = 0; i < grams.size(); ++i) {
-    LayerPass layer{grams[i].detach(), pass_factor(shared_factors[i], grams[i], projection_sums[i])};
+    LayerPass layer{grams[i].detach(), pass_factor(shared_a[i], grams[i], projection_sums[i])};
     const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
     // Every task writes its own partial; an empty Gram has no task and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
@@ -502,7 +502,7 @@ void projected_accumulate_cpu(at::TensorList projection_sums, at::TensorList wei
       layer.partials = at::empty({layer.task_count(), r, r}, options);
     }
     layers.push_back(std::move(layer));
-    rights.push_back(as_row_factor(factors[i], projection_sums[i]));
+    rights.push_back(as_row_factor(factors_b[i], projection_sums[i]));
   }
   accumulate_passes(layers);
   std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());

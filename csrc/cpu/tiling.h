@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "../integer_math.h"
+
 // The hot loops of the CPU kernels are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and baseline
 // x86-64; the loader picks the best the machine runs (GCC function multiversioning). torch builds
 // extensions for baseline x86-64 only, which leaves most of a modern core's vector width unused.
@@ -19,10 +21,6 @@
 #endif
 
 namespace lorm_ext {
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Scratch memory for BLAS operands: `elements` values at a 64-byte boundary inside `buffer`, which grows as needed
 // and is kept by the caller between uses. The alignment is fixed because MKL's results may depend on the

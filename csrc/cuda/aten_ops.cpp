@@ -110,14 +110,14 @@ void gram_weighted_accumulate(at::TensorList gram_sums, at::TensorList weighted_
 }
 
 void projected_accumulate(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                          at::TensorList shared_factors, at::TensorList factors) {
+                          at::TensorList shared_a, at::TensorList factors_b) {
   for (size_t i = 0; i < projection_sums.size(); ++i) {
     const auto acc = projection_sums[i].scalar_type();
     const at::Tensor gram = grams[i].detach().to(acc);
-    const at::Tensor a = shared_factors[i].detach().to(acc);
+    const at::Tensor a = shared_a[i].detach().to(acc);
     const at::Tensor projection = at::mm(times_gram(a, gram), a.mT());
     projection_sums[i].add_(projection);
-    weighted_sums[i].addmm_(factors[i].detach().to(acc), projection);
+    weighted_sums[i].addmm_(factors_b[i].detach().to(acc), projection);
   }
 }
 

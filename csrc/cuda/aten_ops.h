@@ -28,7 +28,7 @@ void gram_accumulate(at::TensorList grams, at::TensorList inputs);
 void gram_weighted_accumulate(at::TensorList gram_sums, at::TensorList weighted_sums, at::TensorList grams,
                               at::TensorList factors, at::TensorList lefts);
 void projected_accumulate(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                          at::TensorList shared_factors, at::TensorList factors);
+                          at::TensorList shared_a, at::TensorList factors_b);
 at::Tensor gram_stats(at::TensorList grams);
 }  // namespace aten
 

@@ -248,13 +248,13 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
   const GramPair& pair = work.pair;
   const int64_t steps = ceil_div(work.row_end - work.row_begin, tc::kRows);
   const int64_t i0 = int64_t{work.ti} * tc::kTile, j0 = int64_t{work.tj} * tc::kTile;
-  const bool diagonal = work.ti == work.tj;  // then operand j is operand i: loaded once
+  const bool diagonal_tile = work.ti == work.tj;  // then operand j is operand i: loaded once
 
   float acc[4][4][4] = {};
   uint32_t next_i[8], next_j[8];
   load_pairs(pair, i0, work.row_begin, work.row_end, next_i);
   store_pairs(smem[0][0], next_i);
-  if (!diagonal) {
+  if (!diagonal_tile) {
     load_pairs(pair, j0, work.row_begin, work.row_end, next_j);
     store_pairs(smem[0][1], next_j);
   }
@@ -267,14 +267,14 @@ __global__ void __launch_bounds__(kThreads, 1) gram_tensor_core_kernel(GramParam
     if (more) {
       const int64_t row = work.row_begin + (s + 1) * tc::kRows;
       load_pairs(pair, i0, row, work.row_end, next_i);
-      if (!diagonal) {
+      if (!diagonal_tile) {
         load_pairs(pair, j0, row, work.row_end, next_j);
       }
     }
-    mma_step<input_t>(smem[cur][0], diagonal ? smem[cur][0] : smem[cur][1], acc);
+    mma_step<input_t>(smem[cur][0], diagonal_tile ? smem[cur][0] : smem[cur][1], acc);
     if (more) {
       store_pairs(smem[1 - cur][0], next_i);
-      if (!diagonal) {
+      if (!diagonal_tile) {
         store_pairs(smem[1 - cur][1], next_j);
       }
     }
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
   const GramPair& pair = work.pair;
   const int64_t steps = ceil_div(work.row_end - work.row_begin, simt::kRows);
   const int64_t i0 = int64_t{work.ti} * simt::kTile, j0 = int64_t{work.tj} * simt::kTile;
-  const bool diagonal = work.ti == work.tj;
+  const bool diagonal_tile = work.ti == work.tj;
   // Thread (ty, tx) owns rows 4 ty.. and columns 4 tx.. of the tile.
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
   acc_t next_i[4], next_j[4];
   load_upcast<input_t>(pair, i0, work.row_begin, work.row_end, next_i);
   store4(operand(0, 0), next_i);
-  if (!diagonal) {
+  if (!diagonal_tile) {
     load_upcast<input_t>(pair, j0, work.row_begin, work.row_end, next_j);
     store4(operand(0, 1), next_j);
   }
@@ -380,12 +380,12 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
     if (more) {
       const int64_t row = work.row_begin + (s + 1) * simt::kRows;
       load_upcast<input_t>(pair, i0, row, work.row_end, next_i);
-      if (!diagonal) {
+      if (!diagonal_tile) {
         load_upcast<input_t>(pair, j0, row, work.row_end, next_j);
       }
     }
     const acc_t* si = operand(cur, 0);
-    const acc_t* sj = diagonal ? si : operand(cur, 1);
+    const acc_t* sj = diagonal_tile ? si : operand(cur, 1);
 #pragma unroll
     for (int k = 0; k < simt::kRows; ++k) {
       acc_t a[4], b[4];
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) gram_simt_kernel(GramParams params) 
     }
     if (more) {
       store4(operand(1 - cur, 0), next_i);
-      if (!diagonal) {
+      if (!diagonal_tile) {
         store4(operand(1 - cur, 1), next_j);
       }
     }

@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../integer_math.h"
+
 // Build-time guards for what the kernels rely on; the run-time side is kernel_support() below.
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
 #error \
@@ -33,9 +35,12 @@ constexpr int kMaxItems = 128;
 // CUDA's limit on a kernel's parameters (CUDA >= 12.1, sm_70 and newer).
 constexpr size_t kMaxParamBytes = 32764;
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+// A launch's parameters: `count` descriptors of one kind, passed by value in the kernel's parameter space.
+template <typename Item>
+struct LaunchItems {
+  int count;
+  Item items[kMaxItems];
+};
 
 // 16-bit input types as raw bits (the same layout as at::Half / at::BFloat16).
 struct Half16 {
@@ -97,10 +102,7 @@ struct GramPair {
   void* partials;
 };
 
-struct GramParams {
-  int count;
-  GramPair items[kMaxItems];
-};
+using GramParams = LaunchItems<GramPair>;
 static_assert(sizeof(GramParams) <= kMaxParamBytes, "GramParams must fit in a kernel's parameters");
 
 // Launchers, instantiated for input_t in {Half16, BFloat16, float, double} and acc_t in {float, double};
@@ -138,10 +140,8 @@ struct PanelLayer {
   int32_t diagonal;
 };
 
-struct PanelParams {
-  int count;
+struct PanelParams : LaunchItems<PanelLayer> {
   int32_t mode;  // PanelOut
-  PanelLayer items[kMaxItems];
 };
 static_assert(sizeof(PanelParams) <= kMaxParamBytes, "PanelParams must fit in a kernel's parameters");
 
@@ -155,10 +155,7 @@ struct ReduceLayer {
   int64_t first_block;
 };
 
-struct ReduceParams {
-  int count;
-  ReduceLayer items[kMaxItems];
-};
+using ReduceParams = LaunchItems<ReduceLayer>;
 static_assert(sizeof(ReduceParams) <= kMaxParamBytes, "ReduceParams must fit in a kernel's parameters");
 
 // out (m, w) += left (m, p) @ mid (p, w); all contiguous in acc_t.
@@ -172,10 +169,7 @@ struct ProductLayer {
   int64_t first_block;
 };
 
-struct ProductParams {
-  int count;
-  ProductLayer items[kMaxItems];
-};
+using ProductParams = LaunchItems<ProductLayer>;
 static_assert(sizeof(ProductParams) <= kMaxParamBytes, "ProductParams must fit in a kernel's parameters");
 
 // Instantiated for input_t in {Half16, BFloat16, float, double} and acc_t in {float, double}.
@@ -216,10 +210,7 @@ struct StatsItem {
   int32_t diagonal;
 };
 
-struct StatsParams {
-  int count;
-  StatsItem items[kMaxItems];
-};
+using StatsParams = LaunchItems<StatsItem>;
 static_assert(sizeof(StatsParams) <= kMaxParamBytes, "StatsParams must fit in a kernel's parameters");
 
 // The statistics of all the Grams of one launch: one block per tile or chunk over all of them, then one

@@ -400,11 +400,11 @@ void gram_weighted_accumulate_cuda(at::TensorList gram_sums, at::TensorList weig
 }
 
 void projected_accumulate_cuda(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                               at::TensorList shared_factors, at::TensorList factors) {
+                               at::TensorList shared_a, at::TensorList factors_b) {
   constexpr const char* op = "lorm_ext::projected_accumulate_";
-  check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_factors, factors);
+  check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_a, factors_b);
   if (!use_custom(projection_sums[0].device())) {
-    return aten::projected_accumulate(projection_sums, weighted_sums, grams, shared_factors, factors);
+    return aten::projected_accumulate(projection_sums, weighted_sums, grams, shared_a, factors_b);
   }
   for (const auto& [key, members] : group_layers(grams, projection_sums)) {
     const at::Tensor& first = projection_sums[members.front()];
@@ -414,22 +414,22 @@ void projected_accumulate_cuda(at::TensorList projection_sums, at::TensorList we
     int64_t partial_elements = 0, projection_elements = 0;
     for (size_t i : members) {
       accumulators.push_back({projection_sums[i], weighted_sums[i]});
-      const int64_t r = shared_factors[i].size(0);
+      const int64_t r = shared_a[i].size(0);
       partial_elements += panels_of(grams[i].size(0)) * r * r;
       projection_elements += r * r;
     }
     const auto batches = launch_batches(accumulators);
     const at::Tensor partials = at::empty({partial_elements}, first.options());
     const at::Tensor projections = at::empty({projection_elements}, first.options());
-    std::vector<at::Tensor> keep;  // converted factors, alive until the launches are queued
+    std::vector<at::Tensor> keep;  // converted factors_b, alive until the launches are queued
     std::vector<PanelLayer> layers;
     std::vector<ReduceLayer> reductions;
     std::vector<ProductLayer> products;
     int64_t partial_offset = 0, projection_offset = 0;
     for (size_t i : members) {
       const at::Tensor gram = grams[i].detach();
-      const at::Tensor a = shared_factors[i].detach().to(first.scalar_type()).contiguous();
-      const at::Tensor b = factors[i].detach().to(first.scalar_type()).contiguous();
+      const at::Tensor a = shared_a[i].detach().to(first.scalar_type()).contiguous();
+      const at::Tensor b = factors_b[i].detach().to(first.scalar_type()).contiguous();
       keep.push_back(a);
       keep.push_back(b);
       const int64_t n = gram.size(0), r = a.size(0), panels = panels_of(n);

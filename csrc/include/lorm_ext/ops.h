@@ -30,13 +30,13 @@ inline void gram_weighted_accumulate_(at::TensorList gram_sums, at::TensorList w
   call.call(gram_sums, weighted_sums, grams, factors, lefts);
 }
 
-// P = shared_factors[i] grams[i] shared_factors[i]ᵀ; projection_sums[i] += P; weighted_sums[i] += factors[i] P.
+// P = shared_a[i] grams[i] shared_a[i]ᵀ; projection_sums[i] += P; weighted_sums[i] += factors_b[i] P.
 inline void projected_accumulate_(at::TensorList projection_sums, at::TensorList weighted_sums, at::TensorList grams,
-                                  at::TensorList shared_factors, at::TensorList factors) {
+                                  at::TensorList shared_a, at::TensorList factors_b) {
   static const auto call =
       detail::op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList)>(
           "lorm_ext::projected_accumulate_");
-  call.call(projection_sums, weighted_sums, grams, shared_factors, factors);
+  call.call(projection_sums, weighted_sums, grams, shared_a, factors_b);
 }
 
 // (len(grams), 4) float64: [max |G − Gᵀ|, min diag, max diag, non-finite count] per Gram, in one read.
