@@ -11,14 +11,17 @@ hooks, the adapters are merged per layer by plain averaging (FedIT: mean of A an
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import timm
 import torch
-from tqdm import tqdm
 
 from .gram import VIT_LORA_PATTERN, GramCollector
 from .merge import AdapterMerger
+from .progress import Progress, configure_cli_logging
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +52,7 @@ def client_images(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configure_cli_logging()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     model = timm.create_model(
@@ -70,7 +74,8 @@ def main(argv=None) -> None:
     merger = AdapterMerger(args.r)
     adapters = []
     gram_seconds = 0.0
-    for _ in tqdm(range(args.num_clients), desc="clients: Grams + adapters", unit="client"):
+    progress = Progress(args.num_clients, "clients: Grams + adapters", "client", logger)
+    for _ in range(args.num_clients):
         collector = GramCollector(model, VIT_LORA_PATTERN)
         images = client_images(args.images_per_client, generator)
         start = time.perf_counter()
@@ -90,6 +95,8 @@ def main(argv=None) -> None:
         merger.add_client(
             {n: b for n, (b, _) in adapter.items()}, {n: a for n, (_, a) in adapter.items()}, collector.grams
         )
+        progress.update()
+    progress.close()
 
     averaged = {
         n: (torch.stack([c[n][0] for c in adapters]).mean(0), torch.stack([c[n][1] for c in adapters]).mean(0))

@@ -197,6 +197,19 @@ def test_a_missing_extra_is_one_line_saying_how_to_install_it(tmp_path, script, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_importing_lorm_ext_flower_without_its_extra_says_how_to_install_it():
+    result = run_restricted("import lorm_ext.flower")  # the base dependencies only: no flwr
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "lorm_ext.flower needs flwr, which is not installed: install the optional dependencies of lorm_ext that it "
+            "needs with `pip install 'lorm_ext[flower]'`"
+        )
+    ), result.stderr
+
+
 def test_every_extra_of_all_is_declared():
     (everything,) = PROJECT["optional-dependencies"]["all"]
     assert set(Requirement(everything).extras) == set(PROJECT["optional-dependencies"]) - {"all"}

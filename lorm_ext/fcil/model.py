@@ -10,6 +10,7 @@ any other local file. ``pretrain_on_digits`` made them: ``python -m lorm_ext.fci
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -22,14 +23,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from ..files import atomic_write
 from ..gram import VIT_LORA_PATTERN, linear_layers
+from ..progress import Progress
 from ..validation import LayerError, check_rank_fits
 from .config import EMBEDDED_NETWORK, ConfigError, RunConfig
 from .data import InputSpec, resize_normalise
 from .protocol import HEAD
+
+logger = logging.getLogger(__name__)
 
 # The embedded default backbone: a timm VisionTransformer small enough for a 2-core CPU.
 EMBEDDED_ARCH = "vit_tiny_patch16_224"
@@ -175,16 +178,18 @@ def pretrain_on_digits(path: str, epochs: int = EMBEDDED_PRETRAIN_EPOCHS, seed: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
     model.train()
-    for _ in tqdm(range(epochs), desc="pretraining digits-vit on sklearn digits", unit="epoch", disable=None):
-        order = torch.randperm(len(labels))
-        for start in range(0, len(labels), batch):
-            idx = order[start : start + batch]
-            x = v2.functional.normalize(_augment_digits(images[idx], affine), list(spec.mean), list(spec.std))
-            loss = F.cross_entropy(model(x), labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with Progress(epochs, "pretraining digits-vit on sklearn digits", "epoch", logger) as progress:
+        for _ in range(epochs):
+            order = torch.randperm(len(labels))
+            for start in range(0, len(labels), batch):
+                idx = order[start : start + batch]
+                x = v2.functional.normalize(_augment_digits(images[idx], affine), list(spec.mean), list(spec.std))
+                loss = F.cross_entropy(model(x), labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            progress.update(f"loss {loss.item():.3f}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
 

@@ -7,9 +7,12 @@ ClientApp of the FCIL client), ``serve`` (the body of a ServerApp's main) and ``
 Flower's simulation engine) in server_app.
 """
 
-from .fcil_strategy import LoRMStrategy
-from .messages import lora_reply, read_adapter
-from .server_app import serve, simulate
-from .strategy import LoRAMergeStrategy, NoUsableReplyError
+from .._install import needs_extra
+
+with needs_extra("flower", "lorm_ext.flower"):
+    from .fcil_strategy import LoRMStrategy
+    from .messages import lora_reply, read_adapter
+    from .server_app import serve, simulate
+    from .strategy import LoRAMergeStrategy, NoUsableReplyError
 
 __all__ = ["LoRAMergeStrategy", "LoRMStrategy", "NoUsableReplyError", "lora_reply", "read_adapter", "serve", "simulate"]
