@@ -57,9 +57,11 @@ def nvidia_wheel_includes() -> list[str]:
 
 def extension():
     with_cuda = want_cuda()
-    # -fopenmp-simd: simd pragmas only (threads come from at::parallel_for); -ffp-contract=fast: a·b + c may
-    # be one fused multiply-add (one rounding instead of two), as outside GCC's strict ISO mode.
-    cxx_flags = ["-O3", "-g0", "-fopenmp-simd", "-ffp-contract=fast"]
+    # -fopenmp: at::parallel_for is an inline template that runs its body serially unless the extension itself
+    # is compiled with OpenMP (the library it then links, libgomp.so.1, is the one torch has loaded already);
+    # -ffp-contract=fast: a·b + c may be one fused multiply-add (one rounding instead of two), as outside GCC's
+    # strict ISO mode.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return cpp_extension.CUDAExtension(
@@ -68,8 +70,11 @@ def extension():
             include_dirs=nvidia_wheel_includes(),
             define_macros=[("LORM_EXT_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
         )
-    return cpp_extension.CppExtension("lorm_ext._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension(
+        "lorm_ext._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+    )
 
 
 setup(
