@@ -48,6 +48,26 @@ def test_gram_accumulate_matches_reference(device, input_dtype, gram_dtype, n, t
             assert torch.equal(gram, gram.T), "both triangles must get the same update"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [64, 130, 700])
+def test_gram_accumulate_on_any_thread_count(device, threads, n):
+    """Narrow Grams split the rows between the threads, wider ones the triangle's tiles: both paths match the
+    reference, stay exactly symmetric and give the same bits on every call."""
+    x = torch.randn(3000, n, device=device).to(torch.bfloat16)
+    start = random_gram(n, 3, dtype=torch.float32, device=device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grams = [start.clone(), start.clone()]
+        for gram in grams:
+            ops.gram_accumulate_([gram], [x])
+    finally:
+        torch.set_num_threads(before)
+    assert_rel_close(grams[0], gram_truth(x, start, False), REL_TOL[torch.float32])
+    assert torch.equal(grams[0], grams[0].T)
+    assert torch.equal(grams[0], grams[1])
+
+
 def test_gram_accumulate_many_pairs_in_one_call(device):
     widths = [1, 64, 65, 200]
     xs = [torch.randn(97, w, device=device, dtype=torch.bfloat16) for w in widths]

@@ -4,7 +4,9 @@
 // halved again, G[a, b] one off-diagonal block; diagonal blocks at most kLeafWidth wide are one full GEMM), about
 // half the FLOPs of a full XᵀX. The blocks, the off-diagonal ones cut into tiles, are independent GEMM tasks that
 // the threads pull from one queue, largest first, each task a single-threaded BLAS GEMM into a per-thread scratch
-// added to its block and mirrored into the transposed block (tiling.h's pull_tasks).
+// added to its block and mirrored into the transposed block (tiling.h's pull_tasks). A Gram with too few tasks to
+// keep the threads busy (a narrow one) splits X's rows between the threads instead: every task on each chunk of
+// rows, the chunks' products summed in chunk order.
 // The update is exactly symmetric: a symmetric G stays so. 16-bit inputs (and float32 into a float64 G) are
 // upcast a bounded chunk of rows at a time. Diagonal Grams: column sums of squares accumulated in double.
 #include <ATen/ATen.h>
@@ -34,6 +36,9 @@ constexpr int64_t kMinLeafWidth = 32;
 constexpr int64_t kTileWidth = 512;
 // Split points are multiples of this, so that GEMM operands start on cache-line and vector boundaries.
 constexpr int64_t kSplitAlign = 32;
+// With fewer tasks than this per thread, the threads split X's rows instead (chunks at least kMinChunkRows long).
+constexpr int64_t kTasksPerThread = 2;
+constexpr int64_t kMinChunkRows = 256;
 
 // One GEMM task: G[row0:row0+rows, col0:col0+cols] += X[:, rows]ᵀ X[:, cols], and the same into the transposed
 // block. A diagonal task (row0 == col0) adds the upper triangle of its product and mirrors it.
@@ -74,11 +79,12 @@ std::vector<GemmTask> plan_tasks(int64_t n) {
   return tasks;
 }
 
-// G[row0 + r, col0 + c] += S[r, c] and G[col0 + c, row0 + r] += S[r, c] (a diagonal task: r <= c only, the
-// diagonal once), in kMirrorBlock-square blocks so that the mirrored writes stay within a few cache lines.
+// G[row0 + r, col0 + c] += S[r, c] and G[col0 + c, row0 + r] += S[r, c] (S row-major, ld apart; a diagonal task:
+// r <= c only, the diagonal once), in kMirrorBlock-square blocks so that the mirrored writes stay within a few cache
+// lines.
 constexpr int64_t kMirrorBlock = 16;
 template <typename scalar_t>
-void add_mirrored(scalar_t* g, int64_t n, const scalar_t* s, const GemmTask& task) {
+void add_mirrored(scalar_t* g, int64_t n, const scalar_t* s, int64_t ld, const GemmTask& task) {
   const bool diagonal = task.diagonal();
   for (int64_t r0 = 0; r0 < task.rows; r0 += kMirrorBlock) {
     const int64_t r1 = std::min(task.rows, r0 + kMirrorBlock);
@@ -87,13 +93,13 @@ void add_mirrored(scalar_t* g, int64_t n, const scalar_t* s, const GemmTask& tas
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = g + (task.row0 + r) * n + task.col0;
         for (int64_t c = diagonal ? std::max(c0, r) : c0; c < c1; ++c) {
-          row[c] += s[r * task.cols + c];
+          row[c] += s[r * ld + c];
         }
       }
       for (int64_t c = c0; c < c1; ++c) {
         scalar_t* row = g + (task.col0 + c) * n + task.row0;
         for (int64_t r = r0; r < (diagonal ? std::min(r1, c) : r1); ++r) {
-          row[r] += s[r * task.cols + c];
+          row[r] += s[r * ld + c];
         }
       }
     }
@@ -108,26 +114,69 @@ scalar_t* product_scratch(int64_t elements) {
   return aligned_scratch(kept, elements);
 }
 
-// Runs the tasks on X (rows × n, in G's dtype).
+// S (rows × cols, row-major, ld apart) = X[:, rows]ᵀ X[:, cols] over the given rows of X: column-major, one
+// gemm('N', 'T') (the call at::mm_out makes, without its dispatch); X with strided columns goes through at::mm_out.
+template <typename scalar_t>
+void task_product(const at::Tensor& x, const GemmTask& task, scalar_t* s, int64_t ld) {
+  const bool unit_columns = x.stride(1) == 1 && x.stride(0) >= x.size(1);
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  if (!unit_columns || !blas_gemm<scalar_t>('N', 'T', task.cols, task.rows, x.size(0), data + task.col0, x.stride(0),
+                                            data + task.row0, x.stride(0), scalar_t(0), s, ld)) {
+    at::Tensor product = at::from_blob(s, {task.rows, task.cols}, {ld, 1}, x.options());
+    at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+  }
+}
+
+// Each task on all rows of X, the threads pulling tasks.
+template <typename scalar_t>
 void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
+  pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    const GemmTask& task = tasks[t];
+    scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
+    task_product<scalar_t>(x, tasks[t], s, task.cols);
+    add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), gram.size(0), s, task.cols, task);
+  });
+}
+
+// Every task on one chunk of X's rows per thread, each chunk into its own n × n scratch; the chunks' products are
+// then summed in chunk order and added once. For Grams with too few tasks to keep the threads busy.
+template <typename scalar_t>
+void run_row_chunks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks, int64_t chunks) {
   const int64_t n = gram.size(0);
-  const bool unit_columns = x.stride(1) == 1 && x.stride(0) >= n;
-  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
-    const auto options = gram.options();
-    pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
-      const GemmTask& task = tasks[t];
-      scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
-      // S (rows × cols, row-major) = X[:, rows]ᵀ X[:, cols] is, column-major, one gemm('N', 'T') over X's rows
-      // (the call at::mm_out makes, without its dispatch); X with strided columns goes through at::mm_out
-      const scalar_t* data = x.const_data_ptr<scalar_t>();
-      if (!unit_columns ||
-          !blas_gemm<scalar_t>('N', 'T', task.cols, task.rows, x.size(0), data + task.col0, x.stride(0),
-                               data + task.row0, x.stride(0), scalar_t(0), s, task.cols)) {
-        at::Tensor product = at::from_blob(s, {task.rows, task.cols}, options);
-        at::mm_out(product, x.narrow(1, task.row0, task.rows).t(), x.narrow(1, task.col0, task.cols));
+  const int64_t rows = x.size(0);
+  const int64_t stride = aligned_count<scalar_t>(n * n);
+  thread_local std::vector<scalar_t> kept;
+  scalar_t* products = aligned_scratch(kept, chunks * stride);
+  pull_tasks(chunks, [&](int64_t c) {
+    const int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
+    for (const GemmTask& task : tasks) {
+      task_product<scalar_t>(x.narrow(0, r0, r1 - r0), task, products + c * stride + task.row0 * n + task.col0, n);
+    }
+  });
+  for (const GemmTask& task : tasks) {
+    scalar_t* total = products + task.row0 * n + task.col0;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const scalar_t* part = products + c * stride + task.row0 * n + task.col0;
+      for (int64_t r = 0; r < task.rows; ++r) {
+        for (int64_t k = 0; k < task.cols; ++k) {
+          total[r * n + k] += part[r * n + k];
+        }
       }
-      add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, s, task);
-    });
+    }
+    add_mirrored<scalar_t>(gram.mutable_data_ptr<scalar_t>(), n, total, n, task);
+  }
+}
+
+// Splits the tasks between the threads, or, when there are too few of them to balance, X's rows.
+void run(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min(threads, x.size(0) / kMinChunkRows);
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "gram_accumulate_tasks", [&] {
+    if (chunks > 1 && static_cast<int64_t>(tasks.size()) < kTasksPerThread * threads) {
+      run_row_chunks<scalar_t>(gram, x, tasks, chunks);
+    } else {
+      run_tasks<scalar_t>(gram, x, tasks);
+    }
   });
 }
 
@@ -135,14 +184,14 @@ void accumulate_full(const at::Tensor& gram, const at::Tensor& x) {
   const auto dtype = gram.scalar_type();
   const std::vector<GemmTask> tasks = plan_tasks(gram.size(0));
   if (x.scalar_type() == dtype) {
-    run_tasks(gram, x, tasks);
+    run(gram, x, tasks);
     return;
   }
   const int64_t rows = x.size(0);
   const int64_t row_chunk =
       std::max<int64_t>(1, kUpcastBytes / (static_cast<int64_t>(at::elementSize(dtype)) * gram.size(0)));
   for (int64_t r0 = 0; r0 < rows; r0 += row_chunk) {
-    run_tasks(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), tasks);
+    run(gram, x.narrow(0, r0, std::min(row_chunk, rows - r0)).to(dtype), tasks);
   }
 }
 

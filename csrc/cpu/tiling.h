@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "../integer_math.h"
+#include "blas.h"
 
 // The hot loops of the CPU kernels are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and baseline
 // x86-64; the loader picks the best the machine runs (GCC function multiversioning). torch builds
@@ -44,13 +46,19 @@ int64_t aligned_count(int64_t n) {
 }
 
 // Runs run_task(t) for t in [0, count) on the intra-op threads, each thread pulling the next index from one
-// queue until none is left. Pulling keeps both threads busy when one of them is descheduled on a shared machine
-// (a fixed split of the work waits for it). Callers order the tasks largest first, so the last ones are small.
+// queue until none is left, BLAS single-threaded inside when there is more than one worker. Pulling keeps both threads
+// busy when one of them is descheduled on a shared machine (a fixed split of the work waits for it). Callers order the
+// tasks largest first, so the last ones are small.
 template <typename RunTask>
 void pull_tasks(int64_t count, const RunTask& run_task) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // One worker runs where it was called, and BLAS inside its tasks may use the other threads.
+    std::optional<SingleThreadedBlas> single;
+    if (workers > 1) {
+      single.emplace();
+    }
     for (int64_t t = next++; t < count; t = next++) {
       run_task(t);
     }
