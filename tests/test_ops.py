@@ -264,6 +264,19 @@ class TestPsdRightSolve:
         gram[0, [1, 4]] = 0
         self.check(torch.randn(2, 5, 30, dtype=torch.float64, device=device), gram, rel=1e-14)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("rcond", [0.0, ref.DEFAULT_RCOND, 0.3])
+    def test_diagonal_is_the_cut_reciprocal_exactly(self, device, dtype, rcond):
+        """Every device computes rhs · (|g| > rcond · max |g| ? 1 / g : 0), the same bits as these torch ops."""
+        gram = torch.rand(2, 3, 40, dtype=dtype, device=device)
+        gram[0, 1, [2, 9]] = 0
+        gram[1, 0, :4] = 1e-30
+        rhs = torch.randn(2, 3, 5, 40, dtype=dtype, device=device)
+        magnitude = gram.abs()
+        keep = magnitude > rcond * magnitude.amax(-1, keepdim=True)
+        expected = rhs * torch.where(keep, gram.reciprocal(), torch.zeros_like(gram)).unsqueeze(-2)
+        assert torch.equal(ops.psd_right_solve(rhs, gram, rcond), expected)
+
     def test_float32_gram(self, device):
         gram = random_gram(20, 40, dtype=torch.float32, device=device)[None]
         self.check(torch.randn(1, 3, 20, device=device), gram, rel=1e-3)

@@ -127,10 +127,19 @@ void task_product(const at::Tensor& x, const GemmTask& task, scalar_t* s, int64_
   }
 }
 
+// What the tasks cost on X's rows.
+int64_t multiply_adds(const at::Tensor& x, const std::vector<GemmTask>& tasks) {
+  int64_t per_row = 0;
+  for (const GemmTask& task : tasks) {
+    per_row += task.cost();
+  }
+  return per_row * x.size(0);
+}
+
 // Each task on all rows of X, the threads pulling tasks.
 template <typename scalar_t>
 void run_tasks(const at::Tensor& gram, const at::Tensor& x, const std::vector<GemmTask>& tasks) {
-  pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+  pull_tasks(static_cast<int64_t>(tasks.size()), multiply_adds(x, tasks), [&](int64_t t) {
     const GemmTask& task = tasks[t];
     scalar_t* s = product_scratch<scalar_t>(task.rows * task.cols);
     task_product<scalar_t>(x, tasks[t], s, task.cols);
@@ -147,7 +156,7 @@ void run_row_chunks(const at::Tensor& gram, const at::Tensor& x, const std::vect
   const int64_t stride = aligned_count<scalar_t>(n * n);
   thread_local std::vector<scalar_t> kept;
   scalar_t* products = aligned_scratch(kept, chunks * stride);
-  pull_tasks(chunks, [&](int64_t c) {
+  pull_tasks(chunks, multiply_adds(x, tasks), [&](int64_t c) {
     const int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
     for (const GemmTask& task : tasks) {
       task_product<scalar_t>(x.narrow(0, r0, r1 - r0), task, products + c * stride + task.row0 * n + task.col0, n);

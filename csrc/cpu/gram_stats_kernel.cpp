@@ -249,28 +249,30 @@ at::Tensor gram_stats_cpu(at::TensorList grams_in) {
     }
   }
   std::vector<Stats> per_task(tasks.size());
+  int64_t values = 0;
+  for (const auto& gram : grams) {
+    values += gram.numel();
+  }
   // All layers' tasks in one parallel loop: many small Grams cost one dispatch, not one each.
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const StatsTask& task = tasks[t];
-      const at::Tensor& gram = grams[task.layer];
-      const int64_t n = gram.size(0), covered = vector_region[task.layer];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
-        const scalar_t* g = gram.const_data_ptr<scalar_t>();
-        switch (task.kind) {
-          case StatsTask::kDiagonalGram: per_task[t] = diagonal_stats(g, n); return;
-          case StatsTask::kTilePair:
-            per_task[t] = tile_pair_stats(g, n, task.i0, std::min(kStatsTaskTile, covered - task.i0), task.j0,
-                                          std::min(kStatsTaskTile, covered - task.j0));
-            return;
-          case StatsTask::kBorder:  // columns [covered, n) against every row: a rectangle and a corner
-            per_task[t] = tile_pair_stats_exact(g, n, 0, covered, covered, n - covered);
-            per_task[t].merge(tile_pair_stats_exact(g, n, covered, n - covered, covered, n - covered));
-            return;
-        }
-        TORCH_INTERNAL_ASSERT(false, "unknown gram_stats task");
-      });
-    }
+  pull_tasks(static_cast<int64_t>(tasks.size()), values, [&](int64_t t) {
+    const StatsTask& task = tasks[t];
+    const at::Tensor& gram = grams[task.layer];
+    const int64_t n = gram.size(0), covered = vector_region[task.layer];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gram.scalar_type(), "gram_stats", [&] {
+      const scalar_t* g = gram.const_data_ptr<scalar_t>();
+      switch (task.kind) {
+        case StatsTask::kDiagonalGram: per_task[t] = diagonal_stats(g, n); return;
+        case StatsTask::kTilePair:
+          per_task[t] = tile_pair_stats(g, n, task.i0, std::min(kStatsTaskTile, covered - task.i0), task.j0,
+                                        std::min(kStatsTaskTile, covered - task.j0));
+          return;
+        case StatsTask::kBorder:  // columns [covered, n) against every row: a rectangle and a corner
+          per_task[t] = tile_pair_stats_exact(g, n, 0, covered, covered, n - covered);
+          per_task[t].merge(tile_pair_stats_exact(g, n, covered, n - covered, covered, n - covered));
+          return;
+      }
+      TORCH_INTERNAL_ASSERT(false, "unknown gram_stats task");
+    });
   });
   std::vector<Stats> per_layer(grams.size());
   for (size_t t = 0; t < tasks.size(); ++t) {

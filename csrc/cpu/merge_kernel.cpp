@@ -330,7 +330,11 @@ void accumulate_passes(std::vector<LayerPass>& layers) {
   std::stable_sort(tasks.begin(), tasks.end(), [&](const PassTask& a, const PassTask& b) {
     return a.span * layers[a.layer].gram.size(0) > b.span * layers[b.layer].gram.size(0);
   });
-  pull_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+  int64_t work = 0;  // multiply-adds: p per Gram entry read
+  for (const auto& layer : layers) {
+    work += layer.gram.numel() * layer.factor.size(0);
+  }
+  pull_tasks(static_cast<int64_t>(tasks.size()), work, [&](int64_t t) {
     const PassTask& task = tasks[t];
     const LayerPass& layer = layers[task.layer];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_pass", [&] {

@@ -45,14 +45,20 @@ int64_t aligned_count(int64_t n) {
   return ceil_div(n, step) * step;
 }
 
-// Runs run_task(t) for t in [0, count) on the intra-op threads, each thread pulling the next index from one
-// queue until none is left, BLAS single-threaded inside when there is more than one worker. Pulling keeps both threads
-// busy when one of them is descheduled on a shared machine (a fixed split of the work waits for it). Callers order the
-// tasks largest first, so the last ones are small.
+// Work below this many element operations (multiply-adds, or values read) runs on the calling thread alone: waking
+// the other threads and joining them costs more than they would save.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+// Runs run_task(t) for t in [0, count) on the intra-op threads (all of the tasks together doing about `work` element
+// operations), each thread pulling the next index from one queue until none is left, BLAS single-threaded inside
+// when there is more than one worker. Pulling keeps both threads busy when one of them is descheduled on a shared
+// machine (a fixed split of the work waits for it). Callers order the tasks largest first, so the last ones are
+// small.
 template <typename RunTask>
-void pull_tasks(int64_t count, const RunTask& run_task) {
+void pull_tasks(int64_t count, int64_t work, const RunTask& run_task) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+  const int64_t workers =
+      work < kMinParallelWork ? std::min<int64_t>(1, count) : std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     // One worker runs where it was called, and BLAS inside its tasks may use the other threads.
     std::optional<SingleThreadedBlas> single;
