@@ -138,7 +138,7 @@ def plain(clients: Clients, k: int, step: str) -> tuple[float, dict]:
     time, then one Cholesky solve per layer (a diagonal Gram divides)."""
     names = [name for name, _, _ in clients.layers]
     shared = {n: a.double() for n, a in clients.shared_a().items()} if step == "B" else {}
-    dens, nums, seconds = {}, {}, 0.0
+    denominators, numerators, seconds = {}, {}, 0.0
     for c in range(k):
         layers = [clients.layer(c, i) for i in range(len(names))]
         start = time.perf_counter()
@@ -146,26 +146,26 @@ def plain(clients: Clients, k: int, step: str) -> tuple[float, dict]:
             g = g.double()
             if step == "A":
                 product = a.double() * g if clients.diagonal else a.double() @ g
-                den = g
+                denominator = g
             else:
                 A = shared[name]
-                den = (A * g) @ A.T if clients.diagonal else A @ g @ A.T
-                product = b.double() @ den
-            if name in dens:
-                dens[name] += den
-                nums[name] += product
+                denominator = (A * g) @ A.T if clients.diagonal else A @ g @ A.T
+                product = b.double() @ denominator
+            if name in denominators:
+                denominators[name] += denominator
+                numerators[name] += product
             else:
-                dens[name], nums[name] = den.clone(), product
+                denominators[name], numerators[name] = denominator.clone(), product
         seconds += time.perf_counter() - start
         del layers
     start = time.perf_counter()
     merged = {}
     for name in names:
-        den, num = dens[name], nums[name]
-        if den.dim() == 1:
-            merged[name] = num / den
+        denominator, numerator = denominators[name], numerators[name]
+        if denominator.dim() == 1:
+            merged[name] = numerator / denominator
         else:
-            merged[name] = torch.cholesky_solve(num.T, torch.linalg.cholesky(den)).T
+            merged[name] = torch.cholesky_solve(numerator.T, torch.linalg.cholesky(denominator)).T
     return seconds + time.perf_counter() - start, merged
 
 

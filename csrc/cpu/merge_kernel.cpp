@@ -84,8 +84,8 @@ at::Tensor pass_factor(const at::Tensor& factor, const at::Tensor& gram, const a
 
 // One layer of a call: its Gram; the factor F (p × n, contiguous; of a full Gram in the acc dtype, an operand of
 // the GEMMs; of a diagonal Gram float32 or float64 as sent, so that no per-call copy is made: see pass_factor);
-// the Gram sum (acc dtype, shaped like the Gram; undefined: none kept); and where the products go, one of two
-// (the other undefined), both in the acc dtype:
+// the Gram sum (acc dtype, shaped like the Gram; undefined: none kept); the accumulation dtype (the sums'); and
+// where the products go, one of two (the other undefined), both in the acc dtype:
 //   out       p × n: F G is added to it;
 //   partials  (tasks × p × p): task t writes its share of F G Fᵀ (a chunk: (F[:, rows] G[rows, :]) Fᵀ; a panel:
 //             (F G)[:, panel] F[:, panel]ᵀ), so F G Fᵀ is their sum and F G is never stored (the B-step).
@@ -94,15 +94,13 @@ struct LayerPass {
   at::Tensor gram;
   at::Tensor factor;
   at::Tensor gram_sum;
+  at::ScalarType acc_dtype;
   at::Tensor out;
   at::Tensor partials;
   at::Tensor chunk_products;
 
-  at::ScalarType acc_dtype() const {
-    return out.defined() ? out.scalar_type() : partials.scalar_type();
-  }
   size_t acc_size() const {
-    return at::elementSize(acc_dtype());
+    return at::elementSize(acc_dtype);
   }
   bool row_chunks() const {
     return !is_diagonal_gram(gram) && uses_row_chunks(gram.size(0), factor.size(0), acc_size());
@@ -338,7 +336,7 @@ void accumulate_passes(std::vector<LayerPass>& layers) {
     const PassTask& task = tasks[t];
     const LayerPass& layer = layers[task.layer];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, layer.gram.scalar_type(), "merge_pass", [&] {
-      if (layer.acc_dtype() == at::kDouble) {
+      if (layer.acc_dtype == at::kDouble) {
         run_task<scalar_t, double>(layer, task);
       } else {
         run_task<scalar_t, float>(layer, task);
@@ -376,7 +374,7 @@ void gram_weighted_accumulate_cpu(at::TensorList gram_sums, at::TensorList weigh
     // With lefts, F G goes to a scratch first and L (F G) into the weighted sum below.
     const at::Tensor out =
         has_lefts ? at::zeros({factor.size(0), sum.size(0)}, sum.options()) : weighted_sums[i].detach();
-    layers.push_back({grams[i].detach(), factor, sum.detach(), out, at::Tensor()});
+    layers.push_back({grams[i].detach(), factor, sum.detach(), sum.scalar_type(), out});
   }
   accumulate_passes(layers);
   if (has_lefts) {
@@ -446,7 +444,7 @@ void add_projected_rows_of_rank(int64_t r, acc_t* weighted, const factor_t* b, c
 // the out × r products of all layers run as row blocks in one parallel loop (one thread when weighted sums
 // share memory); other ranks use at::addmm per layer.
 void finish_projections(const std::vector<LayerPass>& layers, at::TensorList projection_sums,
-                        at::TensorList weighted_sums, const std::vector<at::Tensor>& rights, bool shared_sums) {
+                        at::TensorList weighted_sums, const std::vector<at::Tensor>& row_factors_b, bool shared_sums) {
   constexpr int64_t kRowBlock = 256;
   struct RowBlock {
     size_t layer;
@@ -455,14 +453,14 @@ void finish_projections(const std::vector<LayerPass>& layers, at::TensorList pro
   };
   std::vector<RowBlock> blocks;
   for (size_t i = 0; i < layers.size(); ++i) {
-    AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype(), "reduce_partials",
+    AT_DISPATCH_FLOATING_TYPES(layers[i].acc_dtype, "reduce_partials",
                                [&] { reduce_partials<scalar_t>(layers[i].partials, projection_sums[i]); });
     const int64_t r = layers[i].partials.size(1);
     if (!has_row_kernel(r)) {
-      weighted_sums[i].detach().addmm_(as_accumulator(rights[i], projection_sums[i]), layers[i].partials[0]);
+      weighted_sums[i].detach().addmm_(as_accumulator(row_factors_b[i], projection_sums[i]), layers[i].partials[0]);
       continue;
     }
-    const int64_t rows = rights[i].size(0);
+    const int64_t rows = row_factors_b[i].size(0);
     for (int64_t o = 0; o < rows; o += kRowBlock) {
       blocks.push_back({i, o, std::min(rows, o + kRowBlock)});
     }
@@ -473,10 +471,10 @@ void finish_projections(const std::vector<LayerPass>& layers, at::TensorList pro
       const RowBlock& block = blocks[t];
       const size_t i = block.layer;
       const int64_t r = layers[i].partials.size(1);
-      AT_DISPATCH_FLOATING_TYPES(rights[i].scalar_type(), "add_projected_rows", [&] {
+      AT_DISPATCH_FLOATING_TYPES(row_factors_b[i].scalar_type(), "add_projected_rows", [&] {
         using factor_t = scalar_t;
-        const factor_t* b = rights[i].const_data_ptr<factor_t>();
-        if (layers[i].acc_dtype() == at::kDouble) {
+        const factor_t* b = row_factors_b[i].const_data_ptr<factor_t>();
+        if (layers[i].acc_dtype == at::kDouble) {
           add_projected_rows_of_rank<factor_t, double>(r, weighted_sums[i].mutable_data_ptr<double>(), b,
                                                        layers[i].partials.const_data_ptr<double>(), block.begin,
                                                        block.end);
@@ -495,22 +493,21 @@ void projected_accumulate_cpu(at::TensorList projection_sums, at::TensorList wei
   check_projected_accumulate_args(projection_sums, weighted_sums, grams, shared_a, factors_b);
   // The one pass over each Gram gives P = A G Aᵀ as per-panel partials (A G itself, r × n, is never stored).
   std::vector<LayerPass> layers;
-  std::vector<at::Tensor> rights;  // B_k per layer, float32/float64 as sent
+  std::vector<at::Tensor> row_factors_b;  // B_k per layer as the row kernels read it (as_row_factor)
   for (size_t i = 0; i < grams.size(); ++i) {
-    LayerPass layer{grams[i].detach(), pass_factor(shared_a[i], grams[i], projection_sums[i])};
-    const int64_t r = layer.factor.size(0), n = layer.gram.size(0);
+    LayerPass layer{grams[i].detach(), pass_factor(shared_a[i], grams[i], projection_sums[i]), at::Tensor(),
+                    projection_sums[i].scalar_type()};
+    const int64_t r = layer.factor.size(0);
     // Every task writes its own partial; an empty Gram has no task and one zero partial (P = 0).
     const auto options = projection_sums[i].options();
-    layer.partials = at::zeros({1, r, r}, options);  // gives the layer its acc dtype for task_count
-    if (n > 0) {
-      layer.partials = at::empty({layer.task_count(), r, r}, options);
-    }
+    layer.partials =
+        layer.gram.size(0) > 0 ? at::empty({layer.task_count(), r, r}, options) : at::zeros({1, r, r}, options);
     layers.push_back(std::move(layer));
-    rights.push_back(as_row_factor(factors_b[i], projection_sums[i]));
+    row_factors_b.push_back(as_row_factor(factors_b[i], projection_sums[i]));
   }
   accumulate_passes(layers);
   std::vector<at::Tensor> sums(weighted_sums.begin(), weighted_sums.end());
-  finish_projections(layers, projection_sums, weighted_sums, rights, any_overlap(sums));
+  finish_projections(layers, projection_sums, weighted_sums, row_factors_b, any_overlap(sums));
 }
 
 }  // namespace
