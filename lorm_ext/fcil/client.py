@@ -138,4 +138,4 @@ def client_step(
             message.update({projection_keys(n)[1]: t.to(head_gram.dtype) for n, t in projections.items()})
         if what.layer_grams:
             message.update({gram_key(n): g for n, g in grams.items()})
-    return ClientReply(message, {"train": trained - start, "gram": clock(device) - trained})
+    return ClientReply(message, {"train": trained - start, "gram": clock(device) - trained if inst.grams else 0.0})

@@ -41,7 +41,7 @@ def test_tiny_run_learns_and_writes_its_folder(tmp_path, tiny_config, tiny_data,
     assert results["accuracy_matrix"][0][1] is None and len(results["accuracy_after_task"]) == 2
     assert results["bytes_per_round"]["up"] > 0
     assert (results["bytes_per_round"]["task_end_up"] > 0) == (strategy == "lorm")
-    assert results["seconds"]["gram_s"] > 0 if strategy == "lorm" else results["seconds"]["gram_s"] < 0.01
+    assert (results["seconds"]["gram_s"] > 0) == (strategy == "lorm")  # only LoRM's clients collect Grams
     files = set(os.listdir(tmp_path))
     assert files == {"config.json", "results.json", "rounds.jsonl", "accuracy_matrix.png", "adapters.safetensors"}
     with open(tmp_path / "rounds.jsonl") as log:
