@@ -317,6 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/lorm-bench-adapters"), help="generated inputs (kept)")
     p.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
     args = p.parse_args(argv)
+    if args.blocks < 0 or args.full_blocks < 0:
+        p.error("--blocks and --full-blocks must be >= 0 (0 leaves that kind's rows out)")
 
     info, ceil = machine(), ceilings()
     rows, solver = [], []
@@ -347,6 +349,8 @@ def main(argv=None) -> None:
     )
     print("|" + "---|" * 19)
     for kind, blocks in sets.items():
+        if blocks == 0:  # --blocks 0 or --full-blocks 0: that kind's rows are not wanted
+            continue
         layout = llama_layout(args.hidden, args.ffn, blocks)
         root = args.dir / f"{kind}-{blocks}blocks"
         all_dirs = write_adapters(root / "adapters", layout, args.rank, n_max)
