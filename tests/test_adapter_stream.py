@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lorm_testing import assert_rel_close, random_gram
+from lorm_testing import assert_rel_close, random_gram, seeded_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -277,8 +277,7 @@ class TinyLlama(nn.Module):
 
 
 def test_collector_detects_modules_that_read_one_input(tmp_path):
-    torch.manual_seed(0)
-    model = TinyLlama().eval()
+    model = seeded_model(TinyLlama)
     batches = [torch.randn(2, 5, HIDDEN) for _ in range(3)]
     pattern = r"(q|k|v|o|gate|up|down)_proj$"
     shared, separate = GramCollector(model, pattern, share_inputs=True), GramCollector(model, pattern)

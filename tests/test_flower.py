@@ -12,13 +12,13 @@ import json
 import logging
 import re
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
+import lorm_testing
 import numpy as np
 import pytest
 import torch
+from lorm_testing import changed_reply, ray_tmpdir, with_nan
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr", reason="the Flower tests need `pip install 'flwr[simulation]==1.41.*'` (docs/flower.md)")
@@ -46,10 +46,9 @@ RAY_EXIT_SECONDS = 30
 NODES = [30, 10, 20]  # node ids of the in-process grid, not in client order: client k has the k-th smallest
 
 
-def tiny_config(**overrides) -> RunConfig:
+def quick_config(**overrides) -> RunConfig:
     """3 clients × 2 tasks × 1 round of 1 epoch on the embedded MNIST, random backbone."""
-    fields = {"pretrained": False, "n_tasks": 2, "num_clients": 3, "num_comm_rounds": 1}
-    return RunConfig(**(fields | {"num_epochs": 1, "batch_size": 64, "lr": 1e-2} | overrides))
+    return lorm_testing.tiny_config(**({"num_epochs": 1, "batch_size": 64} | overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +68,11 @@ def _ray_processes() -> set[int]:
 
 @pytest.fixture
 def ray_dir(monkeypatch):
-    """A private RAY_TMPDIR (short: Ray's socket paths must stay under 108 bytes); after the test, every Ray
-    process started during it must be gone within RAY_EXIT_SECONDS."""
+    """A private RAY_TMPDIR (lorm_testing.ray_tmpdir); after the test, every Ray process started during it must
+    be gone within RAY_EXIT_SECONDS."""
     before = _ray_processes()
-    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp", ignore_cleanup_errors=True) as path:
-        monkeypatch.setenv("RAY_TMPDIR", path)
-        yield Path(path)
+    with ray_tmpdir(monkeypatch) as path:
+        yield path
         deadline = time.monotonic() + RAY_EXIT_SECONDS
         while (left := _ray_processes() - before) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -82,7 +80,7 @@ def ray_dir(monkeypatch):
 
 
 def test_simulation_reproduces_the_in_process_driver(tmp_path, ray_dir):
-    config = tiny_config()
+    config = quick_config()
     torch.set_num_threads(config.num_threads)  # as the CLI does; the driver's floats depend on it
     run(config, run_state(config)[0], str(tmp_path))
     expected = load_file(str(tmp_path / "adapters.safetensors"))
@@ -104,11 +102,11 @@ def test_simulation_reproduces_the_in_process_driver(tmp_path, ray_dir):
 
 def test_every_client_message_travels_exactly_and_passes_the_reply_check():
     for config, phases in [
-        (tiny_config(r=2), ["B", "A", "task end"]),
-        (tiny_config(r=2, prereduce=True), ["B"]),
-        (tiny_config(r=2, alpha_regmean_backbone=0.5), ["A"]),  # full backbone Grams
+        (quick_config(r=2), ["B", "A", "task end"]),
+        (quick_config(r=2, prereduce=True), ["B"]),
+        (quick_config(r=2, alpha_regmean_backbone=0.5), ["A"]),  # full backbone Grams
     ]:
-        data, _ = run_state(tiny_config())  # the data of every configuration here (one load of MNIST)
+        data, _ = run_state(quick_config())  # the data of every configuration here (one load of MNIST)
         model = build_model(config, data.dataset.num_classes, None)
         server = LoRM(config, model.layer_shapes, model.head_parameters())
         server.start_task(0)
@@ -171,38 +169,32 @@ def _start_first_task(config: RunConfig, tamper):
     return strategy.start(InProcessGrid(tamper), head, timeout=5)
 
 
-def _changed(reply: Message, record: str, key: str, change) -> Message:
-    """The reply with one tensor changed (``change(tensor)``) or removed (``change`` None)."""
-    tensors = dict(reply.content[record].to_torch_state_dict())
-    if change is None:
-        del tensors[key]
-    else:
-        tensors[key] = change(tensors[key])
-    reply.content[record] = ArrayRecord(tensors)
-    return reply
+def _tampering(changes: dict):
+    """A tamper for InProcessGrid: the reply of each (server round, client) in ``changes`` goes through the change
+    its entry starts with; the other replies pass as they are."""
 
+    def tamper(server_round, client, message, reply):
+        change = changes.get((server_round, client))
+        return reply if change is None else change[0](reply)
 
-def _with_nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[3] = float("nan")
-    return t
+    return tamper
 
 
 MALFORMED = {  # (server round, client): the change, and the problem the log names
-    (1, 0): (lambda r: _changed(r, "grams", "gram/blocks.1.mlp.fc1", None), "missing ['gram/blocks.1.mlp.fc1']"),
+    (1, 0): (lambda r: changed_reply(r, "grams", "gram/blocks.1.mlp.fc1", None), "missing ['gram/blocks.1.mlp.fc1']"),
     (1, 2): (
-        lambda r: _changed(r, "arrays", "B/blocks.0.attn.qkv", lambda t: t.T.contiguous()),
+        lambda r: changed_reply(r, "arrays", "B/blocks.0.attn.qkv", lambda t: t.T.contiguous()),
         "layer 'blocks.0.attn.qkv': B has shape (4, 192), expected (192, 4)",
     ),
     (2, 1): (
-        lambda r: _changed(r, "grams", "gram/blocks.2.mlp.fc2", _with_nan),
+        lambda r: changed_reply(r, "grams", "gram/blocks.2.mlp.fc2", lambda t: with_nan(t, 3)),
         "layer 'blocks.2.mlp.fc2': gram contains NaN or Inf (1 entries)",
     ),
 }
 
 
 def test_malformed_replies_are_dropped_and_the_rounds_merge_the_others(caplog, monkeypatch):
-    config = tiny_config()
+    config = quick_config()
     received = []  # sample counts of the messages the server merges, in order
     merge = LoRM.receive
 
@@ -212,15 +204,11 @@ def test_malformed_replies_are_dropped_and_the_rounds_merge_the_others(caplog, m
 
     monkeypatch.setattr(LoRM, "receive", receive)
 
-    def malformed(server_round, client, message, reply):
-        change = MALFORMED.get((server_round, client))
-        return reply if change is None else change[0](reply)
-
     def absent(server_round, client, message, reply):
         return None if (server_round, client) in MALFORMED else reply
 
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        dropped = _start_first_task(config, malformed)
+        dropped = _start_first_task(config, _tampering(MALFORMED))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dropped" in r.getMessage()]
     nodes = sorted(NODES)
     where = {1: "task 0 round 0", 2: "task 0 end (Grams)"}
@@ -241,13 +229,13 @@ def test_malformed_replies_are_dropped_and_the_rounds_merge_the_others(caplog, m
 
 def test_a_round_without_usable_replies_fails_naming_every_problem(caplog):
     problems = {
-        0: (lambda m, r: _changed(r, "grams", "gram/head", None), "missing ['gram/head']"),
+        0: (lambda m, r: changed_reply(r, "grams", "gram/head", None), "missing ['gram/head']"),
         1: (
             lambda m, r: Message(Error(code=1, reason="out of memory"), reply_to=m),
             "the client failed: out of memory",
         ),
         2: (
-            lambda m, r: _changed(r, "grams", "gram/blocks.3.attn.proj", lambda t: t[:-1]),
+            lambda m, r: changed_reply(r, "grams", "gram/blocks.3.attn.proj", lambda t: t[:-1]),
             "layer 'blocks.3.attn.proj': gram is for 63 features, expected 64",
         ),
     }
@@ -257,7 +245,7 @@ def test_a_round_without_usable_replies_fails_naming_every_problem(caplog):
 
     details = "; ".join(f"client {c}: {p}" for c, (_, p) in problems.items())
     with pytest.raises(NoUsableReplyError) as failure, caplog.at_level(logging.WARNING, logger="flwr"):
-        _start_first_task(tiny_config(), malformed)
+        _start_first_task(quick_config(), malformed)
     assert str(failure.value) == f"task 0 round 0: no usable reply from the 3 clients ({details})"
     assert sum("dropped the reply" in r.getMessage() for r in caplog.records) == 3
 
@@ -328,7 +316,7 @@ MALFORMED_KINDS = {
     ),
     "integer Gram": (
         2,
-        lambda r: _changed(r, "grams", f"gram/{QKV}", lambda t: t.to(torch.int64)),
+        lambda r: changed_reply(r, "grams", f"gram/{QKV}", lambda t: t.to(torch.int64)),
         f"layer '{QKV}': gram must be floating point, got torch.int64",
     ),
     "byte order": (
@@ -363,12 +351,8 @@ def test_every_kind_of_malformed_reply_is_dropped_with_a_log_line(caplog, kinds)
         client = 2 * sum(r == server_round for r, _ in slots)
         slots[(server_round, client)] = (change, problem)
 
-    def malformed(server_round, client, message, reply):
-        change = slots.get((server_round, client))
-        return reply if change is None else change[0](reply)
-
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        result = _start_first_task(tiny_config(), malformed)
+        result = _start_first_task(quick_config(), _tampering(slots))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     nodes = sorted(NODES)
     where = {1: "task 0 round 0", 2: "task 0 end (Grams)"}
@@ -388,7 +372,7 @@ def test_a_reply_from_a_node_that_was_not_asked_is_ignored(caplog):
         return reply
 
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        result = _start_first_task(tiny_config(), impostor)
+        result = _start_first_task(quick_config(), impostor)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert lines == [
         "task 0 round 0: ignored a reply from node 99, which was not asked",
@@ -401,9 +385,9 @@ def test_the_strategy_refuses_other_strategies_and_a_wrong_number_of_nodes():
     from lorm_ext.fcil.config import ConfigError
 
     with pytest.raises(ConfigError, match="LoRMStrategy runs strategy 'lorm', got a configuration of 'fedit'"):
-        LoRMStrategy(tiny_config(strategy="fedit"), {}, [(0, 5)])
+        LoRMStrategy(quick_config(strategy="fedit"), {}, [(0, 5)])
     with pytest.raises(ConfigError, match="num_clients 4 .* but 3 nodes are connected after waiting up to 0.2 s"):
-        strategy = LoRMStrategy(tiny_config(num_clients=4), {"layer": (8, 8)}, [(0, 5)])
+        strategy = LoRMStrategy(quick_config(num_clients=4), {"layer": (8, 8)}, [(0, 5)])
         head = ArrayRecord({"head/weight": torch.zeros(5, 8), "head/bias": torch.zeros(5)})
         strategy.start(InProcessGrid(None), head, timeout=0.2)
 
@@ -420,8 +404,8 @@ def test_check_message_names_the_layer_and_the_problem_of_each_bad_value():
     }
     check_message(good, expected)
     bad = {
-        "layer 'l': B contains NaN or Inf (1 entries)": {"B/l": _with_nan(good["B/l"])},
-        "layer 'head': head/weight contains NaN or Inf (1 entries)": {"head/weight": _with_nan(good["head/weight"])},
+        "layer 'l': B contains NaN or Inf (1 entries)": {"B/l": with_nan(good["B/l"], 3)},
+        "layer 'head': head/weight contains NaN or Inf (1 entries)": {"head/weight": with_nan(good["head/weight"], 3)},
         "layer 'l': gram is not symmetric": {"P/l": torch.tensor([[1.0, 0.5], [0.0, 1.0]])},
         "layer 'l': gram has a negative diagonal entry": {"P/l": -torch.eye(2)},
         "layer 'l': B has shape (2, 3), expected (3, 2)": {"B/l": torch.randn(2, 3)},

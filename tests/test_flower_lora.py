@@ -9,14 +9,14 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported: test runs report nothing
 
 import logging
-import tempfile
 
 import pytest
 import torch
+from lorm_testing import changed_reply, ray_tmpdir, with_nan
 
 pytest.importorskip("flwr", reason="the Flower tests need `pip install 'flwr[simulation]==1.41.*'` (docs/flower.md)")
 pytest.importorskip("peft", reason="the quickstart app adapts its model with PEFT")
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_ext import reference
@@ -126,26 +126,16 @@ def test_lora_reply_and_read_adapter_fold_the_scaling_into_b():
         lora_reply({"m": (b, a)}, {"n": gram}, 7)
 
 
-def _with(reply: Message, record: str, key: str, change) -> Message:
-    tensors = dict(reply.content[record].to_torch_state_dict())
-    if change is None:
-        del tensors[key]
-    else:
-        tensors[key] = change(tensors[key])
-    reply.content[record] = ArrayRecord(tensors)
-    return reply
-
-
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[0] = float("nan")
-    return t
-
-
 BAD = {  # (round, node): the change, and the problem the log names
-    (1, 10): (lambda r: _with(r, "grams", "gram/fc2", None), "missing ['gram/fc2']"),
-    (1, 30): (lambda r: _with(r, "arrays", "A/fc1", lambda t: t[:-1]), "layer 'fc1': B has rank 4 but A has rank 3"),
-    (2, 20): (lambda r: _with(r, "grams", "gram/fc1", _nan), "layer 'fc1': gram contains NaN or Inf (1 entries)"),
+    (1, 10): (lambda r: changed_reply(r, "grams", "gram/fc2", None), "missing ['gram/fc2']"),
+    (1, 30): (
+        lambda r: changed_reply(r, "arrays", "A/fc1", lambda t: t[:-1]),
+        "layer 'fc1': B has rank 4 but A has rank 3",
+    ),
+    (2, 20): (
+        lambda r: changed_reply(r, "grams", "gram/fc1", lambda t: with_nan(t, 0)),
+        "layer 'fc1': gram contains NaN or Inf (1 entries)",
+    ),
 }
 
 
@@ -181,7 +171,7 @@ def test_a_round_without_usable_replies_fails_and_a_stranger_is_ignored(caplog):
     ]
     assert result.train_metrics_clientapp[1]["nodes"] == 2
     with pytest.raises(NoUsableReplyError, match=r"round 1: no usable reply from the 3 nodes \(node 10: missing"):
-        _run(InProcessGrid(lambda server_round, node, reply: _with(reply, "grams", "gram/fc1", None)), rounds=1)
+        _run(InProcessGrid(lambda server_round, node, reply: changed_reply(reply, "grams", "gram/fc1", None)), rounds=1)
 
 
 @pytest.mark.parametrize(
@@ -214,8 +204,7 @@ def test_the_quickstart_in_flowers_simulation_engine_merges_as_message_by_messag
     grid, up to the order in which the nodes' sums are added (Flower numbers the nodes at random)."""
     from lorm_ext.flower.server_app import run_simulation_here
 
-    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp", ignore_cleanup_errors=True) as path:
-        monkeypatch.setenv("RAY_TMPDIR", path)  # short: Ray's socket paths must stay under 108 bytes
+    with ray_tmpdir(monkeypatch):
         run_simulation_here(quickstart.server_app, quickstart.client_app, quickstart.NUM_NODES)
     simulated = quickstart.results[-1]
     strategy = LoRAMergeStrategy(quickstart.MODULES, quickstart.RANK, min_nodes=quickstart.NUM_NODES)

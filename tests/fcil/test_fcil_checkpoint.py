@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from lorm_testing import needs_mlxtend
+from lorm_testing import RunsCode, needs_mlxtend, with_nan
 
 from lorm_ext.fcil import cli, driver
 from lorm_ext.fcil.config import ConfigError
@@ -61,14 +61,6 @@ def _tampered(change):
     return tamper
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _set(mapping_path: list, value):
     def change(state):
         node = state
@@ -79,12 +71,6 @@ def _set(mapping_path: list, value):
     return change
 
 
-def _nan(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    t.view(-1)[2] = float("nan")
-    return t
-
-
 CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
     "truncated": (lambda blob, path: blob[: len(blob) // 2], "not a readable checkpoint (RuntimeError"),
     "empty": (lambda blob, path: b"", "not a readable checkpoint ("),
@@ -93,7 +79,7 @@ CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
         "not a readable checkpoint (UnpicklingError",
     ),
     "code in a pickle": (
-        lambda blob, path: pickle.dumps({"next_unit": _RunsCode(path.parent / "ran")}),
+        lambda blob, path: pickle.dumps({"next_unit": RunsCode(os.system, f"touch {path.parent / 'ran'}")}),
         "not a readable checkpoint (UnpicklingError: Weights only load failed",
     ),
     "next_unit a string": (_tampered(_set(["next_unit"], "3")), "next_unit '3' is not in [1, 4]"),
@@ -115,7 +101,7 @@ CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
         "server state: current 'head/weight' must be torch.float32 (4, 64), got torch.float32 (3, 64)",
     ),
     "factor NaN": (
-        _tampered(_set(["server", "current", f"A/{QKV}"], _nan)),
+        _tampered(_set(["server", "current", f"A/{QKV}"], lambda t: with_nan(t, 2))),
         f"server state: layer 'A/{QKV}': current tensor contains NaN or Inf (1 entries)",
     ),
     "factor float64": (
@@ -132,7 +118,7 @@ CORRUPT = {  # kind: (bytes of the checkpoint -> bytes, what the message says)
         f"(1 finished); layer '{QKV}' does not fit",
     ),
     "cross-task sum NaN": (
-        _tampered(_set(["server", "across_tasks", "sums", f"{QKV}.denominator"], _nan)),
+        _tampered(_set(["server", "across_tasks", "sums", f"{QKV}.denominator"], lambda t: with_nan(t, 2))),
         f"server state: across_tasks: load_state_dict: layer '{QKV}': denominator contains NaN or Inf",
     ),
     "cross-task client count": (

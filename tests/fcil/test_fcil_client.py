@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lorm_testing import seeded_model
 from safetensors.torch import load_file
 
 from lorm_ext.fcil import model as model_module
@@ -31,8 +32,8 @@ from lorm_ext.fcil.strategies import SERVERS
 
 
 def test_lora_injection_leaves_outputs_unchanged_while_b_is_zero(tiny_config):
-    torch.manual_seed(0)  # build_model seeds the same way: identical backbone and head
-    plain = timm.create_model(EMBEDDED_ARCH, pretrained=False, num_classes=4, **EMBEDDED_KWARGS).eval()
+    # build_model seeds the same way: identical backbone and head
+    plain = seeded_model(lambda: timm.create_model(EMBEDDED_ARCH, pretrained=False, num_classes=4, **EMBEDDED_KWARGS))
     model = build_model(tiny_config(r=3, seed=0), 4, None)
     model.vit.eval()
     assert set(model.layers) == {

@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from lorm_testing import RunsCode
 
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, split_to_json, to_channels
@@ -120,16 +121,6 @@ def test_cifar100_archive_and_folder(tmp_path, tiny_config):
     assert np.array_equal(extracted.train.labels, data.train.labels)
 
 
-class _RunsCode:
-    """Unpickling it calls ``call(*args)``: what a crafted archive would do."""
-
-    def __init__(self, call, *args):
-        self.call, self.args = call, args
-
-    def __reduce__(self):
-        return self.call, self.args
-
-
 def test_cifar100_archive_is_unpickled_without_running_code(tmp_path, tiny_config):
     spec = InputSpec(3, 24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     marker = tmp_path / "ran"
@@ -139,14 +130,14 @@ def test_cifar100_archive_is_unpickled_without_running_code(tmp_path, tiny_confi
         (exec, (f"open({str(marker)!r}, 'w')",), "builtins.exec"),
     ]:
         archive = str(tmp_path / f"evil-{name}.tar.gz")
-        batch = {**_cifar100_batch(3), b"batch_label": _RunsCode(call, *args)}
+        batch = {**_cifar100_batch(3), b"batch_label": RunsCode(call, *args)}
         _archive(archive, {"train": pickle.dumps(batch), "test": test_blob})
         with pytest.raises(ConfigError, match=re.escape(f"{archive}:cifar-100-python/train: refused to load {name}")):
             load_dataset(tiny_config(dataset="cifar100", data_path=archive), spec)
         assert not marker.exists()
     folder = tmp_path / "extracted" / "cifar-100-python"
     folder.mkdir(parents=True)
-    (folder / "train").write_bytes(pickle.dumps(_RunsCode(os.system, f"touch {marker}")))
+    (folder / "train").write_bytes(pickle.dumps(RunsCode(os.system, f"touch {marker}")))
     with pytest.raises(ConfigError, match=re.escape(f"{folder / 'train'}: refused to load")):
         load_dataset(tiny_config(dataset="cifar100", data_path=str(folder.parent)), spec)
     assert not marker.exists()
