@@ -183,8 +183,8 @@ bool have_lapack() {
 // CPU: per entry, LAPACK on one copy of G. A row-major symmetric G is its own column-major layout, and a
 // row-major rhs (m, n) is rhsᵀ column-major: potrs solves G Xᵀ = rhsᵀ in place, which is X G = rhs. A batch of
 // at least as many entries as threads is solved an entry per thread (LAPACK single-threaded inside, which for
-// the widths of a model's layers is faster than one multithreaded factorisation after another); a smaller one
-// entry by entry with LAPACK's own threads. At one thread both are the same calls.
+// the widths of a model's layers is faster than one multithreaded factorisation after another), in whole rounds;
+// the rest entry by entry with LAPACK's own threads. At one thread both are the same calls.
 at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tensor& usable) {
   at::Tensor out = b.clone(at::MemoryFormat::Contiguous);
   const int64_t entries = g.size(0), threads = at::get_num_threads();
@@ -203,12 +203,13 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tens
         TORCH_INTERNAL_ASSERT(info == 0, kOp, ": potrs failed with info ", info);
       }
     };
-    if (per_thread) {
-      pull_tasks(entries, entries * n * n * n / 3, [&](int64_t i) { solve_entry(i, factors[at::get_thread_num()]); });
-    } else {
-      for (const auto i : c10::irange(entries)) {
-        solve_entry(i, factors[0]);
-      }
+    // Whole rounds of one entry per thread; the entries left over, fewer than the threads, one by one on
+    // LAPACK's own threads.
+    const int64_t per_thread_entries = per_thread ? entries - entries % threads : 0;
+    pull_tasks(per_thread_entries, per_thread_entries * n * n * n / 3,
+               [&](int64_t i) { solve_entry(i, factors[at::get_thread_num()]); });
+    for (int64_t i = per_thread_entries; i < entries; ++i) {
+      solve_entry(i, factors[0]);
     }
   });
   return out;

@@ -501,15 +501,27 @@ def merge_lora_adapters(
                     writer.write(saved_key(module, parameter), tensor)
                 if keep_factors:
                     result.saved.setdefault(module, {})[parameter] = tensor.to("cpu")
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorm-merge") as pool:
-            futures = [pool.submit(merge_group, group, writer) for group in groups]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        # The workers share the intra-op threads: each of them would otherwise start a team of all of them
+        # inside every op (OpenMP and MKL count threads per calling thread), oversubscribing the cores.
+        threads = torch.get_num_threads()
+        worker_threads = max(1, threads // min(workers, len(groups) or 1))
+
+        def in_worker(group: _Group) -> None:
+            torch.set_num_threads(worker_threads)
+            merge_group(group, writer)
+
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorm-merge") as pool:
+                futures = [pool.submit(in_worker, group) for group in groups]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            torch.set_num_threads(threads)  # the process-wide default that new threads start from
 
     try:
         if output is None:
