@@ -17,10 +17,12 @@ import shutil
 import sys
 import types
 import typing
+from pathlib import Path
 
 import torch
 
 from .._install import MissingExtra, needs_extra
+from ..files import atomic_write
 from ..progress import configure_cli_logging
 from .config import STRATEGIES, STRATEGY_FIELDS, ConfigError, RunConfig
 from .environment import pin_cpu_kernels, reexec_with_cpu_environment
@@ -238,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 data[config.seed] = prepare(config)
                 split_path = os.path.join(output_dir, "splits", f"seed{config.seed}.json")
                 os.makedirs(os.path.dirname(split_path), exist_ok=True)
-                with open(f"{split_path}.tmp{os.getpid()}", "wb") as file:  # atomic: runs may share the folder
-                    file.write(split_bytes(data[config.seed]))
-                os.replace(file.name, split_path)
+                payload = split_bytes(data[config.seed])
+                atomic_write(split_path, lambda tmp: Path(tmp).write_bytes(payload))  # runs may share the folder
     except ConfigError as error:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2
