@@ -102,37 +102,25 @@ at::Tensor eigh_pinv_solve(const at::Tensor& rhs, const at::Tensor& gram, double
   return at::matmul(at::matmul(rhs, eigenvectors) * inverse.unsqueeze(-2), eigenvectors.mT());
 }
 
-// The CPU loop of diagonal_pinv_solve: the same operations per entry (|g| against rcond · max |g|, NaN
-// propagating, then rhs · (1 / g)), so the same bits, in one pass instead of eight ATen ops.
+// One entry of diagonal_pinv_solve on the CPU: the same operations (|g| against rcond · max |g|, NaN propagating,
+// then rhs · (1 / g)), so the same bits, in one pass instead of eight ATen ops. `inverse`: n values of scratch.
 template <typename scalar_t>
-void diagonal_pinv_solve_cpu(const scalar_t* rhs, const scalar_t* gram, scalar_t* out, int64_t batch, int64_t m,
-                             int64_t n, double rcond) {
-  at::parallel_for(0, batch, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, m * n)),
-                   [&](int64_t b0, int64_t b1) {
-                     std::vector<scalar_t> inverse(n);
-                     for (int64_t b = b0; b < b1; ++b) {
-                       const scalar_t* g = gram + b * n;
-                       scalar_t largest = 0;
-                       for (int64_t j = 0; j < n; ++j) {
-                         const scalar_t magnitude = std::abs(g[j]);
-                         largest = std::isnan(magnitude) || magnitude > largest ? magnitude : largest;
-                         if (std::isnan(largest)) {
-                           break;
-                         }
-                       }
-                       const scalar_t threshold = static_cast<scalar_t>(rcond) * largest;
-                       for (int64_t j = 0; j < n; ++j) {
-                         inverse[j] = std::abs(g[j]) > threshold ? scalar_t(1) / g[j] : scalar_t(0);
-                       }
-                       for (int64_t i = 0; i < m; ++i) {
-                         const scalar_t* r = rhs + (b * m + i) * n;
-                         scalar_t* o = out + (b * m + i) * n;
-                         for (int64_t j = 0; j < n; ++j) {
-                           o[j] = r[j] * inverse[j];
-                         }
-                       }
-                     }
-                   });
+void diagonal_pinv_entry(const scalar_t* rhs, const scalar_t* g, scalar_t* out, int64_t m, int64_t n, double rcond,
+                         scalar_t* inverse) {
+  scalar_t largest = 0;
+  for (int64_t j = 0; j < n && !std::isnan(largest); ++j) {
+    const scalar_t magnitude = std::abs(g[j]);
+    largest = std::isnan(magnitude) || magnitude > largest ? magnitude : largest;
+  }
+  const scalar_t threshold = static_cast<scalar_t>(rcond) * largest;
+  for (int64_t j = 0; j < n; ++j) {
+    inverse[j] = std::abs(g[j]) > threshold ? scalar_t(1) / g[j] : scalar_t(0);
+  }
+  for (int64_t i = 0; i < m * n; i += n) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[i + j] = rhs[i + j] * inverse[j];
+    }
+  }
 }
 
 at::Tensor diagonal_pinv_solve(const at::Tensor& rhs, const at::Tensor& gram, double rcond) {
@@ -141,8 +129,16 @@ at::Tensor diagonal_pinv_solve(const at::Tensor& rhs, const at::Tensor& gram, do
     at::Tensor out = at::empty_like(r);
     const int64_t n = g.size(-1), m = r.size(-2);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "psd_right_solve_diagonal", [&] {
-      diagonal_pinv_solve_cpu<scalar_t>(r.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                                        out.mutable_data_ptr<scalar_t>(), g.numel() / n, m, n, rcond);
+      const scalar_t* rhs_data = r.const_data_ptr<scalar_t>();
+      const scalar_t* gram_data = g.const_data_ptr<scalar_t>();
+      scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, g.numel() / n, std::max<int64_t>(1, kMinParallelWork / (m * n)), [&](int64_t b0, int64_t b1) {
+        std::vector<scalar_t> inverse(n);
+        for (int64_t b = b0; b < b1; ++b) {
+          diagonal_pinv_entry(rhs_data + b * m * n, gram_data + b * n, out_data + b * m * n, m, n, rcond,
+                              inverse.data());
+        }
+      });
     });
     return out;
   }
@@ -188,8 +184,10 @@ bool have_lapack() {
 at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tensor& usable) {
   at::Tensor out = b.clone(at::MemoryFormat::Contiguous);
   const int64_t entries = g.size(0), threads = at::get_num_threads();
-  const bool per_thread = threads > 1 && entries >= threads;
-  at::Tensor factors = at::empty({per_thread ? threads : 1, g.size(1), g.size(2)}, g.options());
+  // Whole rounds of one entry per thread; the entries left over, fewer than the threads, one by one on LAPACK's
+  // own threads.
+  const int64_t per_thread_entries = threads > 1 ? entries - entries % threads : 0;
+  at::Tensor factors = at::empty({per_thread_entries > 0 ? threads : 1, g.size(1), g.size(2)}, g.options());
   const int n = static_cast<int>(g.size(-1)), m = static_cast<int>(b.size(-2));
   bool* ok = usable.mutable_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "psd_right_solve_lapack", [&] {
@@ -203,9 +201,6 @@ at::Tensor cholesky_solve_cpu(const at::Tensor& b, const at::Tensor& g, at::Tens
         TORCH_INTERNAL_ASSERT(info == 0, kOp, ": potrs failed with info ", info);
       }
     };
-    // Whole rounds of one entry per thread; the entries left over, fewer than the threads, one by one on
-    // LAPACK's own threads.
-    const int64_t per_thread_entries = per_thread ? entries - entries % threads : 0;
     pull_tasks(per_thread_entries, per_thread_entries * n * n * n / 3,
                [&](int64_t i) { solve_entry(i, factors[at::get_thread_num()]); });
     for (int64_t i = per_thread_entries; i < entries; ++i) {
