@@ -338,16 +338,25 @@ def max_rel_diff(a: dict, b: dict) -> float:
 TOKENS = 3152  # 16 images × 197 tokens of ViT-B/16
 
 
-# The ceiling each row's fraction is of.
-FRACTION_CEILINGS = {
-    "fused_fraction_of_fp32_matmul_rate": "matmul_float32_GFLOPs",
-    "fused_fraction_of_copy_bandwidth": "copy_GBps",
-    "fused_fraction_of_read_bandwidth": "read_GBps",
-    "fused_fraction_of_fp64_matmul_rate": "matmul_float64_GFLOPs",
+# Each fraction a row reports: (its fused rate, the ceiling it is a fraction of).
+FRACTIONS = {
+    "fused_fraction_of_fp32_matmul_rate": ("fused_GFLOPs", "matmul_float32_GFLOPs"),
+    "fused_fraction_of_copy_bandwidth": ("fused_GBps", "copy_GBps"),
+    "fused_fraction_of_read_bandwidth": ("fused_GBps", "read_GBps"),
+    "fused_fraction_of_fp64_matmul_rate": ("fused_GFLOPs", "matmul_float64_GFLOPs"),
 }
 
 
-def gram_rows(ceil, widths, repeats) -> list[dict]:
+def with_fractions(rows: list[dict], ceil: dict, fractions: list[str]) -> list[dict]:
+    """The rows with the named fractions of their fused rate added, against the ceilings ``ceil``."""
+    for row in rows:
+        for fraction in fractions:
+            rate, ceiling = FRACTIONS[fraction]
+            row[fraction] = row[rate] / ceil[ceiling]
+    return rows
+
+
+def gram_rows(widths, repeats) -> list[dict]:
     """Gram accumulation of ViT-B/16 layer inputs into an fp32 G: fused against plain torch, interleaved."""
     rows = []
     for width in widths:
@@ -374,10 +383,7 @@ def gram_rows(ceil, widths, repeats) -> list[dict]:
                     "fused_s": times["fused"],
                     "plain_s": times["plain"],
                     "speedup_vs_plain": times["plain"] / times["fused"],
-                    "fused_fraction_of_fp32_matmul_rate": triangle_flops
-                    / times["fused"]
-                    / 1e9
-                    / ceil["matmul_float32_GFLOPs"],
+                    "fused_GFLOPs": triangle_flops / times["fused"] / 1e9,
                     "fused_rel_err": (g.double() - truth).abs().max().item() / scale,
                     "plain_rel_err": (h.double() - truth).abs().max().item() / scale,
                 }
@@ -394,7 +400,7 @@ def block_grams(layers, dtype) -> list[torch.Tensor]:
     return out
 
 
-def stats_rows(ceil, layers, repeats) -> list[dict]:
+def stats_rows(layers, repeats) -> list[dict]:
     """Value checks of one client's fp32 Grams: gram_stats against the torch ops a user would check them with."""
     grams = block_grams(layers, torch.float32)
 
@@ -413,13 +419,11 @@ def stats_rows(ceil, layers, repeats) -> list[dict]:
             "plain_s": times["plain"],
             "speedup_vs_plain": times["plain"] / times["fused"],
             "fused_GBps": gb / times["fused"],
-            "fused_fraction_of_copy_bandwidth": gb / times["fused"] / ceil["copy_GBps"],
-            "fused_fraction_of_read_bandwidth": gb / times["fused"] / ceil["read_GBps"],
         }
     ]
 
 
-def solve_rows(ceil, layers, r, repeats) -> list[dict]:
+def solve_rows(layers, r, repeats) -> list[dict]:
     """The A-step's final solve (r rows per layer) on fp64 sums: psd_right_solve against torch's Cholesky."""
     rows = []
     for width in sorted({w for _, _, w in layers}):
@@ -438,7 +442,7 @@ def solve_rows(ceil, layers, r, repeats) -> list[dict]:
                 "fused_s": times["fused"],
                 "plain_s": times["plain"],
                 "speedup_vs_plain": times["plain"] / times["fused"],
-                "fused_fraction_of_fp64_matmul_rate": flops / times["fused"] / 1e9 / ceil["matmul_float64_GFLOPs"],
+                "fused_GFLOPs": flops / times["fused"] / 1e9,
                 "max_rel_diff": ((ops.psd_right_solve(rhs, grams) - plain()).abs().max() / plain().abs().max()).item(),
             }
         )
@@ -575,20 +579,20 @@ def main(argv=None) -> None:
     ceils, grams, stats, solves = {}, [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        # Ceilings before and after this thread count's rows (the rows' fractions use both), so that a slow
+        # Ceilings before and after this thread count's rows, the better of the two for each, so that a slow
         # moment at the start does not make the fused ops look closer to the machine's limits than they are.
         first = ceilings()
         block = (
-            gram_rows(first, args.gram_widths, max(args.repeats, 5)),
-            stats_rows(first, layers[:4], max(args.repeats, 5)),
-            solve_rows(first, layers[:4], max(args.ranks), max(args.repeats, 3)),
+            gram_rows(args.gram_widths, max(args.repeats, 5)),
+            stats_rows(layers[:4], max(args.repeats, 5)),
+            solve_rows(layers[:4], max(args.ranks), max(args.repeats, 3)),
         )
         ceil = ceils[threads] = ceilings(first)
-        for row in (row for rows in block for row in rows):  # each fraction against the better measurement
-            for fraction, ceiling in FRACTION_CEILINGS.items():
-                if fraction in row:
-                    row[fraction] *= first[ceiling] / ceil[ceiling]
-        grams, stats, solves = grams + block[0], stats + block[1], solves + block[2]
+        grams += with_fractions(block[0], ceil, ["fused_fraction_of_fp32_matmul_rate"])
+        stats += with_fractions(
+            block[1], ceil, ["fused_fraction_of_copy_bandwidth", "fused_fraction_of_read_bandwidth"]
+        )
+        solves += with_fractions(block[2], ceil, ["fused_fraction_of_fp64_matmul_rate"])
         print(f"\n## {threads} thread(s): " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items()))
     print(
         "\n"
