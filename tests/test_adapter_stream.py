@@ -669,3 +669,12 @@ def test_bench_adapters_smoke(tmp_path):
         assert row["objective"]["lorm_exact"] <= row["objective"]["peft_svd"] * (1 + 1e-9), row
     for row in result["exact_solver"]:
         assert row["max_rel_diff"] < 1e-8, row
+
+
+@pytest.mark.parametrize("flag", ["--blocks", "--full-blocks"])
+def test_bench_adapters_refuses_a_negative_block_count(tmp_path, flag):
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_adapters.py"), flag, "-1", "--out", str(tmp_path / "b.json")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--blocks and --full-blocks must be >= 0" in done.stderr
+    assert not (tmp_path / "b.json").exists()
