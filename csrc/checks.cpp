@@ -1,6 +1,8 @@
 #include "checks.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -110,6 +112,81 @@ double symmetry_tolerance(at::ScalarType dtype) {
     tolerance = std::sqrt(static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
   });
   return tolerance;
+}
+
+bool exceeds_symmetry_tolerance(double asymmetry, double max_diagonal, at::ScalarType dtype) {
+  return asymmetry > symmetry_tolerance(dtype) * max_diagonal;
+}
+
+ValueCheck check_value_stats(const double* stats, at::ScalarType dtype, bool is_gram) {
+  const double asymmetry = stats[0], min_diagonal = stats[1], max_diagonal = stats[2], non_finite = stats[3];
+  if (non_finite != 0) {
+    return {ValueProblem::kNonFinite, non_finite};
+  }
+  if (is_gram && min_diagonal < 0) {
+    return {ValueProblem::kNegativeDiagonal, min_diagonal};
+  }
+  if (is_gram && exceeds_symmetry_tolerance(asymmetry, max_diagonal, dtype)) {
+    return {ValueProblem::kAsymmetric, asymmetry};
+  }
+  return {ValueProblem::kNone, 0};
+}
+
+const char* value_problem_name(ValueProblem problem) {
+  switch (problem) {
+    case ValueProblem::kNone: return "none";
+    case ValueProblem::kNonFinite: return "non_finite";
+    case ValueProblem::kNegativeDiagonal: return "negative_diagonal";
+    case ValueProblem::kAsymmetric: return "asymmetric";
+  }
+  return "unknown";
+}
+
+std::optional<EntryProblem> first_value_problem(at::TensorList grams, at::TensorList matrices) {
+  // (entry index, tensor as gram_stats reads it) of the non-empty entries, grouped by device in first-seen order
+  std::vector<std::pair<c10::Device, std::vector<std::pair<size_t, at::Tensor>>>> groups;
+  const auto add = [&](size_t entry, const at::Tensor& t) {
+    if (t.numel() == 0) {
+      return;
+    }
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == t.device(); });
+    if (group == groups.end()) {
+      groups.emplace_back(t.device(), std::vector<std::pair<size_t, at::Tensor>>{});
+      group = groups.end() - 1;
+    }
+    group->second.emplace_back(entry, t);
+  };
+  for (size_t i = 0; i < grams.size(); ++i) {
+    add(i, grams[i]);
+  }
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    add(grams.size() + i, matrices[i].reshape({-1}));  // a "diagonal" to gram_stats: its non-finite count is used
+  }
+  static const auto gram_stats =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lorm_ext::gram_stats", "").typed<at::Tensor(at::TensorList)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the op has no autograd formula and needs none here
+  std::optional<EntryProblem> first;
+  for (const auto& [device, entries] : groups) {
+    std::vector<at::Tensor> tensors;
+    tensors.reserve(entries.size());
+    for (const auto& entry : entries) {
+      tensors.push_back(entry.second);
+    }
+    const at::Tensor stats = gram_stats.call(tensors).cpu();
+    const double* row = stats.const_data_ptr<double>();
+    for (size_t j = 0; j < entries.size(); ++j) {
+      const auto [entry, t] = entries[j];
+      if (first.has_value() && first->entry < entry) {
+        break;
+      }
+      const ValueCheck check = check_value_stats(row + 4 * j, t.scalar_type(), entry < grams.size());
+      if (check.problem != ValueProblem::kNone) {
+        first = EntryProblem{entry, check};
+        break;
+      }
+    }
+  }
+  return first;
 }
 
 bool is_diagonal_gram(const at::Tensor& gram) {

@@ -28,6 +28,18 @@ PYBIND11_MODULE(_C, m) {
       "Whether the CUDA implementations were compiled into this build.");
   m.def("symmetry_tolerance", &lorm_ext::symmetry_tolerance,
         "The largest max |G - G^T| accepted for a Gram of this dtype, relative to its largest diagonal entry.");
+  m.def(
+      "first_value_problem",
+      [](const std::vector<at::Tensor>& grams, const std::vector<at::Tensor>& matrices) -> pybind11::object {
+        const auto found = lorm_ext::first_value_problem(grams, matrices);
+        if (!found.has_value()) {
+          return pybind11::none();
+        }
+        return pybind11::make_tuple(found->entry, lorm_ext::value_problem_name(found->check.problem),
+                                    found->check.value);
+      },
+      "(index, problem, value) of the first of grams + matrices whose values fail the checks (problem: "
+      "'non_finite', 'negative_diagonal' or 'asymmetric'), or None.");
 #ifdef LORM_EXT_WITH_CUDA
   // An invalid choice is a ValueError with c10's message alone (its what() carries a C++ backtrace).
   m.def(

@@ -87,7 +87,7 @@ void check_symmetric(const at::Tensor& grams) {
   for (const auto i : c10::irange(stats.size(0))) {
     const double asymmetry = s[i][0], max_diagonal = s[i][2];
     TORCH_CHECK(s[i][3] == 0, kOp, ": gram ", i, " contains NaN or Inf");
-    TORCH_CHECK(asymmetry <= tolerance * max_diagonal, kOp, ": gram ", i,
+    TORCH_CHECK(!exceeds_symmetry_tolerance(asymmetry, max_diagonal, grams.scalar_type()), kOp, ": gram ", i,
                 " is not symmetric (max |G - Gᵀ| = ", asymmetry, " > ", tolerance, " · max diag); a Gram XᵀX is");
   }
 }

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .files import atomic_write, default_mode, fsync_folder
 from .gram import GramCollector
-from .validation import LayerError, check_gram, symmetry_tolerance
+from .validation import LayerError, check_gram, check_values, symmetry_tolerance
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -632,10 +632,10 @@ class GramFile:
         """A diagonal Gram, checked: finite and non-negative."""
         with _open_safetensors(self.path) as handle:
             g = _read_tensor(handle, self.path, key, modules[0])
-        if not bool(torch.isfinite(g).all()):
-            raise self._problem(key, modules, f"gram contains NaN or Inf ({int((~torch.isfinite(g)).sum())} entries)")
-        if bool((g < 0).any()):
-            raise self._problem(key, modules, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
+        try:
+            check_values({modules[0]: g}, [])
+        except LayerError as err:
+            raise self._problem(key, modules, err.problem) from None
         return g
 
     def panels(self, key: str, modules: Sequence[str]) -> Iterable[GramPanel]:
@@ -649,8 +649,8 @@ class GramFile:
         step = max(1, min(width, _PANEL_ENTRIES // max(width, 1)))
         if layout == "full":
             gram = _read_tensor(handle, self.path, key, modules[0])
-            try:  # gram_stats reads float32 and float64
-                check_gram(modules[0], gram if gram.dtype in (torch.float32, torch.float64) else gram.float(), width)
+            try:
+                check_gram(modules[0], gram, width)
             except LayerError as err:
                 raise self._problem(key, modules, err.problem) from None
             for start in range(0, width, step):

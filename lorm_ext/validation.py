@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import _C, ops
+from . import _C
 
 OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the native ops' floating inputs
 
@@ -86,24 +86,27 @@ def check_gram(
         check_values({layer: gram}, [])
 
 
+# What each value problem of _C.first_value_problem (the rule, csrc/checks.h) says, given the tensor's name and
+# the problem's value.
+_VALUE_PROBLEMS = {
+    "non_finite": lambda what, value: f"{what} contains NaN or Inf ({int(value)} entries)",
+    "negative_diagonal": lambda what, value: "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX",
+    "asymmetric": lambda what, value: f"gram is not symmetric (max |G - Gᵀ| = {value:.3g})",
+}
+
+
 def check_values(grams: Mapping[str, Tensor], matrices: Iterable[tuple[str, str, Tensor]]) -> None:
     """The values of tensors whose structure was checked: every Gram finite, symmetric (to
     ``symmetry_tolerance``) with a non-negative diagonal; every (layer, what, tensor) of ``matrices`` finite.
-    One ``gram_stats`` call per device reads them all (a matrix goes in flattened, as a "diagonal": only its
-    count of non-finite entries is used); the first problem found is raised."""
-    entries = [(layer, "gram", g, True) for layer, g in grams.items() if g.numel() > 0]
-    entries += [(layer, what, t.reshape(-1), False) for layer, what, t in matrices if t.numel() > 0]
-    by_device: dict[torch.device, list] = {}
-    for entry in entries:
-        by_device.setdefault(entry[2].device, []).append(entry)
-    for group in by_device.values():
-        for (layer, what, t, is_gram), stats in zip(group, ops.gram_stats([e[2] for e in group]).tolist()):
-            asymmetry, min_diagonal, max_diagonal, nonfinite = stats
-            if nonfinite:
-                raise LayerError(layer, f"{what} contains NaN or Inf ({int(nonfinite)} entries)")
-            if not is_gram:
-                continue
-            if min_diagonal < 0:
-                raise LayerError(layer, "gram has a negative diagonal entry, so it is not a Gram matrix XᵀX")
-            if asymmetry > symmetry_tolerance(t.dtype) * max_diagonal:
-                raise LayerError(layer, f"gram is not symmetric (max |G - Gᵀ| = {asymmetry:.3g})")
+    One native call checks them all (``_C.first_value_problem``, one ``gram_stats`` read per device); the first
+    problem found is raised as a LayerError."""
+    matrices = list(matrices)
+    found = _C.first_value_problem(list(grams.values()), [t for _, _, t in matrices])
+    if found is None:
+        return
+    index, problem, value = found
+    if index < len(grams):
+        layer, what = list(grams)[index], "gram"
+    else:
+        layer, what, _ = matrices[index - len(grams)]
+    raise LayerError(layer, _VALUE_PROBLEMS[problem](what, value))

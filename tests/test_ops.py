@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorm_testing import REL_TOL, assert_rel_close, random_gram
+from lorm_testing import REL_TOL, assert_rel_close, random_gram, with_nan
 
-from lorm_ext import ops
+from lorm_ext import LayerError, ops
 from lorm_ext import reference as ref
+from lorm_ext.validation import check_values, symmetry_tolerance
 
 INPUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 GRAM_DTYPES = [torch.float32, torch.float64]
@@ -203,6 +204,27 @@ def test_gram_stats_matches_reference(device, dtype, n):
     stats, stats_of_diagonal = ops.gram_stats([broken, torch.diagonal(broken).contiguous()]).tolist()
     assert stats == pytest.approx(gram_stats_truth(broken), rel=1e-6)  # |a − b| is taken in float for 32-bit Grams
     assert stats_of_diagonal == pytest.approx(gram_stats_truth(torch.diagonal(broken)), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_check_values_raises_the_first_problem_in_argument_order(device, dtype):
+    """Grams, then matrices, in the order given; empty tensors and tensors that need grad are read as any other;
+    a Gram's symmetry is judged with the tolerance of its own dtype."""
+    gram = random_gram(12, 15, device=device).to(dtype)
+    factor = torch.randn(3, 12, device=device, dtype=dtype, requires_grad=True)
+    empty = torch.empty(0, 12, device=device, dtype=dtype)
+    check_values({"a": gram, "b": gram}, [("a", "factor", factor), ("b", "factor", empty)])
+    negative = gram.clone()
+    negative[2, 2] = -1
+    with pytest.raises(LayerError, match=r"layer 'b': gram has a negative diagonal entry"):
+        check_values({"a": gram, "b": negative, "c": with_nan(gram, 5)}, [("a", "factor", with_nan(factor, 0))])
+    with pytest.raises(LayerError, match=r"layer 'c': factor contains NaN or Inf \(2 entries\)"):
+        check_values({"a": gram}, [("b", "factor", factor), ("c", "factor", with_nan(with_nan(factor, 1), 7))])
+    skewed = gram.clone()
+    tolerance = symmetry_tolerance(dtype) * gram.diagonal().max().item()
+    skewed[0, 1] += 4 * tolerance  # beyond the dtype's tolerance (and representable: a 16-bit step is below it)
+    with pytest.raises(LayerError, match=r"layer 'a': gram is not symmetric \(max \|G - Gᵀ\| = "):
+        check_values({"a": skewed}, [])
 
 
 def test_entries_sharing_an_accumulator_add_up_in_order(device):
