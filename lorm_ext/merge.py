@@ -179,6 +179,17 @@ def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
     return list(tensors)
 
 
+def _layer_keys(tensors: tuple) -> tuple | None:
+    """The layer names in order of each of a client's dicts (None for one not sent); None when something is not a
+    dict (the checks then say what is wrong)."""
+    keys = []
+    for mapping in tensors:
+        if mapping is not None and not isinstance(mapping, dict) and not isinstance(mapping, Mapping):
+            return None  # (the ABC check only for other mappings: it costs as much as the rest)
+        keys.append(None if mapping is None else tuple(mapping))
+    return tuple(keys)
+
+
 def _structure(tensors: tuple) -> tuple | None:
     """What a client's structure checks look at, for each of its dicts (None for one not sent): layer names in
     order, and per tensor its type, dtype, shape and device. None when something is not a dict of tensors (the
@@ -209,21 +220,40 @@ class StreamingMerger:
         self._sums = _SolveSums(dtype, rcond)
         self._device, self.validate = device, validate
         self.num_clients = 0
-        self._passed: dict[str, tuple[tuple, list[str]]] = {}  # see _checked_structure
+        self._passed: dict[str, tuple[tuple, list[str]]] = {}  # see _add_checked
 
-    def _checked_structure(self, kind: str, tensors: tuple, check) -> list[str]:
-        """The layer names of a client of this kind after ``check()``, its structure checks (names, dtypes,
-        shapes). A client whose tensors have exactly the structure of the last one that passed them (layer
-        names in order, types, dtypes, shapes, devices) skips them: that costs a few microseconds where the
-        checks cost a Python call per tensor, as much as a small layer's merge."""
-        structure = _structure(tensors)
+    def _add_checked(self, kind: str, tensors: tuple, check, add) -> None:
+        """Folds in a client of this kind: ``check()``, the structure checks (layer names, dtypes, shapes), returns
+        its layer names, then ``add(names, checked=True)`` checks its values (unless validate=False) and adds it.
+
+        A client that has the layer names, in order, of the last one of its kind that passed ``check()`` goes
+        straight to ``add(names, checked=False)``: the fused ops check every shape, dtype and device themselves
+        before they write, and only when one refuses does ``check()`` run, to name the layer and the problem (or
+        to pass, when the tensors only had to be moved to the sums' device). The Python checks cost a call per
+        tensor, more than a small layer's merge. Kinds whose ``add`` is not a fused op are in
+        ``_SAME_STRUCTURE_KINDS``: for those the tensors' types, dtypes, shapes and devices must match too."""
+        key = _structure(tensors) if kind in self._SAME_STRUCTURE_KINDS else _layer_keys(tensors)
         passed = self._passed.get(kind)
-        if structure is not None and passed is not None and passed[0] == structure:
-            return list(passed[1])
+        if key is not None and passed is not None and passed[0] == key:
+            try:
+                add(passed[1], checked=False)
+                return
+            except (RuntimeError, TypeError, AttributeError):
+                pass  # a structure problem the op found: check() names it
         names = check()
-        if structure is not None:
-            self._passed[kind] = (structure, list(names))
-        return names
+        add(names, checked=True)
+        if key is not None:
+            self._passed[kind] = (key, list(names))
+
+    def _inputs(self, tensors: Mapping[str, Tensor], names: list[str], checked: bool) -> list[Tensor]:
+        """One tensor per layer in the order of names, for a fused op: moved to the sums' device when the Python
+        checks ran, as sent otherwise (the op refuses one on another device; see _add_checked)."""
+        if checked:
+            device = self._sums.device
+            return [tensors[n].to(device) for n in names]
+        return [tensors[n] for n in names]
+
+    _SAME_STRUCTURE_KINDS: frozenset[str] = frozenset()
 
     @property
     def layers(self) -> list[str]:
@@ -294,11 +324,6 @@ class StreamingMerger:
         self.num_clients = state["num_clients"]
         self._passed = {}  # sums loaded into a merger without clients may have other shapes
 
-    def _check_values(self, grams: Mapping[str, Tensor], matrices: list[tuple[str, str, Tensor]]) -> None:
-        """A client's values (after its structure passed), unless the merger was made with validate=False."""
-        if self.validate:
-            check_values(grams, matrices)
-
 
 class RegMeanMerger(StreamingMerger):
     """Streams clients into Σ_k G_k and Σ_k [L_k] F_k G_k per layer; ``merge()`` = (Σ [L_k] F_k G_k)(Σ G_k)⁺.
@@ -316,16 +341,6 @@ class RegMeanMerger(StreamingMerger):
     # How messages name add_client's factors and lefts: (the dict, one layer's tensor). A subclass or a wrapper
     # whose users pass them under other names (AStepMerger's factors_b) names them so.
     _argument_names = {"factors": ("factors", "factor"), "lefts": ("lefts", "left")}
-
-    def _check_client(self, factors, grams, lefts) -> list[str]:
-        factor, left = self._argument_names["factors"][1], self._argument_names["lefts"][1]
-        names = self._checked_structure(
-            "client", (factors, grams, lefts), lambda: self._check_client_structure(factors, grams, lefts)
-        )
-        matrices = [(n, factor, factors[n]) for n in names]
-        matrices += [(n, left, lefts[n]) for n in names] if lefts is not None else []
-        self._check_values({n: grams[n] for n in names}, matrices)
-        return names
 
     def _check_client_structure(self, factors, grams, lefts) -> list[str]:
         (factors_arg, factor), (lefts_arg, left) = self._argument_names["factors"], self._argument_names["lefts"]
@@ -357,20 +372,31 @@ class RegMeanMerger(StreamingMerger):
         grams: Mapping[str, Tensor],
         lefts: Mapping[str, Tensor] | None = None,
     ) -> None:
-        names = self._check_client(factors, grams, lefts)
+        self._add_checked(
+            "client",
+            (factors, grams, lefts),
+            lambda: self._check_client_structure(factors, grams, lefts),
+            lambda names, checked: self._add_client(names, factors, grams, lefts, checked),
+        )
+
+    def _add_client(self, names: list[str], factors, grams, lefts, checked: bool) -> None:
+        if self.validate:
+            factor, left = self._argument_names["factors"][1], self._argument_names["lefts"][1]
+            matrices = [(n, factor, factors[n]) for n in names]
+            matrices += [(n, left, lefts[n]) for n in names] if lefts is not None else []
+            check_values({n: grams[n] for n in names}, matrices)
         if not self._sums.allocated:
             rows = {n: (lefts[n] if lefts is not None else factors[n]).shape[0] for n in names}
             shapes = {n: ((rows[n], grams[n].shape[0]), tuple(grams[n].shape)) for n in names}
             self._sums.allocate(shapes, _first_device(grams, self._device))
             self._uses_lefts = lefts is not None
-        device = self._sums.device
         numerators, denominators = self._sums.views(names)
         ops.gram_weighted_accumulate_(
             denominators,
             numerators,
-            [grams[n].to(device) for n in names],
-            [factors[n].to(device) for n in names],
-            [lefts[n].to(device) for n in names] if lefts is not None else None,
+            self._inputs(grams, names, checked),
+            self._inputs(factors, names, checked),
+            self._inputs(lefts, names, checked) if lefts is not None else None,
         )
         self.num_clients += 1
 
@@ -554,18 +580,20 @@ class BStepMerger(StreamingMerger):
                 check_gram(name, grams[name], a.shape[1], values=False)
             return self._check_structure(factors_b, "factor")
 
-        names = self._checked_structure("client", (factors_b, grams), check)
-        self._check_values(grams, [(n, "factor", factors_b[n]) for n in names])
-        numerators, denominators = self._views_after_checks(factors_b, names)
-        device = self._sums.device
-        ops.projected_accumulate_(
-            denominators,
-            numerators,
-            [grams[n].to(device) for n in names],
-            self._shared_a_like_sums(),
-            [factors_b[n].to(device) for n in names],
-        )
-        self.num_clients += 1
+        def add(names: list[str], checked: bool) -> None:
+            if self.validate:
+                check_values(grams, [(n, "factor", factors_b[n]) for n in names])
+            numerators, denominators = self._views_after_checks(factors_b, names)
+            ops.projected_accumulate_(
+                denominators,
+                numerators,
+                self._inputs(grams, names, checked),
+                self._shared_a_like_sums(),
+                self._inputs(factors_b, names, checked),
+            )
+            self.num_clients += 1
+
+        self._add_checked("client", (factors_b, grams), check, add)
 
     def add_projections(self, weighted: Mapping[str, Tensor], projections: Mapping[str, Tensor]) -> None:
         """Add a pre-reduced client: B_k P_k (out × r) and P_k (r × r) per layer."""
@@ -576,13 +604,18 @@ class BStepMerger(StreamingMerger):
                 check_gram(name, projections[name], a.shape[0], diagonal=False, values=False)
             return self._check_structure(weighted, "weighted projection")
 
-        names = self._checked_structure("projections", (weighted, projections), check)
-        self._check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
-        numerators, denominators = self._views_after_checks(weighted, names)
-        device = self._sums.device
-        torch._foreach_add_(denominators, [projections[n].to(device, self._sums.dtype) for n in names])
-        torch._foreach_add_(numerators, [weighted[n].to(device, self._sums.dtype) for n in names])
-        self.num_clients += 1
+        def add(names: list[str], checked: bool) -> None:  # (converted to the sums' device and dtype either way)
+            if self.validate:
+                check_values(projections, [(n, "weighted projection", weighted[n]) for n in names])
+            numerators, denominators = self._views_after_checks(weighted, names)
+            device, dtype = self._sums.device, self._sums.dtype
+            torch._foreach_add_(denominators, [projections[n].to(device, dtype) for n in names])
+            torch._foreach_add_(numerators, [weighted[n].to(device, dtype) for n in names])
+            self.num_clients += 1
+
+        self._add_checked("projections", (weighted, projections), check, add)
+
+    _SAME_STRUCTURE_KINDS = frozenset({"projections"})  # torch's foreach add broadcasts and converts any dtype
 
 
 def _times_gram(m: Tensor, gram: Tensor) -> Tensor:

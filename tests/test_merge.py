@@ -353,6 +353,30 @@ class TestBadInputs:
         )
         self.expect(merger, LayerError, "factor must be a torch.Tensor", {**c["A"], name: [[1.0]]}, c["G"])
 
+    def test_later_clients_leave_the_structure_checks_to_the_op_until_it_refuses_one(self, device, monkeypatch):
+        # a client with the layer names, in order, of the last one that passed goes straight to the fused op; one
+        # it refuses, and one with its layers in another order, get the Python checks (which name the problem)
+        clients = make_clients(4, 4, device=device)
+        merger, checked = AStepMerger(), []
+        check = merger._check_client_structure
+        monkeypatch.setattr(merger, "_check_client_structure", lambda *args: checked.append(1) or check(*args))
+        merger.add_client(clients[0]["A"], clients[0]["G"])
+        merger.add_client(clients[1]["A"], clients[1]["G"])
+        assert len(checked) == 1
+        name = "blocks.0.attn.qkv"
+        bad = {**clients[2]["A"], name: torch.randn(4, 17, device=device)}
+        self.expect(
+            merger, LayerError, rf"layer '{name}': factor has shape \(4, 17\), expected \(4, 16\)", bad, clients[2]["G"]
+        )
+        assert len(checked) == 2
+        merger.add_client(dict(reversed(clients[2]["A"].items())), clients[2]["G"])
+        merger.add_client(clients[3]["A"], dict(reversed(clients[3]["G"].items())))
+        assert len(checked) == 4
+        merged = merger.merge()
+        for name in LAYERS:
+            expected = ref.a_step_ref(column(clients, "A", name), column(clients, "G", name))
+            assert_rel_close(merged[name], expected, 1e-8)
+
     def test_structure_checks_follow_a_loaded_state(self, device):
         # a client rejected for its values leaves its (valid) structure remembered and no sums; a state of other
         # shapes loaded then must be what the next client of that structure is checked against
