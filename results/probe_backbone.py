@@ -1,6 +1,6 @@
 """How useful is the embedded backbone for the embedded MNIST split, and how much room does adaptation have?
 
-Joint (not incremental) training on all 10 classes of the 4000 training digits, tested on the 1000 test
+Joint (not incremental) training on all 10 classes of the 4000 training digits, tested on the 10 000 test
 digits: the pretrained digits-vit's own digits head (zero-shot), a linear probe (head only, 3 epochs) and
 full fine-tuning (3 epochs), against the same architecture with random weights. Run from the repository
 root: python results/probe_backbone.py

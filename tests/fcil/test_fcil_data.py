@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -14,9 +15,42 @@ import pytest
 import torch
 from lorm_testing import RunsCode
 
+from lorm_ext.fcil import data
 from lorm_ext.fcil.config import ConfigError
 from lorm_ext.fcil.data import InputSpec, load_dataset, split_task, split_tasks, split_to_json, to_channels
 from lorm_ext.fcil.protocol import participants
+
+
+def test_the_packaged_mnist_is_the_recorded_sample(mnist):
+    """The embedded default ships with the package: the arrays the results were made with (content hash), 400 ± 50
+    training images per class and the official test set's class counts, found by the package-data glob."""
+    with np.load(data.EMBEDDED_MNIST, allow_pickle=False) as file:
+        arrays = {name: file[name] for name in file.files}
+    assert sorted(arrays) == sorted(data.MNIST_ARRAYS)
+    assert data.mnist_content_sha256(arrays) == data.MNIST_CONTENT_SHA256
+    assert arrays["train_images"].shape == (4000, 28, 28) and arrays["test_images"].shape == (10000, 28, 28)
+    assert all(a.dtype == np.uint8 for a in arrays.values())
+    assert np.all(np.abs(np.bincount(arrays["train_labels"]) - 400) <= 50)
+    official_test_counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(arrays["test_labels"]).tolist() == official_test_counts
+    assert len(mnist.train) == 4000 and len(mnist.test) == 10000 and mnist.num_classes == 10
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "pyproject.toml"), "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["lorm_ext.fcil"]
+    relative = os.path.relpath(data.EMBEDDED_MNIST, os.path.dirname(data.__file__))
+    assert any(fnmatch.fnmatch(relative, g) for g in globs)
+
+
+def test_a_missing_packaged_mnist_is_a_clear_error(monkeypatch, tiny_config):
+    monkeypatch.setattr(data, "EMBEDDED_MNIST", "/no/such/mnist.npz")
+    data._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(
+            ConfigError, match="the embedded MNIST '/no/such/mnist.npz' is missing from the installation"
+        ):
+            load_dataset(tiny_config(), InputSpec(1, 8, (0.5,), (0.5,)))
+    finally:
+        data._mnist_arrays.cache_clear()
 
 
 def test_split_uses_every_sample_once_and_gives_each_client_six(mnist, tiny_config):
@@ -279,7 +313,7 @@ def _spoil(data: dict, how: str) -> dict | str:
         ("tasks", r"tasks: expected a list of 2 tasks \(--n_tasks\)"),
         ("classes", r"task 1 classes: expected \[5, 6, 7, 8, 9\]"),
         ("clients", r"task 1 train: expected one index list per client \(4, --num_clients\)"),
-        ("range", r"task 1 test client 2: index out of range \[0, 1000\)"),
+        ("range", r"task 1 test client 2: index out of range \[0, 10000\)"),
         ("foreign class", "task 1 train client 0: holds samples of classes outside the task"),
         ("twice", "task 1 train: a sample is listed twice"),
         ("empty", r"task 1 train: clients \[3\] have no training samples"),

