@@ -179,6 +179,10 @@ def _layer_names(what: str, tensors: Mapping[str, Tensor]) -> list[str]:
     return list(tensors)
 
 
+# How the native ops' argument checks (csrc/checks.cpp) begin their messages; they run before any write.
+_NATIVE_CHECK_PREFIX = "lorm_ext::"
+
+
 def _layer_keys(tensors: tuple) -> tuple | None:
     """The layer names in order of each of a client's dicts (None for one not sent); None when something is not a
     dict (the checks then say what is wrong)."""
@@ -238,8 +242,11 @@ class StreamingMerger:
             try:
                 add(passed[1], checked=False)
                 return
-            except (RuntimeError, TypeError, AttributeError):
-                pass  # a structure problem the op found: check() names it
+            except (TypeError, AttributeError):
+                pass  # not a tensor where one belongs: check() names it
+            except RuntimeError as error:
+                if not str(error).startswith(_NATIVE_CHECK_PREFIX):
+                    raise  # not an argument check (out of memory, say): the sums may have changed, say so as it is
         names = check()
         add(names, checked=True)
         if key is not None:

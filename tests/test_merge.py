@@ -8,7 +8,7 @@ import pytest
 import torch
 from lorm_testing import assert_rel_close, random_gram, with_nan
 
-from lorm_ext import AdapterMerger, AStepMerger, BStepMerger, LayerError, RegMeanMerger, project_client
+from lorm_ext import AdapterMerger, AStepMerger, BStepMerger, LayerError, RegMeanMerger, ops, project_client
 from lorm_ext import reference as ref
 
 # (out, in) of a few layers: a ViT-like mix where two layers share a shape (batched into one solve).
@@ -376,6 +376,23 @@ class TestBadInputs:
         for name in LAYERS:
             expected = ref.a_step_ref(column(clients, "A", name), column(clients, "G", name))
             assert_rel_close(merged[name], expected, 1e-8)
+
+    def test_an_op_failure_that_is_no_argument_check_is_raised_as_it_is(self, device, monkeypatch):
+        # only the native argument checks (which run before any write) send a client back to the Python checks
+        clients = make_clients(2, 4, device=device)
+        merger = AStepMerger()
+        merger.add_client(clients[0]["A"], clients[0]["G"])
+
+        calls = []
+
+        def out_of_memory(*args):
+            calls.append(1)
+            raise RuntimeError("CPU out of memory")
+
+        monkeypatch.setattr(ops, "gram_weighted_accumulate_", out_of_memory)
+        with pytest.raises(RuntimeError, match="^CPU out of memory$"):
+            merger.add_client(clients[1]["A"], clients[1]["G"])
+        assert len(calls) == 1  # not tried again after the checks: part of the sums may have been written
 
     def test_structure_checks_follow_a_loaded_state(self, device):
         # a client rejected for its values leaves its (valid) structure remembered and no sums; a state of other
