@@ -27,7 +27,7 @@ setup: $(VENV)/.built
 build: setup
 
 # The main job: the embedded FCIL comparison (docs/fcil.md) of lorm, fedit, ffa-lora, lora-fair and
-# centralized training on the MNIST digits shipped with the package; a few minutes on 2 cores.
+# centralized training on the MNIST digits shipped with the package; 10-15 min on 2 cores (one run at a time).
 run: setup
 	$(PY) -m lorm_ext.fcil.cli
 
