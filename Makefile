@@ -27,9 +27,9 @@ setup: $(VENV)/.built
 build: setup
 
 # The main job: the embedded FCIL comparison (docs/fcil.md) of lorm, fedit, ffa-lora, lora-fair and
-# centralized training on the MNIST digits shipped with the package; 10-15 min on 2 cores (one run at a time).
+# centralized training on the MNIST digits shipped with the package; two single-threaded runs at a time.
 run: setup
-	$(PY) -m lorm_ext.fcil.cli
+	$(PY) -m lorm_ext.fcil.cli --jobs 2
 
 # End-to-end merge demo on generated data: per layer, the objective of averaging and of LoRM.
 demo: setup

@@ -10,8 +10,10 @@ table), comparison.json, accuracy_after_task.png and accuracy_matrices.png (per 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", "--random_seed", default="0", help="a seed or a comma list (mean ± std over them)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<dataset>-<network>-beta<β>")
     parser.add_argument("--overwrite", type=str_to_bool, default=False, help="discard earlier runs in --output_dir")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (every run is single-threaded and deterministic, so the "
+        "results do not depend on it)",
+    )
     parser.add_argument(
         "--resume",
         type=str_to_bool,
@@ -203,6 +212,25 @@ def write_comparison(output_dir: str, results: dict[str, list[dict]]) -> str:
     return table
 
 
+def _start_worker(num_threads: int) -> None:
+    """A run process: the threads and CPU kernels of the parent (the environment variables are inherited)."""
+    configure_cli_logging()
+    torch.set_num_threads(num_threads)
+    pin_cpu_kernels()
+
+
+def _run_all(run, jobs: list[tuple], processes: int, num_threads: int) -> list[dict]:
+    """run(*job) for every job, in order; with processes > 1 that many at a time in fresh (spawned) processes."""
+    if processes == 1 or len(jobs) == 1:
+        return [run(*job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # forking a process with OpenMP threads is unsafe
+    with concurrent.futures.ProcessPoolExecutor(
+        min(processes, len(jobs)), mp_context=context, initializer=_start_worker, initargs=(num_threads,)
+    ) as pool:
+        futures = [pool.submit(run, *job) for job in jobs]
+        return [future.result() for future in futures]
+
+
 def main(argv: list[str] | None = None) -> int:
     """argv None: the command line (``lorm-fcil``), which restarts itself with the CPU settings of
     ``environment.CPU_ENVIRONMENT`` unless the process already has them (after parsing: ``--help`` and argument
@@ -218,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2
     try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
         configs = configurations(args)
         base = configs[0]
         output_dir = args.output_dir or os.path.join(
@@ -247,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[str, list[dict]] = {}
     try:
-        for config, run_dir in zip(configs, run_dirs):
-            results.setdefault(config.strategy, []).append(run(config, data[config.seed], run_dir, args.resume))
+        jobs = [(config, data[config.seed], run_dir, args.resume) for config, run_dir in zip(configs, run_dirs)]
+        for config, outcome in zip(configs, _run_all(run, jobs, args.jobs, base.num_threads)):
+            results.setdefault(config.strategy, []).append(outcome)
     except ConfigError as error:  # a run folder that cannot be resumed (its checkpoint, say)
         print(f"lorm-fcil: error: {error}", file=sys.stderr)
         return 2

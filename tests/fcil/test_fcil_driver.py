@@ -72,6 +72,21 @@ def _stable(results: dict) -> dict:
     }
 
 
+def test_runs_in_parallel_processes_give_the_same_results(tmp_path):
+    env = os.environ | {"PYTHONPATH": ROOT}
+    results = {}
+    for jobs in ("1", "2"):
+        flags = [*_cli(str(tmp_path / jobs)), "--strategies", "lorm,fedit", "--jobs", jobs]
+        done = subprocess.run(flags, check=False, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "| lorm | 1 |" in done.stdout and "| fedit | 1 |" in done.stdout
+        results[jobs] = {
+            s: _stable(json.loads((tmp_path / jobs / s / "seed0" / "results.json").read_text()))
+            for s in ("lorm", "fedit")
+        }
+    assert results["1"] == results["2"]  # environment included: one thread in every run
+
+
 def test_interrupted_run_resumes_to_identical_results(tmp_path):
     env = os.environ | {"PYTHONPATH": ROOT}
     reference = subprocess.Popen(
@@ -142,6 +157,7 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--distribution_alpha", "-0.5"], "Dirichlet β.* must be > 0"),
         (["--num_clients", "200"], "too few for 200 clients"),
         (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
+        (["--jobs", "0"], "--jobs must be at least 1, got 0"),
         (["--r", "65"], r"--r 65: layer 'blocks.0.attn.qkv': rank 65 exceeds the layer's size \(192 × 64\)"),
         (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
         (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
