@@ -175,7 +175,7 @@ std::optional<EntryProblem> first_value_problem(at::TensorList grams, at::Tensor
     const at::Tensor stats = gram_stats.call(tensors).cpu();
     const double* row = stats.const_data_ptr<double>();
     for (size_t j = 0; j < entries.size(); ++j) {
-      const auto [entry, t] = entries[j];
+      const auto& [entry, t] = entries[j];
       if (first.has_value() && first->entry < entry) {
         break;
       }
