@@ -66,6 +66,8 @@ HELP = {
     "lora_fair_lambda": "lora-fair: λ of the ΔB regulariser",
     "lora_fair_steps": "lora-fair: Adam steps of the server correction",
     "lora_fair_lr": "lora-fair: step size relative to the RMS of B̄",
+    "round_eval_samples": "test samples per seen task evaluated after each round, a fixed seeded sample (-1: all "
+    "of them, as the authors' code); task ends always evaluate all of them (the accuracy matrix)",
     "device": "cpu or cuda[:N]",
     "num_threads": "CPU threads for torch (one is fastest for the embedded model on a busy 2-core machine)",
 }

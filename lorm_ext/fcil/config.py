@@ -34,7 +34,7 @@ MIN_TRAIN_SAMPLES_PER_CLIENT = 6
 
 
 # derive_seed purpose tags
-SEED_SPLIT, SEED_PARTICIPATION, SEED_INIT, SEED_CLIENT = range(4)
+SEED_SPLIT, SEED_PARTICIPATION, SEED_INIT, SEED_CLIENT, SEED_ROUND_TESTS = range(5)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -86,6 +86,9 @@ class RunConfig:
     lora_fair_lambda: float = 0.01
     lora_fair_steps: int = 100
     lora_fair_lr: float = 0.01
+    # evaluation: task ends read every test sample (the accuracy matrix); a round, at most this many per seen
+    # task, a fixed seeded sample (-1: all, as the authors' code)
+    round_eval_samples: int = 200
     # execution
     device: str = "cpu"
     num_threads: int = 1
@@ -143,6 +146,10 @@ def validate(config: RunConfig) -> None:
     )
     for flag in ("num_comm_rounds", "num_epochs", "batch_size", "r", "regmean_rounds", "num_threads"):
         _require(getattr(c, flag) >= 1, f"--{flag} must be at least 1, got {getattr(c, flag)}")
+    _require(
+        c.round_eval_samples == -1 or c.round_eval_samples >= 1,
+        f"--round_eval_samples must be at least 1 (or -1: every test sample), got {c.round_eval_samples}",
+    )
     _require(c.lora_fair_steps >= 0, f"--lora_fair_steps must be >= 0, got {c.lora_fair_steps}")
     _require(c.n_tasks is None or c.n_tasks >= 1, f"--n_tasks must be at least 1, got {c.n_tasks}")
     _require(c.lr > 0, f"--lr must be > 0, got {c.lr}")

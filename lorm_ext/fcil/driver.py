@@ -1,8 +1,9 @@
 """The FCIL loop: tasks, rounds, clients simulated one after another in one process on one shared model.
 
 A run is a sequence of units: per task, ``num_comm_rounds`` rounds and one task end. After every unit the
-server's model is evaluated on the test data of all tasks seen so far (over all classes seen so far), a line
-goes to ``rounds.jsonl`` and the whole state is checkpointed atomically, so a run interrupted at any point
+server's model is evaluated on the test data of all tasks seen so far (over all classes seen so far: after a
+task end on all of it, after a round on a fixed sample, ``round_test_sets``), a line goes to ``rounds.jsonl``
+and the whole state is checkpointed atomically, so a run interrupted at any point
 resumes from its last completed unit with identical results. A finished run folder holds config.json,
 results.json, rounds.jsonl, accuracy_matrix.png and adapters.safetensors (every task's B and A, the head and
 the final dense update of each adapted layer).
@@ -28,7 +29,7 @@ from ..files import atomic_write as _write_atomic
 from ..progress import Progress
 from .client import client_step, tensor_bytes
 from .client import clock as client_clock
-from .config import ConfigError, RunConfig, validate
+from .config import SEED_ROUND_TESTS, ConfigError, RunConfig, derive_seed, validate
 from .data import Dataset, InputSpec, TaskSplit, batches, load_dataset, split_tasks, split_to_json
 from .environment import machine_record, provenance, provenance_changes
 from .metrics import accuracy_matrix, seen_accuracy, summarize
@@ -118,6 +119,17 @@ def finished_results(run_dir: str, resume: bool) -> tuple[dict, list[str]] | Non
 def task_test_sets(splits: list[TaskSplit]) -> list[np.ndarray]:
     """Per task, the indices of its test samples (all clients'), sorted."""
     return [np.sort(np.concatenate(split.test)) for split in splits]
+
+
+def round_test_sets(config: RunConfig, task_tests: list[np.ndarray]) -> list[np.ndarray]:
+    """Per task, the test samples evaluated after a round: at most ``config.round_eval_samples`` of
+    ``task_tests``, drawn once per task from the run seed (so the same for every strategy of a seed), sorted;
+    all of them at -1. The accuracy matrix reads only task ends, which evaluate every test sample."""
+    n = config.round_eval_samples
+    if n == -1:
+        return task_tests
+    rngs = [np.random.default_rng(derive_seed(config.seed, SEED_ROUND_TESTS, task)) for task in range(len(task_tests))]
+    return [t if len(t) <= n else np.sort(rng.choice(t, n, replace=False)) for t, rng in zip(task_tests, rngs)]
 
 
 def evaluate_seen(
@@ -275,6 +287,7 @@ def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) ->
     model = build_model(config, dataset.num_classes, data.weights)
     server = SERVERS[config.strategy](config, model.layer_shapes, model.head_parameters())
     task_tests = task_test_sets(splits)
+    round_tests = round_test_sets(config, task_tests)
     total = [len(t) for t in task_tests]
     checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     state = {"next_unit": 0, "records": [], "correct": []}
@@ -292,15 +305,18 @@ def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) ->
         started = clock()
         instruction, stats = _communicate(config, data, model, server, clock, task, round_)
         eval_start = clock()
-        hits, correct = evaluate_seen(model, server.model_tensors(), dataset, task_tests, task + 1)
+        unit_tests = task_tests if round_ is None else round_tests
+        evaluated = [len(t) for t in unit_tests[: task + 1]]
+        hits, correct = evaluate_seen(model, server.model_tensors(), dataset, unit_tests, task + 1)
         if round_ is None:
             state["correct"].append(correct + [0] * (dataset.n_tasks - task - 1))
         record = {
             "task": task,
             "round": "end" if round_ is None else round_,
             "trained": instruction.train if instruction is not None else "",
-            "accuracy": seen_accuracy(correct, total, task + 1),
-            "task_accuracies": [100.0 * c / n for c, n in zip(correct, total)],
+            "accuracy": seen_accuracy(correct, evaluated, task + 1),
+            "task_accuracies": [100.0 * c / n for c, n in zip(correct, evaluated)],
+            "test_samples": evaluated,
             **stats,
             "eval_s": clock() - eval_start,
             "seconds": clock() - started,

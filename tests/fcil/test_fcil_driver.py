@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 import lorm_ext
 from lorm_ext.fcil import cli
 from lorm_ext.fcil.config import STRATEGIES, ConfigError
-from lorm_ext.fcil.driver import run
+from lorm_ext.fcil.driver import round_test_sets, run, task_test_sets
 from lorm_ext.fcil.environment import CPU_ENVIRONMENT, NATIVE_KERNELS, code_record, missing_cpu_environment
 from lorm_ext.fcil.metrics import comparison_table, summarize, wins_table
 from lorm_ext.fcil.protocol import units
@@ -50,6 +51,44 @@ def test_tiny_run_learns_and_writes_its_folder(tmp_path, tiny_config, tiny_data,
     adapters = load_file(str(tmp_path / "adapters.safetensors"))
     assert {"head/weight", "task1/B/blocks.0.attn.qkv", "delta/blocks.3.mlp.fc2"} <= set(adapters)
     assert run(config, tiny_data(config), str(tmp_path)) == results  # a finished run is reused
+
+
+def test_round_sample_is_fixed_by_the_seed(tiny_config, tiny_data):
+    task_tests = task_test_sets(tiny_data(tiny_config()).splits)
+    sample = round_test_sets(tiny_config(round_eval_samples=7), task_tests)
+    for drawn, whole in zip(sample, task_tests):
+        assert len(drawn) == len(set(drawn)) == 7 and np.all(np.diff(drawn) > 0) and set(drawn) <= set(whole)
+    same_seed = round_test_sets(tiny_config(strategy="fedit", round_eval_samples=7), task_tests)
+    assert all(np.array_equal(a, b) for a, b in zip(sample, same_seed))
+    other_seed = round_test_sets(tiny_config(seed=1, round_eval_samples=7), task_tests)
+    assert not np.array_equal(sample[0], other_seed[0])
+    assert round_test_sets(tiny_config(round_eval_samples=-1), task_tests) is task_tests
+    larger = round_test_sets(tiny_config(round_eval_samples=10**6), task_tests)
+    assert [len(t) for t in larger] == [len(t) for t in task_tests]
+
+
+def _untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.endswith("_s") and k != "seconds"}
+
+
+def test_rounds_evaluate_the_sample_and_task_ends_every_test_sample(tmp_path, tiny_config, tiny_data):
+    task_tests = task_test_sets(tiny_data(tiny_config()).splits)
+    results, ends, adapters = {}, {}, {}
+    for n in (7, -1):
+        config = tiny_config(strategy="fedit", round_eval_samples=n)
+        results[n] = _stable(run(config, tiny_data(config), str(tmp_path / str(n))))
+        records = [json.loads(line) for line in (tmp_path / str(n) / "rounds.jsonl").read_text().splitlines()]
+        round_tests = round_test_sets(config, task_tests)
+        for record in records:
+            tests = task_tests if record["round"] == "end" else round_tests
+            assert record["test_samples"] == [len(t) for t in tests[: record["task"] + 1]]
+        assert any(record["test_samples"][0] == 7 for record in records) == (n == 7)
+        ends[n] = [_untimed(r) for r in records if r["round"] == "end"]
+        adapters[n] = load_file(str(tmp_path / str(n) / "adapters.safetensors"))
+    # the sample changes only what the round lines report: training, the task ends and the results are the same
+    assert ends[7] == ends[-1]
+    assert {k: v for k, v in results[7].items() if k != "config"} == {k: v for k, v in results[-1].items() if k != "config"}  # fmt: skip
+    assert all(adapters[7][k].equal(adapters[-1][k]) for k in adapters[-1]) and adapters[7].keys() == adapters[-1].keys()
 
 
 def test_run_folder_refuses_another_configuration(tmp_path, tiny_config, tiny_data):
@@ -158,6 +197,8 @@ def test_cpu_settings_keep_what_the_user_set(monkeypatch):
         (["--num_clients", "200"], "too few for 200 clients"),
         (["--strategies", "lorm,fedavg"], "unknown strategy 'fedavg'"),
         (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+        (["--round_eval_samples", "0"], r"--round_eval_samples must be at least 1 \(or -1: every test sample\), got 0"),
+        (["--round_eval_samples", "-2"], r"--round_eval_samples must be at least 1 \(or -1.*got -2"),
         (["--r", "65"], r"--r 65: layer 'blocks.0.attn.qkv': rank 65 exceeds the layer's size \(192 × 64\)"),
         (["--pretrained_path", "/no/such/weights.safetensors"], "no such weights file"),
         (["--network", "vit_nonexistent"], "neither 'digits-vit' nor a timm model"),
