@@ -665,13 +665,37 @@ class FactoredNumerator:
         return self.left @ self.right
 
 
+@dataclass
+class _HouseholderQR:
+    """M = Q R (M m × k, m ≥ k) kept as LAPACK's reflectors: Q is applied, never formed (half the work)."""
+
+    reflectors: Tensor
+    tau: Tensor
+
+    @property
+    def r(self) -> Tensor:
+        k = self.reflectors.shape[-1]
+        return self.reflectors[..., :k, :].triu()
+
+    def q_times(self, x: Tensor) -> Tensor:
+        """Q x for x k × c: the reflectors applied to x padded with zero rows to m × c."""
+        m, k = self.reflectors.shape[-2:]
+        padded = torch.cat([x, x.new_zeros(*x.shape[:-2], m - k, x.shape[-1])], dim=-2)
+        return torch.ormqr(self.reflectors, self.tau, padded)
+
+
+def _householder_qr(m: Tensor) -> _HouseholderQR:
+    return _HouseholderQR(*torch.geqrf(m))
+
+
 def _top_singular(
     numerator: Tensor | FactoredNumerator, rank: int, rank_bound: int | None, times_w=None, w_times=None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``rank`` singular triplets (U, S, Vh) of x = N W (batched m × n; W = I without ``times_w``).
 
-    ``times_w(M)`` = M W and ``w_times(Ω)`` = W Ω. A ``FactoredNumerator`` N = L R has x = Q (R_L R W) with
-    L = Q R_L (QR): the SVD of the R-wide (R_L R) W is that of x, exactly. With ``rank_bound`` ≥ rank(N) (an
+    ``times_w(M)`` = M W and ``w_times(Ω)`` = W Ω. A ``FactoredNumerator`` N = L R (L m × R, R R × n, R below
+    m and n) has x = Q_L (R_L R W) with L = Q_L R_L (QR): the SVD of the R-wide (R_L R) W is that of x,
+    exactly (``_top_singular_of_wide``). With ``rank_bound`` ≥ rank(N) (an
     adapter merge knows one: rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next to min(m, n), x = Q Qᵀ x for Q an
     orthonormal basis of N (W Ω), Ω Gaussian n × (bound + oversampling): the SVD of the small (Qᵀ N) W is then
     the SVD of x, exact up to rounding, at O(m n bound) instead of O(m n²) and without ever forming the m × n
@@ -681,9 +705,8 @@ def _top_singular(
     if isinstance(numerator, FactoredNumerator) and numerator.left.shape[-1] < rank:
         numerator = numerator.dense()  # fewer factor columns than singular triplets asked for
     if isinstance(numerator, FactoredNumerator):
-        Q, R_left = torch.linalg.qr(numerator.left)
-        U, S, Vh = torch.linalg.svd(times_w(R_left @ numerator.right), full_matrices=False)
-        return (Q @ U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
+        left = _householder_qr(numerator.left)
+        return _top_singular_of_wide(left.q_times, times_w(left.r @ numerator.right), rank)
     m, n = numerator.shape[-2:]
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
     if width is None or 2 * width >= min(m, n):
@@ -692,8 +715,16 @@ def _top_singular(
     generator = torch.Generator(device=numerator.device).manual_seed(0)  # reproducible merges
     omega = torch.randn(n, width, generator=generator, dtype=numerator.dtype, device=numerator.device)
     Q = torch.linalg.qr(numerator @ (w_times(omega) if w_times is not None else omega)).Q
-    U, S, Vh = torch.linalg.svd(times_w(Q.mT @ numerator), full_matrices=False)
-    return (Q @ U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
+    return _top_singular_of_wide(lambda u: Q @ u, times_w(Q.mT @ numerator), rank)
+
+
+def _top_singular_of_wide(q_times, core: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets of x = Q C, Q with orthonormal columns (``q_times(M)`` = Q M) and C
+    k × n with k ≤ n: C = R_Cᵀ Q_Cᵀ (the QR of Cᵀ), so the SVD of the k × k R_Cᵀ gives that of x, faster than
+    the SVD of the wide C itself."""
+    right = _householder_qr(core.mT)
+    U, S, Vh = torch.linalg.svd(right.r.mT)
+    return q_times(U[..., :rank]), S[..., :rank], right.q_times(Vh[..., :rank, :].mT).mT
 
 
 def _cholesky_factor(gram: Tensor) -> Tensor | None:

@@ -354,6 +354,17 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
         U, S, Vh = _top_singular(x, 4, 7)
         torch.testing.assert_close(S, full.S[:4], rtol=1e-12, atol=0)
         assert_rel_close((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
+    # a batch of factored numerators with a weight W on the right (the Cholesky path's L⁻ᵀ): orthonormal
+    # singular vectors of each x = L R W, the SVD of the dense product's
+    lefts, rights = torch.randn(2, 40, 7, dtype=torch.float64), torch.randn(2, 7, 50, dtype=torch.float64)
+    weight = torch.randn(50, 50, dtype=torch.float64)
+    U, S, Vh = _top_singular(FactoredNumerator(lefts, rights), 4, None, lambda m: m @ weight)
+    dense = torch.linalg.svd(lefts @ rights @ weight, full_matrices=False)
+    eye = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, dense.S[:, :4], rtol=1e-12, atol=0)
+    assert_rel_close((U * S.unsqueeze(-2)) @ Vh, (dense.U[..., :4] * dense.S[:, None, :4]) @ dense.Vh[:, :4], 1e-12)
 
 
 PEAK_SCRIPT = r"""
