@@ -228,7 +228,7 @@ class _GroupSums:
             bound = max(self.rank_sum[m] for m in modules)
             for method in methods:
                 if method == "exact":
-                    B, A = low_rank_exact(numerators, one_gram, rank, DEFAULT_RCOND, rank_bound=bound)
+                    B, A = _exact(numerators, one_gram, rank, bound)
                 elif method == "alternating":  # its steps read the dense N
                     grams = one_gram.expand(len(modules), *gram.shape).contiguous()
                     dense = numerators.dense() if isinstance(numerators, FactoredNumerator) else numerators
@@ -254,6 +254,15 @@ class _GroupSums:
                     B, A = adapter.factors(module, self.device)
                     objectives[name][module] = float(excess_objective(numerators[i], gram, B, A) + constants[i])
         return merged, objectives
+
+
+def _exact(numerators: Tensor | FactoredNumerator, gram: Tensor, rank: int, bound: int) -> tuple[Tensor, Tensor]:
+    """``low_rank_exact`` of a stack of modules; dense numerators one module at a time: their solve may be a
+    full SVD, whose workspace, several modules' at once, would be the merge's peak memory."""
+    if isinstance(numerators, FactoredNumerator) or len(numerators) == 1:
+        return low_rank_exact(numerators, gram, rank, DEFAULT_RCOND, rank_bound=bound)
+    parts = [low_rank_exact(numerator[None], gram, rank, DEFAULT_RCOND, rank_bound=bound) for numerator in numerators]
+    return torch.cat([B for B, _ in parts]), torch.cat([A for _, A in parts])
 
 
 def _mirror_upper_(gram: Tensor) -> None:

@@ -710,8 +710,12 @@ def _top_singular(
     m, n = numerator.shape[-2:]
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
     if width is None or 2 * width >= min(m, n):
-        U, S, Vh = torch.linalg.svd(times_w(numerator), full_matrices=False)
-        return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+        x = times_w(numerator)
+        if m > n:  # x = Q R: the square R's SVD gives x's (less workspace than LAPACK's SVD of x)
+            left = _householder_qr(x)
+            U, S, Vh = torch.linalg.svd(left.r)
+            return left.q_times(U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
+        return _top_singular_of_wide(lambda u: u, x, rank)
     generator = torch.Generator(device=numerator.device).manual_seed(0)  # reproducible merges
     omega = torch.randn(n, width, generator=generator, dtype=numerator.dtype, device=numerator.device)
     Q = torch.linalg.qr(numerator @ (w_times(omega) if w_times is not None else omega)).Q
@@ -721,7 +725,10 @@ def _top_singular(
 def _top_singular_of_wide(q_times, core: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``rank`` singular triplets of x = Q C, Q with orthonormal columns (``q_times(M)`` = Q M) and C
     k × n with k ≤ n: C = R_Cᵀ Q_Cᵀ (the QR of Cᵀ), so the SVD of the k × k R_Cᵀ gives that of x, faster than
-    the SVD of the wide C itself."""
+    the SVD of the wide C itself (a square C is decomposed as it is)."""
+    if core.shape[-2] == core.shape[-1]:
+        U, S, Vh = torch.linalg.svd(core)
+        return q_times(U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
     right = _householder_qr(core.mT)
     U, S, Vh = torch.linalg.svd(right.r.mT)
     return q_times(U[..., :rank]), S[..., :rank], right.q_times(Vh[..., :rank, :].mT).mT

@@ -354,6 +354,12 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
         U, S, Vh = _top_singular(x, 4, 7)
         torch.testing.assert_close(S, full.S[:4], rtol=1e-12, atol=0)
         assert_rel_close((U * S) @ Vh, (full.U[:, :4] * full.S[:4]) @ full.Vh[:4], 1e-12)
+    for shape in ((40, 30), (30, 40), (30, 30)):  # dense, no bound: tall (QR first), wide (QR of xᵀ), square
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        U, S, Vh = _top_singular(x, 4, None)
+        dense = torch.linalg.svd(x, full_matrices=False)
+        torch.testing.assert_close(S, dense.S[:, :4], rtol=1e-12, atol=0)
+        assert_rel_close((U * S.unsqueeze(-2)) @ Vh, (dense.U[..., :4] * dense.S[:, None, :4]) @ dense.Vh[:, :4], 1e-12)
     # a batch of factored numerators with a weight W on the right (the Cholesky path's L⁻ᵀ): orthonormal
     # singular vectors of each x = L R W, the SVD of the dense product's
     lefts, rights = torch.randn(2, 40, 7, dtype=torch.float64), torch.randn(2, 7, 50, dtype=torch.float64)
@@ -365,6 +371,16 @@ def test_exact_solver_cholesky_eigh_and_sketch_agree_with_reference():
     torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-12)
     torch.testing.assert_close(S, dense.S[:, :4], rtol=1e-12, atol=0)
     assert_rel_close((U * S.unsqueeze(-2)) @ Vh, (dense.U[..., :4] * dense.S[:, None, :4]) @ dense.Vh[:, :4], 1e-12)
+
+
+def test_stacked_dense_modules_are_solved_one_at_a_time_to_the_batched_result():
+    torch.manual_seed(3)
+    numerators = torch.randn(3, 20, 12, dtype=torch.float64)
+    gram = random_gram(12, 40).unsqueeze(0)
+    B, A = adapter_merge._exact(numerators, gram, 2, 24)
+    B_batched, A_batched = low_rank_exact(numerators, gram, 2, rank_bound=24)
+    assert B.shape == B_batched.shape and A.shape == A_batched.shape
+    assert_rel_close(B @ A, B_batched @ A_batched, 1e-12)
 
 
 PEAK_SCRIPT = r"""
