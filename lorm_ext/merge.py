@@ -699,7 +699,7 @@ def _top_singular(
     adapter merge knows one: rank(Σ_k B_k A_k G_k) ≤ Σ_k r_k) and small next to min(m, n), x = Q Qᵀ x for Q an
     orthonormal basis of N (W Ω), Ω Gaussian n × (bound + oversampling): the SVD of the small (Qᵀ N) W is then
     the SVD of x, exact up to rounding, at O(m n bound) instead of O(m n²) and without ever forming the m × n
-    product x.
+    product x. Otherwise x itself is decomposed, through the QR of its longer side.
     """
     times_w = times_w or (lambda m: m)
     if isinstance(numerator, FactoredNumerator) and numerator.left.shape[-1] < rank:
@@ -711,10 +711,9 @@ def _top_singular(
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
     if width is None or 2 * width >= min(m, n):
         x = times_w(numerator)
-        if m > n:  # x = Q R: the square R's SVD gives x's (less workspace than LAPACK's SVD of x)
-            left = _householder_qr(x)
-            U, S, Vh = torch.linalg.svd(left.r)
-            return left.q_times(U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
+        if m > n:  # the triplets of the wide xᵀ, transposed
+            V, S, Uh = _top_singular_of_wide(lambda u: u, x.mT, rank)
+            return Uh.mT, S, V.mT
         return _top_singular_of_wide(lambda u: u, x, rank)
     generator = torch.Generator(device=numerator.device).manual_seed(0)  # reproducible merges
     omega = torch.randn(n, width, generator=generator, dtype=numerator.dtype, device=numerator.device)
