@@ -210,6 +210,14 @@ print(json.dumps({"seconds": end - loaded, "load_seconds": loaded - start,
 """
 
 
+class ChildKilled(RuntimeError):
+    """A path's process was killed by a signal: on this machine, by the kernel when memory ran out."""
+
+    def __init__(self, path: str, signal_number: int):
+        super().__init__(f"{path} was killed by signal {signal_number}")
+        self.signal_number = signal_number
+
+
 def run_child(spec: dict, inputs) -> dict:
     drop_from_page_cache(inputs)
     run = subprocess.run(
@@ -218,6 +226,8 @@ def run_child(spec: dict, inputs) -> dict:
         text=True,
         cwd=Path(__file__).resolve().parents[1],
     )
+    if run.returncode < 0:
+        raise ChildKilled(spec["path"], -run.returncode)
     if run.returncode != 0:
         raise RuntimeError(f"{spec['path']} failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -397,16 +407,20 @@ def main(argv=None) -> None:
                 for combination in ("svd", "cat"):
                     folder = root / f"peft-{combination}-{n}"
                     shutil.rmtree(folder, ignore_errors=True)
-                    peft = run_child(
-                        {
-                            "path": f"peft_{combination}",
-                            "dirs": list(map(str, dirs)),
-                            "rank": args.rank,
-                            "out": str(folder),
-                            "layout": layout,
-                        },
-                        inputs,
-                    )
+                    try:
+                        peft = run_child(
+                            {
+                                "path": f"peft_{combination}",
+                                "dirs": list(map(str, dirs)),
+                                "rank": args.rank,
+                                "out": str(folder),
+                                "layout": layout,
+                            },
+                            inputs,
+                        )
+                    except ChildKilled as killed:  # a result about PEFT (its memory), not a failure of the bench
+                        row[f"peft_{combination}_killed_by_signal"] = killed.signal_number
+                        continue
                     row[f"peft_{combination}_s"] = peft["seconds"]
                     row[f"peft_{combination}_load_s"] = peft["load_seconds"]
                     row[f"peft_{combination}_peak_rss_mb"] = peft["peak_rss_mb"]
@@ -428,11 +442,12 @@ def main(argv=None) -> None:
                 f"{row['peak_anon_mb']:.0f}",
             ]
             for combination in ("svd", "cat"):
-                cells += (
-                    [f"{row[f'peft_{combination}_s']:.1f}", f"{row[f'peft_{combination}_peak_rss_mb']:.0f}"]
-                    if f"peft_{combination}_s" in row
-                    else ["–", "–"]
-                )
+                if f"peft_{combination}_s" in row:
+                    cells += [f"{row[f'peft_{combination}_s']:.1f}", f"{row[f'peft_{combination}_peak_rss_mb']:.0f}"]
+                elif f"peft_{combination}_killed_by_signal" in row:
+                    cells += [f"killed (signal {row[f'peft_{combination}_killed_by_signal']})", "–"]
+                else:
+                    cells += ["–", "–"]
             cells += [f"{o['lorm_exact']:.4e}"] + [f"{o[k]:.4e}" if k in o else "–" for k in ("peft_svd", "peft_cat")]
             cells += [f"{o['zero']:.4e}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)

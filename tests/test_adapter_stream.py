@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -696,6 +697,26 @@ def test_bench_adapters_smoke(tmp_path):
         assert row["objective"]["lorm_exact"] <= row["objective"]["peft_svd"] * (1 + 1e-9), row
     for row in result["exact_solver"]:
         assert row["max_rel_diff"] < 1e-8, row
+
+
+def test_bench_adapters_records_a_killed_peft_path_and_goes_on(tmp_path, monkeypatch, capsys):
+    """A PEFT merge killed by a signal (the kernel's OOM killer does that) is a row's result, not the end of
+    the run: here every PEFT child kills itself."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_adapters
+    finally:
+        sys.path.pop(0)
+    kill_peft = "import json, os, signal, sys\nif json.loads(sys.argv[1])['path'].startswith('peft'):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    monkeypatch.setattr(bench_adapters, "CHILD", kill_peft + bench_adapters.CHILD)
+    out = tmp_path / "bench.json"
+    flags = ["--hidden", "32", "--ffn", "48", "--blocks", "1", "--full-blocks", "0", "--clients", "2", "--rank", "2",
+             "--peft-clients", "2", "--solver-rank-sums", "--dir", str(tmp_path / "data"), "--out", str(out)]  # fmt: skip
+    bench_adapters.main(flags)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["peft_svd_killed_by_signal"] == row["peft_cat_killed_by_signal"] == signal.SIGKILL
+    assert "peft_svd_s" not in row and set(row["objective"]) == {"lorm_exact", "zero"}
+    assert f"killed (signal {int(signal.SIGKILL)})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--blocks", "--full-blocks"])
