@@ -23,8 +23,7 @@ def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
     """What a ServerApp's main does for one FCIL run: the data and model as the driver builds them, a
     ``LoRMStrategy`` over the grid's nodes, and after every round and task end the driver's evaluation (accuracy
     over all classes seen so far, on the test data of the tasks seen so far: ``driver.round_test_sets`` after a
-    round). timeout: seconds to wait for the
-    nodes, and for each round's replies."""
+    round). timeout: seconds to wait for the nodes, and for each round's replies."""
     torch.set_num_threads(config.num_threads)
     data = prepare(config)
     dataset = data.dataset
