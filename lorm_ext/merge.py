@@ -672,6 +672,10 @@ class _HouseholderQR:
     reflectors: Tensor
     tau: Tensor
 
+    @classmethod
+    def of(cls, m: Tensor) -> _HouseholderQR:
+        return cls(*torch.geqrf(m))
+
     @property
     def r(self) -> Tensor:
         k = self.reflectors.shape[-1]
@@ -682,10 +686,6 @@ class _HouseholderQR:
         m, k = self.reflectors.shape[-2:]
         padded = torch.cat([x, x.new_zeros(*x.shape[:-2], m - k, x.shape[-1])], dim=-2)
         return torch.ormqr(self.reflectors, self.tau, padded)
-
-
-def _householder_qr(m: Tensor) -> _HouseholderQR:
-    return _HouseholderQR(*torch.geqrf(m))
 
 
 def _top_singular(
@@ -705,7 +705,7 @@ def _top_singular(
     if isinstance(numerator, FactoredNumerator) and numerator.left.shape[-1] < rank:
         numerator = numerator.dense()  # fewer factor columns than singular triplets asked for
     if isinstance(numerator, FactoredNumerator):
-        left = _householder_qr(numerator.left)
+        left = _HouseholderQR.of(numerator.left)
         return _top_singular_of_wide(left.q_times, times_w(left.r @ numerator.right), rank)
     m, n = numerator.shape[-2:]
     width = None if rank_bound is None else rank_bound + _SKETCH_OVERSAMPLING
@@ -728,7 +728,7 @@ def _top_singular_of_wide(q_times, core: Tensor, rank: int) -> tuple[Tensor, Ten
     if core.shape[-2] == core.shape[-1]:
         U, S, Vh = torch.linalg.svd(core)
         return q_times(U[..., :rank]), S[..., :rank], Vh[..., :rank, :]
-    right = _householder_qr(core.mT)
+    right = _HouseholderQR.of(core.mT)
     U, S, Vh = torch.linalg.svd(right.r.mT)
     return q_times(U[..., :rank]), S[..., :rank], right.q_times(Vh[..., :rank, :].mT).mT
 

@@ -2,7 +2,7 @@
 
 A run is a sequence of units: per task, ``num_comm_rounds`` rounds and one task end. After every unit the
 server's model is evaluated on the test data of all tasks seen so far (over all classes seen so far: after a
-task end on all of it, after a round on a fixed sample, ``round_test_sets``), a line goes to ``rounds.jsonl``
+task end on all of it, after a round on a fixed sample, ``unit_test_sets``), a line goes to ``rounds.jsonl``
 and the whole state is checkpointed atomically, so a run interrupted at any point
 resumes from its last completed unit with identical results. A finished run folder holds config.json,
 results.json, rounds.jsonl, accuracy_matrix.png and adapters.safetensors (every task's B and A, the head and
@@ -119,6 +119,13 @@ def finished_results(run_dir: str, resume: bool) -> tuple[dict, list[str]] | Non
 def task_test_sets(splits: list[TaskSplit]) -> list[np.ndarray]:
     """Per task, the indices of its test samples (all clients'), sorted."""
     return [np.sort(np.concatenate(split.test)) for split in splits]
+
+
+def unit_test_sets(config: RunConfig, splits: list[TaskSplit]) -> dict[bool, list[np.ndarray]]:
+    """Per task, the test samples a unit is evaluated on, keyed by whether the unit is a task end: then every one
+    (``task_test_sets``, the accuracy matrix), after a round the fixed sample of ``round_test_sets``."""
+    task_tests = task_test_sets(splits)
+    return {True: task_tests, False: round_test_sets(config, task_tests)}
 
 
 def round_test_sets(config: RunConfig, task_tests: list[np.ndarray]) -> list[np.ndarray]:
@@ -286,8 +293,8 @@ def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) ->
     dataset, splits = data.dataset, data.splits
     model = build_model(config, dataset.num_classes, data.weights)
     server = SERVERS[config.strategy](config, model.layer_shapes, model.head_parameters())
-    task_tests = task_test_sets(splits)
-    round_tests = round_test_sets(config, task_tests)
+    tests = unit_test_sets(config, splits)
+    task_tests = tests[True]
     total = [len(t) for t in task_tests]
     checkpoint_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     state = {"next_unit": 0, "records": [], "correct": []}
@@ -305,7 +312,7 @@ def run(config: RunConfig, data: RunData, run_dir: str, resume: bool = False) ->
         started = clock()
         instruction, stats = _communicate(config, data, model, server, clock, task, round_)
         eval_start = clock()
-        unit_tests = task_tests if round_ is None else round_tests
+        unit_tests = tests[round_ is None]
         evaluated = [len(t) for t in unit_tests[: task + 1]]
         hits, correct = evaluate_seen(model, server.model_tensors(), dataset, unit_tests, task + 1)
         if round_ is None:

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from ..fcil.config import RunConfig
-from ..fcil.driver import check, evaluate_seen, prepare, round_test_sets, task_test_sets
+from ..fcil.driver import check, evaluate_seen, prepare, unit_test_sets
 from ..fcil.metrics import seen_accuracy
 from ..fcil.model import build_model
 from .client_app import app as client_app
@@ -22,22 +22,21 @@ from .fcil_strategy import LoRMStrategy
 def serve(grid: Grid, config: RunConfig, *, timeout: float = 3600.0) -> Result:
     """What a ServerApp's main does for one FCIL run: the data and model as the driver builds them, a
     ``LoRMStrategy`` over the grid's nodes, and after every round and task end the driver's evaluation (accuracy
-    over all classes seen so far, on the test data of the tasks seen so far: ``driver.round_test_sets`` after a
-    round). timeout: seconds to wait for the nodes, and for each round's replies."""
+    over all classes seen so far, on the test data of the tasks seen so far, as ``driver.unit_test_sets`` picks
+    them). timeout: seconds to wait for the nodes, and for each round's replies."""
     torch.set_num_threads(config.num_threads)
     data = prepare(config)
     dataset = data.dataset
     model = build_model(config, dataset.num_classes, data.weights)
     task_classes = [dataset.class_range(t) for t in range(dataset.n_tasks)]
     strategy = LoRMStrategy(config, model.layer_shapes, task_classes)
-    task_tests = task_test_sets(data.splits)
-    round_tests = round_test_sets(config, task_tests)
+    tests = unit_test_sets(config, data.splits)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         task, round_ = strategy.instruction.task, strategy.instruction.round  # a task end's round: num_comm_rounds
-        tests = task_tests if round_ == config.num_comm_rounds else round_tests
-        _, correct = evaluate_seen(model, arrays.to_torch_state_dict(), dataset, tests, task + 1)
-        evaluated = [len(t) for t in tests]
+        unit_tests = tests[round_ == config.num_comm_rounds]
+        _, correct = evaluate_seen(model, arrays.to_torch_state_dict(), dataset, unit_tests, task + 1)
+        evaluated = [len(t) for t in unit_tests]
         return MetricRecord({"task": task, "round": round_, "accuracy": seen_accuracy(correct, evaluated, task + 1)})
 
     head = ArrayRecord({f"head/{k}": v.detach() for k, v in model.head_parameters().items()})
